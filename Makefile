@@ -1,0 +1,46 @@
+# mesh-llm: `make up` installs everything and starts a local mesh; `make test` runs the suite.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The RPC backend is on from the start so that splitting a model across workers needs no
+# rebuild. pip caches the compiled wheel, so only the first install compiles llama.cpp.
+LLAMA_CMAKE_ARGS ?= -DGGML_RPC=ON -DLLAVA_BUILD=OFF
+PACKAGES := -e common -e services/planner -e services/gateway -e services/shard-worker \
+            -e services/blackboard -e launcher
+STAMP := $(VENV)/.installed
+SOURCES := $(wildcard */pyproject.toml services/*/pyproject.toml protos/meshllm/v1/*.proto) \
+           requirements-dev.txt Makefile
+
+.PHONY: install proto up test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): $(SOURCES)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	@echo "building llama-cpp-python with $(LLAMA_CMAKE_ARGS) (first time: 5-25 minutes on 2 cores)"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python scripts/pip_progress.py \
+		$(BIN)/pip install llama-cpp-python==0.3.36
+	$(BIN)/python scripts/gen_protos.py
+	$(BIN)/pip install --quiet --config-settings editable_mode=compat $(PACKAGES)
+	touch $(STAMP)
+
+proto: install
+	$(BIN)/python scripts/gen_protos.py
+
+up: install
+	$(BIN)/mesh-llm up $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+bench: install
+	$(BIN)/python bench/gateway_overhead.py
+
+clean:
+	rm -rf $(VENV) common/src/meshllm/v1

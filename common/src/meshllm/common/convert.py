@@ -1,0 +1,232 @@
+"""The one place where domain types meet protobuf messages.
+
+Parsing validates: records from etcd or a peer are untrusted until they pass here.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from google.protobuf.message import DecodeError
+from meshllm.common.errors import InvalidRecord
+from meshllm.common.types import (
+    Assignment,
+    ChatMessage,
+    Finished,
+    GenerateEvent,
+    GenerateRequest,
+    LoadState,
+    ModelId,
+    ModelSpec,
+    ModelState,
+    Placement,
+    RequestId,
+    SamplingParams,
+    TokenDelta,
+    Usage,
+    WorkerId,
+    WorkerInfo,
+    WorkerStats,
+)
+from meshllm.v1 import mesh_pb2, worker_pb2
+
+_M = TypeVar("_M", mesh_pb2.WorkerRecord, mesh_pb2.ModelSpec, mesh_pb2.Placement)
+
+_STATE_TO_PB = {
+    LoadState.LOADING: mesh_pb2.MODEL_LOAD_STATE_LOADING,
+    LoadState.READY: mesh_pb2.MODEL_LOAD_STATE_READY,
+    LoadState.FAILED: mesh_pb2.MODEL_LOAD_STATE_FAILED,
+}
+_STATE_FROM_PB = {v: k for k, v in _STATE_TO_PB.items()}
+
+
+def _require(condition: bool, what: str) -> None:
+    if not condition:
+        raise InvalidRecord(what)
+
+
+def model_state_to_pb(s: ModelState) -> mesh_pb2.ModelState:
+    return mesh_pb2.ModelState(
+        model_id=s.model_id, state=_STATE_TO_PB[s.state], error=s.error,
+        engine_restarts=s.engine_restarts,
+    )
+
+
+def model_state_from_pb(m: mesh_pb2.ModelState) -> ModelState:
+    _require(bool(m.model_id), "model state without model_id")
+    _require(m.state in _STATE_FROM_PB, f"model state {m.model_id}: unknown state {m.state}")
+    return ModelState(ModelId(m.model_id), _STATE_FROM_PB[m.state], m.error, m.engine_restarts)
+
+
+def worker_to_pb(w: WorkerInfo) -> mesh_pb2.WorkerRecord:
+    return mesh_pb2.WorkerRecord(
+        worker_id=w.worker_id, address=w.address, backend=w.backend,
+        memory_budget_bytes=w.memory_budget_bytes, threads=w.threads,
+        started_at_unix_s=w.started_at_unix_s,
+        models=[model_state_to_pb(m) for m in w.models],
+    )
+
+
+def worker_from_pb(m: mesh_pb2.WorkerRecord) -> WorkerInfo:
+    _require(bool(m.worker_id), "worker record without worker_id")
+    host, _, port = m.address.rpartition(":")
+    _require(bool(host) and port.isdigit(), f"worker {m.worker_id}: bad address {m.address!r}")
+    _require(m.memory_budget_bytes > 0, f"worker {m.worker_id}: memory budget must be > 0")
+    _require(m.threads > 0, f"worker {m.worker_id}: threads must be > 0")
+    return WorkerInfo(
+        worker_id=WorkerId(m.worker_id), address=m.address, backend=m.backend or "cpu",
+        memory_budget_bytes=m.memory_budget_bytes, threads=m.threads,
+        started_at_unix_s=m.started_at_unix_s,
+        models=tuple(model_state_from_pb(s) for s in m.models),
+    )
+
+
+def model_spec_to_pb(s: ModelSpec) -> mesh_pb2.ModelSpec:
+    return mesh_pb2.ModelSpec(
+        model_id=s.model_id, source=s.source, weights_bytes=s.weights_bytes,
+        n_layers=s.n_layers, context_length=s.context_length,
+        kv_bytes_per_token=s.kv_bytes_per_token, architecture=s.architecture,
+        train_context_length=s.train_context_length,
+    )
+
+
+def model_spec_from_pb(m: mesh_pb2.ModelSpec) -> ModelSpec:
+    _require(bool(m.model_id), "model spec without model_id")
+    _require(bool(m.source), f"model {m.model_id}: no source")
+    _require(m.weights_bytes > 0, f"model {m.model_id}: weights size must be > 0")
+    _require(m.n_layers > 0, f"model {m.model_id}: n_layers must be > 0")
+    _require(m.context_length > 0, f"model {m.model_id}: context_length must be > 0")
+    return ModelSpec(
+        model_id=ModelId(m.model_id), source=m.source, weights_bytes=m.weights_bytes,
+        n_layers=m.n_layers, context_length=m.context_length,
+        kv_bytes_per_token=m.kv_bytes_per_token, architecture=m.architecture,
+        train_context_length=m.train_context_length,
+    )
+
+
+def placement_to_pb(p: Placement) -> mesh_pb2.Placement:
+    return mesh_pb2.Placement(
+        model_id=p.model_id,
+        replicas=[
+            mesh_pb2.Assignment(worker_id=a.worker_id, layer_start=a.layer_start,
+                                layer_end=a.layer_end)
+            for a in p.replicas
+        ],
+        unplaced_reason=p.unplaced_reason, required_bytes=p.required_bytes,
+    )
+
+
+def placement_from_pb(m: mesh_pb2.Placement) -> Placement:
+    _require(bool(m.model_id), "placement without model_id")
+    replicas = []
+    for a in m.replicas:
+        _require(bool(a.worker_id), f"placement {m.model_id}: assignment without worker")
+        _require(a.layer_start < a.layer_end, f"placement {m.model_id}: empty layer range")
+        replicas.append(Assignment(WorkerId(a.worker_id), a.layer_start, a.layer_end))
+    return Placement(ModelId(m.model_id), tuple(replicas), m.required_bytes, m.unplaced_reason)
+
+
+def parse_worker(raw: bytes) -> WorkerInfo:
+    return worker_from_pb(_decode(mesh_pb2.WorkerRecord(), raw))
+
+
+def parse_model_spec(raw: bytes) -> ModelSpec:
+    return model_spec_from_pb(_decode(mesh_pb2.ModelSpec(), raw))
+
+
+def parse_placement(raw: bytes) -> Placement:
+    return placement_from_pb(_decode(mesh_pb2.Placement(), raw))
+
+
+def _decode(message: _M, raw: bytes) -> _M:
+    try:
+        message.ParseFromString(raw)
+    except DecodeError as exc:
+        raise InvalidRecord(f"undecodable {type(message).__name__}: {exc}") from exc
+    return message
+
+
+def sampling_to_pb(s: SamplingParams) -> worker_pb2.SamplingParams:
+    pb = worker_pb2.SamplingParams(
+        max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, stop=list(s.stop),
+        top_k=s.top_k, presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty, repeat_penalty=s.repeat_penalty,
+    )
+    if s.seed is not None:
+        pb.seed = s.seed
+    return pb
+
+
+def sampling_from_pb(m: worker_pb2.SamplingParams) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=m.max_tokens, temperature=m.temperature, top_p=m.top_p,
+        seed=m.seed if m.HasField("seed") else None, stop=tuple(m.stop), top_k=m.top_k,
+        presence_penalty=m.presence_penalty, frequency_penalty=m.frequency_penalty,
+        repeat_penalty=m.repeat_penalty,
+    )
+
+
+def generate_request_to_pb(r: GenerateRequest) -> worker_pb2.GenerateRequest:
+    pb = worker_pb2.GenerateRequest(
+        request_id=r.request_id, model_id=r.model_id, sampling=sampling_to_pb(r.sampling)
+    )
+    if r.chat is not None:
+        pb.chat.messages.extend(
+            worker_pb2.ChatMessage(role=m.role, content=m.content) for m in r.chat
+        )
+    else:
+        pb.text = r.text or ""
+    return pb
+
+
+def generate_request_from_pb(m: worker_pb2.GenerateRequest) -> GenerateRequest:
+    _require(bool(m.model_id), "generate request without model_id")
+    kind = m.WhichOneof("prompt")
+    _require(kind is not None, "generate request without a prompt")
+    chat = None
+    if kind == "chat":
+        chat = tuple(ChatMessage(x.role, x.content) for x in m.chat.messages)
+    return GenerateRequest(
+        request_id=RequestId(m.request_id), model_id=ModelId(m.model_id),
+        text=m.text if kind == "text" else None, chat=chat,
+        sampling=sampling_from_pb(m.sampling),
+    )
+
+
+def event_to_pb(e: GenerateEvent) -> worker_pb2.GenerateResponse:
+    if isinstance(e, TokenDelta):
+        delta = worker_pb2.TokenDelta(text=e.text, tokens=e.tokens)
+        return worker_pb2.GenerateResponse(delta=delta)
+    usage = worker_pb2.Usage(
+        prompt_tokens=e.usage.prompt_tokens, completion_tokens=e.usage.completion_tokens
+    )
+    return worker_pb2.GenerateResponse(
+        finished=worker_pb2.Finished(finish_reason=e.finish_reason, usage=usage)
+    )
+
+
+def event_from_pb(m: worker_pb2.GenerateResponse) -> GenerateEvent:
+    kind = m.WhichOneof("event")
+    if kind == "delta":
+        return TokenDelta(m.delta.text, m.delta.tokens)
+    _require(kind == "finished", "generate response without an event")
+    u = m.finished.usage
+    return Finished(m.finished.finish_reason, Usage(u.prompt_tokens, u.completion_tokens))
+
+
+def stats_to_pb(s: WorkerStats) -> worker_pb2.WorkerStats:
+    return worker_pb2.WorkerStats(
+        worker_id=s.worker_id, running_requests=s.running_requests,
+        queued_requests=s.queued_requests, generated_tokens_total=s.generated_tokens_total,
+        prompt_tokens_total=s.prompt_tokens_total,
+        models=[model_state_to_pb(m) for m in s.models],
+    )
+
+
+def stats_from_pb(m: worker_pb2.WorkerStats) -> WorkerStats:
+    return WorkerStats(
+        worker_id=WorkerId(m.worker_id), running_requests=m.running_requests,
+        queued_requests=m.queued_requests, generated_tokens_total=m.generated_tokens_total,
+        prompt_tokens_total=m.prompt_tokens_total,
+        models=tuple(model_state_from_pb(x) for x in m.models),
+    )

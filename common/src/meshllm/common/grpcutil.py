@@ -1,0 +1,58 @@
+"""gRPC plumbing shared by the services: servers with health checking, and a probe."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def new_server(listen: str) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+    """A grpc.aio server bound to `listen` with the standard health service attached.
+
+    Returns the server, its health servicer (initially NOT_SERVING) and the bound port,
+    which differs from the requested one when port 0 was asked for.
+    """
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    return server, health_servicer, port
+
+
+async def check_health(address: str, service: str = "", timeout_s: float = 3.0) -> bool:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = await stub.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
+            )
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(reply.status == SERVING)
+
+
+def probe_main() -> int:
+    """`python -m meshllm.common.grpcutil ADDRESS`: exit 0 when the service is SERVING.
+
+    Container healthchecks use this where no grpc_health_probe binary is available.
+    """
+    parser = argparse.ArgumentParser(prog="meshllm-health-probe")
+    parser.add_argument("address")
+    parser.add_argument("--service", default="")
+    args = parser.parse_args()
+    ok = asyncio.run(check_health(args.address, args.service))
+    print("SERVING" if ok else "NOT SERVING")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(probe_main())

@@ -1,0 +1,73 @@
+"""Keeping a record alive in the store under a lease.
+
+A service that dies stops refreshing its lease, and the store drops its record when the
+lease expires: that is how the rest of the mesh learns it is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from meshllm.common.errors import ConfigError
+from meshllm.common.store import KeyValueStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LeaseConfig:
+    ttl_s: int = 10           # the record disappears this long after its owner dies
+    keepalive_s: float = 3.0  # how often the owner refreshes the lease
+
+    def __post_init__(self) -> None:
+        if self.ttl_s < 2 * self.keepalive_s:
+            raise ConfigError(
+                "lease", f"TTL {self.ttl_s}s must be at least twice the keep-alive period "
+                f"{self.keepalive_s}s, or one late refresh would drop the record"
+            )
+
+
+class Registration:
+    """Publishes one key under a lease and keeps it alive until withdrawn."""
+
+    def __init__(self, store: KeyValueStore, key: str, lease: LeaseConfig) -> None:
+        self._store = store
+        self._key = key
+        self._lease = lease
+        self._lease_id: int | None = None
+        self._value = b""
+        self._lock = asyncio.Lock()
+
+    @property
+    def key(self) -> str:
+        return self._key
+
+    async def publish(self, value: bytes) -> None:
+        """Write (or rewrite) the record; grants a lease the first time."""
+        async with self._lock:
+            self._value = value
+            if self._lease_id is None:
+                self._lease_id = await self._store.grant_lease(self._lease.ttl_s)
+            await self._store.put(self._key, value, self._lease_id)
+
+    async def keep_alive(self) -> None:
+        """Refresh the lease forever; if it was lost (e.g. etcd restarted), register again."""
+        while True:
+            await asyncio.sleep(self._lease.keepalive_s)
+            try:
+                alive = self._lease_id is not None and await self._store.refresh_lease(
+                    self._lease_id
+                )
+                if not alive:
+                    log.warning("lease for %s expired; registering again", self._key)
+                    self._lease_id = None
+                    await self.publish(self._value)
+            except Exception as exc:  # etcd unreachable: keep trying, the TTL decides
+                log.warning("cannot refresh lease for %s: %s", self._key, exc)
+
+    async def withdraw(self) -> None:
+        if self._lease_id is not None:
+            await self._store.revoke_lease(self._lease_id)
+            self._lease_id = None

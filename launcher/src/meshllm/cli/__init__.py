@@ -1,0 +1,1 @@
+"""The `mesh-llm` command: the one place that knows every service."""

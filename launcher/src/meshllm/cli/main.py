@@ -1,0 +1,53 @@
+"""`mesh-llm`: start a local mesh, inspect it, or run one service as a container would."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from meshllm.cli.status_cmd import add_status_parser, run_status
+from meshllm.cli.up import add_up_parser, run_up, up_config
+from meshllm.common.errors import MeshError
+
+
+def _service_mains() -> dict[str, Callable[[Sequence[str]], int]]:
+    # Imported on use: `mesh-llm status` should not pay for loading every service.
+    from meshllm.blackboard.__main__ import main as blackboard
+    from meshllm.gateway.__main__ import main as gateway
+    from meshllm.planner.__main__ import main as planner
+    from meshllm.worker.__main__ import main as worker
+
+    return {"gateway": gateway, "planner": planner, "worker": worker, "blackboard": blackboard}
+
+
+SERVICES = ("gateway", "planner", "worker", "blackboard")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mesh-llm", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    add_up_parser(sub)
+    add_status_parser(sub)
+    for name in SERVICES:
+        sub.add_parser(name, help=f"run the {name} service (flags: mesh-llm {name} --help)",
+                       add_help=False)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] in SERVICES:
+        return _service_mains()[args_list[0]](args_list[1:])
+    args = parser().parse_args(args_list)
+    try:
+        if args.command == "up":
+            return run_up(up_config(args))
+        return run_status(args)
+    except MeshError as exc:
+        print(f"mesh-llm {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""`python -m meshllm.gateway`: the OpenAI-compatible HTTP gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+from meshllm.common import lifecycle
+from meshllm.common.store import EtcdStore
+from meshllm.gateway.app import Api, build_app
+from meshllm.gateway.backend import MeshBackend
+from meshllm.gateway.config import GatewayConfig, load_config
+from meshllm.gateway.metrics import GatewayMetrics
+
+log = logging.getLogger("meshllm.gateway")
+
+
+async def serve(config: GatewayConfig, stop: asyncio.Event) -> None:
+    kv = EtcdStore(config.etcd_url)
+    await kv.connect()
+    backend = MeshBackend(kv, config.first_token_timeout_s, config.token_timeout_s)
+    app = build_app(Api(backend, GatewayMetrics()))
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=config.host, port=config.port, log_config=None, access_log=False,
+        timeout_graceful_shutdown=5,
+    ))
+    follower = asyncio.create_task(backend.follow())
+    serving = asyncio.create_task(server.serve())
+    log.info("gateway on http://%s:%d/v1", config.host, config.port)
+    try:
+        await lifecycle.stop_or_fail(stop, follower, serving)
+    finally:
+        server.should_exit = True
+        await asyncio.gather(serving, return_exceptions=True)
+        await backend.close()
+        await kv.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return lifecycle.service_main("gateway", load_config, serve, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

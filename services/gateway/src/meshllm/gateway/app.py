@@ -1,0 +1,165 @@
+"""The starlette application: thin handlers over validation, the backend and formatting."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any
+
+from meshllm.common.status import mesh_status
+from meshllm.common.types import Finished, GenerateEvent, TokenDelta, Usage
+from meshllm.gateway import responses
+from meshllm.gateway.backend import MeshBackend, StreamBroken
+from meshllm.gateway.errors import ApiError, worker_failed
+from meshllm.gateway.metrics import GatewayMetrics, RequestTimer
+from meshllm.gateway.openai_api import ApiRequest, parse_chat, parse_completion, parse_json
+from meshllm.gateway.routing import ready_replicas
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import BaseRoute, Route
+
+log = logging.getLogger(__name__)
+
+
+class Api:
+    def __init__(self, backend: MeshBackend, metrics: GatewayMetrics) -> None:
+        self.backend = backend
+        self.metrics = metrics
+
+    async def models(self, request: Request) -> Response:
+        snapshot = self.backend.snapshot
+        data = [
+            {"id": model_id, "object": "model", "created": 0, "owned_by": "mesh-llm",
+             "context_length": spec.context_length,
+             "ready_replicas": len(ready_replicas(snapshot, model_id))}
+            for model_id, spec in sorted(snapshot.models.items())
+        ]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def chat(self, request: Request) -> Response:
+        return await self._complete(parse_chat(parse_json(await request.body())))
+
+    async def completions(self, request: Request) -> Response:
+        return await self._complete(parse_completion(parse_json(await request.body())))
+
+    async def _complete(self, req: ApiRequest) -> Response:
+        rid = ("chatcmpl-" if req.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        timer = self.metrics.request_timer(req.model)
+        events: AsyncGenerator[GenerateEvent, None] = self.backend.generate(req)
+        try:
+            first = await anext(events)  # errors before the first token are HTTP errors
+        except StopAsyncIteration:
+            timer.done("error")
+            raise worker_failed("the worker ended the stream without an answer") from None
+        except ApiError:
+            timer.done("rejected")
+            raise
+        timer.first_token()
+        if req.stream:
+            return StreamingResponse(
+                self._stream(req, rid, created, first, events, timer),
+                media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+            )
+        return await self._collect(req, rid, created, first, events, timer)
+
+    async def _collect(self, req: ApiRequest, rid: str, created: int, first: GenerateEvent,
+                       events: AsyncIterator[GenerateEvent], timer: RequestTimer) -> Response:
+        text, finished = [], None
+        try:
+            async for event in _chain(first, events):
+                if isinstance(event, TokenDelta):
+                    text.append(event.text)
+                    timer.tokens(event.tokens)
+                else:
+                    finished = event
+        except StreamBroken as exc:
+            timer.done("error")
+            raise worker_failed(str(exc)) from exc
+        if finished is None:
+            timer.done("error")
+            raise worker_failed("the worker ended the stream without a finish reason")
+        timer.done("ok", finished.usage)
+        body = responses.full_response(req, rid, created, "".join(text),
+                                       finished.finish_reason, finished.usage)
+        return JSONResponse(body)
+
+    async def _stream(self, req: ApiRequest, rid: str, created: int, first: GenerateEvent,
+                      events: AsyncGenerator[GenerateEvent, None], timer: RequestTimer
+                      ) -> AsyncIterator[bytes]:
+        outcome = "cancelled"
+        try:
+            if req.kind == "chat":  # chat streams open with the assistant role
+                yield responses.sse(responses.chunk(req, rid, created, "", role=True))
+            usage: Usage | None = None
+            async for event in _chain(first, events):
+                if isinstance(event, TokenDelta):
+                    timer.tokens(event.tokens)
+                    if event.text:
+                        yield responses.sse(responses.chunk(req, rid, created, event.text))
+                elif isinstance(event, Finished):
+                    usage = event.usage
+                    yield responses.sse(
+                        responses.chunk(req, rid, created, None, event.finish_reason))
+            if usage is not None and req.include_usage:
+                yield responses.sse(responses.usage_chunk(req, rid, created, usage))
+            outcome = "ok"
+        except (StreamBroken, ApiError) as exc:
+            outcome = "error"
+            log.warning("stream %s ended with an error: %s", rid, exc)
+            yield responses.sse(worker_failed(str(exc)).body())
+        finally:
+            timer.done(outcome)
+            await events.aclose()  # cancels the worker call if the client went away
+        yield responses.SSE_DONE
+
+    async def health(self, request: Request) -> Response:
+        synced = self.backend.synced.is_set()
+        return JSONResponse({"status": "ok" if synced else "starting",
+                             "workers": len(self.backend.snapshot.workers)},
+                            status_code=200 if synced else 503)
+
+    async def status(self, request: Request) -> Response:
+        return JSONResponse(mesh_status(self.backend.snapshot))
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        body, content_type = self.metrics.render()
+        return Response(body, media_type=content_type)
+
+
+async def _chain(first: GenerateEvent, rest: AsyncIterator[GenerateEvent]
+                 ) -> AsyncIterator[GenerateEvent]:
+    yield first
+    async for event in rest:
+        yield event
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return exc.response()
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = "not_found" if exc.status_code == 404 else None
+    return ApiError(exc.status_code, str(exc.detail), "invalid_request_error", None, code
+                    ).response()
+
+
+def build_app(api: Api, extra_routes: list[BaseRoute] | None = None,
+              lifespan: Callable[[Starlette], Any] | None = None) -> Starlette:
+    routes: list[BaseRoute] = [
+        Route("/v1/models", api.models, methods=["GET"]),
+        Route("/v1/chat/completions", api.chat, methods=["POST"]),
+        Route("/v1/completions", api.completions, methods=["POST"]),
+        Route("/health", api.health, methods=["GET"]),
+        Route("/api/status", api.status, methods=["GET"]),
+        Route("/metrics", api.metrics_endpoint, methods=["GET"]),
+        *(extra_routes or []),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan,
+                     exception_handlers={ApiError: _api_error, HTTPException: _http_error})

@@ -1,0 +1,130 @@
+"""The mesh as the gateway sees it: placements from etcd, gRPC calls to workers,
+retries on another replica when a worker fails before its first token."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import replace
+
+import grpc
+from meshllm.common import convert
+from meshllm.common.meshview import MeshSnapshot, follow_mesh
+from meshllm.common.store import KeyValueStore
+from meshllm.common.types import (
+    GenerateEvent,
+    GenerateRequest,
+    ModelId,
+    RequestId,
+    WorkerId,
+    WorkerInfo,
+)
+from meshllm.gateway.errors import ApiError, invalid, model_not_found, unavailable, worker_failed
+from meshllm.gateway.openai_api import ApiRequest
+from meshllm.gateway.routing import WorkerLoad, ready_replicas, route, why_unavailable
+from meshllm.v1 import worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class StreamBroken(Exception):
+    """A worker failed after tokens were sent: the stream must end with an error event."""
+
+
+class MeshBackend:
+    def __init__(self, kv: KeyValueStore, first_token_timeout_s: float,
+                 token_timeout_s: float) -> None:
+        self.snapshot = MeshSnapshot()
+        self.synced = asyncio.Event()
+        self.loads: dict[WorkerId, WorkerLoad] = {}
+        self._kv = kv
+        self._first_timeout_s = first_token_timeout_s
+        self._token_timeout_s = token_timeout_s
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    async def follow(self) -> None:
+        async for snapshot in follow_mesh(self._kv):
+            self.snapshot = snapshot
+            self.synced.set()
+            await self._drop_stale_channels()
+
+    async def _drop_stale_channels(self) -> None:
+        live = {w.address for w in self.snapshot.workers.values()}
+        for address in list(self._channels.keys() - live):
+            await self._channels.pop(address).close()
+
+    def _stub(self, address: str) -> worker_pb2_grpc.ShardWorkerStub:
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(address)
+        return worker_pb2_grpc.ShardWorkerStub(self._channels[address])
+
+    def resolve(self, model: str) -> ModelId:
+        if model in self.snapshot.models:
+            return ModelId(model)
+        raise model_not_found(model, sorted(self.snapshot.models))
+
+    def _note(self, worker: WorkerInfo, delta: int, failed: bool = False) -> None:
+        load = self.loads.get(worker.worker_id, WorkerLoad())
+        self.loads[worker.worker_id] = replace(
+            load, in_flight=load.in_flight + delta,
+            last_failure_at_s=time.monotonic() if failed else load.last_failure_at_s,
+        )
+
+    async def generate(self, req: ApiRequest) -> AsyncGenerator[GenerateEvent, None]:
+        model_id = self.resolve(req.model)
+        candidates = route(ready_replicas(self.snapshot, model_id), self.loads, time.monotonic())
+        if not candidates:
+            raise unavailable(why_unavailable(self.snapshot, model_id))
+        request = GenerateRequest(RequestId(uuid.uuid4().hex), model_id, req.text, req.chat,
+                                  req.sampling)
+        failures = []
+        for worker in candidates:
+            started = False
+            try:
+                async for event in self._call(worker, request):
+                    started = True
+                    yield event
+                return
+            except grpc.aio.AioRpcError as exc:
+                failure = self._failure(worker, exc, started)
+                failures.append(failure)
+                log.warning("worker %s failed for %s: %s", worker.worker_id, model_id, failure)
+        raise worker_failed(f"every replica of {model_id} failed: {'; '.join(failures)}")
+
+    def _failure(self, worker: WorkerInfo, exc: grpc.aio.AioRpcError, started: bool) -> str:
+        if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+            details = exc.details() or "invalid request"
+            code = "context_length_exceeded" if "context length" in details else None
+            raise invalid(details, "messages" if code else None, code)
+        self._note(worker, 0, failed=True)
+        message = f"{worker.worker_id}: {exc.code().name} {exc.details()}"
+        if started:
+            raise StreamBroken(f"worker {message} after the stream began")
+        return message
+
+    async def _call(self, worker: WorkerInfo, request: GenerateRequest
+                    ) -> AsyncIterator[GenerateEvent]:
+        call = self._stub(worker.address).Generate(convert.generate_request_to_pb(request))
+        self._note(worker, +1)
+        timeout = self._first_timeout_s
+        try:
+            while True:
+                try:
+                    message = await asyncio.wait_for(call.read(), timeout)
+                except TimeoutError as exc:
+                    raise ApiError(504, f"worker {worker.worker_id} sent nothing for "
+                                   f"{timeout:.0f}s", "server_error", None, "timeout") from exc
+                if message is grpc.aio.EOF:
+                    return
+                timeout = self._token_timeout_s
+                yield convert.event_from_pb(message)
+        finally:
+            call.cancel()  # no-op when finished; frees the worker's slot when we stop early
+            self._note(worker, -1)
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()

@@ -1,0 +1,1 @@
+"""The planner: decides which workers serve which models and publishes placements."""

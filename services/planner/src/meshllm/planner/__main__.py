@@ -1,0 +1,58 @@
+"""`python -m meshllm.planner`: the planner service."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from meshllm.common import grpcutil, lifecycle, models
+from meshllm.common.store import EtcdStore
+from meshllm.common.types import ModelSpec
+from meshllm.planner.config import PlannerConfig, load_config
+from meshllm.planner.place import PlacementPolicy
+from meshllm.planner.service import PlacementBoard, Planner, PlannerServicer
+from meshllm.v1 import planner_pb2_grpc
+
+log = logging.getLogger("meshllm.planner")
+
+
+async def describe_models(config: PlannerConfig) -> list[ModelSpec]:
+    specs = []
+    for source in config.models:
+        log.info("reading model %s", source)
+        spec = await asyncio.to_thread(models.describe, source, config.context_length_tokens)
+        log.info("model %s: %d layers, %d MB weights, context %d", spec.model_id,
+                 spec.n_layers, spec.weights_bytes // 10**6, spec.context_length)
+        specs.append(spec)
+    return specs
+
+
+async def serve(config: PlannerConfig, stop: asyncio.Event) -> None:
+    kv = EtcdStore(config.etcd_url)
+    await kv.connect()
+    specs = await describe_models(config)
+    board = PlacementBoard()
+    server, health, port = grpcutil.new_server(config.listen)
+    planner_pb2_grpc.add_PlannerServicer_to_server(PlannerServicer(board), server)
+    await server.start()
+    lifecycle.start_metrics(config.metrics_port)
+    policy = PlacementPolicy(config.engine_overhead_bytes, config.max_replicas)
+    planner = Planner(kv, specs, policy, board, config.debounce_s)
+    task = asyncio.create_task(planner.run())
+    await health.set("", grpcutil.SERVING)
+    log.info("planner serving on port %d", port)
+    try:
+        await lifecycle.stop_or_fail(stop, task)
+    finally:
+        await server.stop(grace=1.0)
+        await kv.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return lifecycle.service_main("planner", load_config, serve, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

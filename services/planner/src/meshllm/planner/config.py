@@ -1,0 +1,55 @@
+"""Planner configuration: flags and MESHLLM_* environment variables."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from meshllm.common.config import (
+    Option,
+    csv_list,
+    parse_size,
+    positive_float,
+    positive_int,
+    read_options,
+)
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    etcd_url: str
+    listen: str                     # host:port of the Planner gRPC service
+    models: tuple[str, ...]         # catalog names or .gguf paths to serve
+    context_length_tokens: int      # context each engine serves, capped at the trained one
+    engine_overhead_bytes: int
+    max_replicas: int               # 0: as many as fit
+    debounce_s: float               # wait this long for membership to settle before planning
+    metrics_port: int               # 0: no metrics endpoint
+    log_level: str
+
+
+OPTIONS = (
+    Option("--etcd", "MESHLLM_ETCD", str, "http://127.0.0.1:2379", "etcd URL"),
+    Option("--listen", "MESHLLM_PLANNER_LISTEN", str, "0.0.0.0:9338", "gRPC listen address"),
+    Option("--models", "MESHLLM_MODELS", csv_list, "gemma3-270m",
+           "comma-separated model names or .gguf paths"),
+    Option("--context-length", "MESHLLM_CONTEXT_LENGTH", positive_int, "4096",
+           "context length in tokens per engine"),
+    Option("--engine-overhead", "MESHLLM_ENGINE_OVERHEAD", parse_size, "96MiB",
+           "memory an engine needs beside weights and KV cache"),
+    Option("--max-replicas", "MESHLLM_MAX_REPLICAS", int, "0", "replicas per model (0: all fit)"),
+    Option("--debounce-s", "MESHLLM_PLANNER_DEBOUNCE_S", positive_float, "0.3",
+           "seconds to let membership settle before re-planning"),
+    Option("--metrics-port", "MESHLLM_METRICS_PORT", int, "0", "Prometheus port (0: off)"),
+    Option("--log-level", "MESHLLM_LOG_LEVEL", str, "INFO", "log level"),
+)
+
+
+def load_config(argv: Sequence[str], env: Mapping[str, str]) -> PlannerConfig:
+    v = read_options("mesh-llm planner", OPTIONS, argv, env)
+    return PlannerConfig(
+        etcd_url=v["etcd"], listen=v["listen"], models=v["models"],
+        context_length_tokens=v["context_length"], engine_overhead_bytes=v["engine_overhead"],
+        max_replicas=v["max_replicas"], debounce_s=v["debounce_s"],
+        metrics_port=v["metrics_port"], log_level=v["log_level"],
+    )

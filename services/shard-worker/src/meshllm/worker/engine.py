@@ -1,0 +1,144 @@
+"""Engines behind an interface: the service talks to `Engine`; `ProcessEngine` runs
+llama.cpp in a child process (see engine_proc) so that a native crash spares the service."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from meshllm.common.errors import EngineCrashed, EngineUnavailable, InvalidGenerateRequest
+from meshllm.common.types import Finished, GenerateEvent, GenerateRequest, TokenDelta, Usage
+
+log = logging.getLogger(__name__)
+
+_EXITED: dict[str, Any] = {"ev": "exited"}
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    model_path: Path
+    context_length_tokens: int
+    threads: int
+    load_timeout_s: float = 600.0
+
+
+class Engine(Protocol):
+    async def start(self) -> None: ...
+    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]: ...
+    async def wait_exited(self) -> int: ...
+    async def stop(self) -> None: ...
+
+
+def _request_command(request: GenerateRequest) -> dict[str, Any]:
+    sampling = asdict(request.sampling)
+    sampling["stop"] = list(request.sampling.stop)
+    chat = [asdict(m) for m in request.chat] if request.chat is not None else None
+    return {"op": "generate", "id": request.request_id, "text": request.text, "chat": chat,
+            "sampling": sampling}
+
+
+def _event(ev: dict[str, Any]) -> GenerateEvent:
+    if ev["ev"] == "delta":
+        return TokenDelta(ev["text"], int(ev["tokens"]))
+    return Finished(ev["finish_reason"],
+                    Usage(int(ev["prompt_tokens"]), int(ev["completion_tokens"])))
+
+
+class ProcessEngine:
+    """One model in one child process; requests are multiplexed over its pipes."""
+
+    def __init__(self, settings: EngineSettings) -> None:
+        self._settings = settings
+        self._proc: asyncio.subprocess.Process | None = None
+        self._streams: dict[str, asyncio.Queue[dict[str, Any]]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        env = {**os.environ, "GGML_NO_BACKTRACE": "1"}  # ggml would attach gdb on abort: slow
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "meshllm.worker.engine_proc",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
+        )
+        s = self._settings
+        await self._send({"op": "load", "path": str(s.model_path),
+                          "n_ctx": s.context_length_tokens, "n_threads": s.threads})
+        first = await self._first_event()
+        if first.get("ev") != "loaded":
+            await self.stop()
+            raise EngineUnavailable(f"loading {s.model_path.name} failed: "
+                                    f"{first.get('error', 'engine process exited')}")
+        self._reader = asyncio.create_task(self._read_events())
+
+    async def _first_event(self) -> dict[str, Any]:
+        assert self._proc is not None and self._proc.stdout is not None
+        try:
+            line = await asyncio.wait_for(self._proc.stdout.readline(),
+                                          self._settings.load_timeout_s)
+        except TimeoutError:
+            return {"error": f"no answer within {self._settings.load_timeout_s:.0f}s"}
+        return dict(json.loads(line)) if line else {}
+
+    async def _send(self, command: dict[str, Any]) -> None:
+        if self._proc is None or self._proc.stdin is None or self._proc.returncode is not None:
+            raise EngineCrashed("the engine process is not running")
+        self._proc.stdin.write((json.dumps(command) + "\n").encode())
+        with contextlib.suppress(ConnectionError):
+            await self._proc.stdin.drain()
+
+    async def _read_events(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        while line := await self._proc.stdout.readline():
+            event = json.loads(line)
+            stream = self._streams.get(event.get("id", ""))
+            if stream is not None:
+                stream.put_nowait(event)
+        for stream in self._streams.values():
+            stream.put_nowait(_EXITED)
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]:
+        stream: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._streams[request.request_id] = stream
+        done = False
+        try:
+            if self._reader is None or self._reader.done():
+                raise EngineCrashed("the engine process is not running")
+            await self._send(_request_command(request))
+            while not done:
+                event = await stream.get()
+                if event is _EXITED:
+                    code = await self.wait_exited()
+                    raise EngineCrashed(f"the engine process died (exit code {code})")
+                if event["ev"] == "error":
+                    raise InvalidGenerateRequest(event["message"])
+                done = event["ev"] == "finished"
+                yield _event(event)
+        finally:
+            del self._streams[request.request_id]
+            if not done and self._proc is not None and self._proc.returncode is None:
+                with contextlib.suppress(EngineCrashed):
+                    await self._send({"op": "cancel", "id": request.request_id})
+
+    async def wait_exited(self) -> int:
+        assert self._proc is not None
+        return await self._proc.wait()
+
+    async def stop(self) -> None:
+        if self._proc is None or self._proc.returncode is not None:
+            return
+        if self._proc.stdin is not None:
+            self._proc.stdin.close()  # the engine exits when its input ends
+        try:
+            await asyncio.wait_for(self._proc.wait(), 5.0)
+        except TimeoutError:
+            self._proc.kill()
+            await self._proc.wait()
+        if self._reader is not None:
+            self._reader.cancel()

@@ -1,0 +1,126 @@
+"""The engine process: one llama.cpp model, driven over stdin/stdout with JSON lines.
+
+It runs apart from the service so that a native crash or abort (llama.cpp aborts on a
+lost RPC peer, for one) kills only this process; the service reports it and restarts it.
+
+Commands in:  {"op": "load", "path", "n_ctx", "n_threads"}
+              {"op": "generate", "id", "text" | "chat", "sampling"}
+              {"op": "cancel", "id"}
+Events out:   {"ev": "loaded", "n_ctx"} | {"ev": "load_failed", "error"}
+              {"ev": "delta", "id", "text", "tokens"}
+              {"ev": "finished", "id", "finish_reason", "prompt_tokens", "completion_tokens"}
+              {"ev": "error", "id", "kind", "message"}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import sys
+import threading
+from typing import IO, Any
+
+from meshllm.common.errors import InvalidGenerateRequest, PromptTooLong
+from meshllm.common.types import ChatMessage, SamplingParams
+from meshllm.worker.generation import Generator
+
+
+class Channel:
+    """Writes events as JSON lines on a private copy of stdout.
+
+    llama.cpp may print to fd 1; the protocol gets its own descriptor and fd 1 is pointed
+    at stderr so that nothing stray lands in the event stream.
+    """
+
+    def __init__(self) -> None:
+        self._out: IO[str] = os.fdopen(os.dup(1), "w", buffering=1)
+        os.dup2(2, 1)
+        self._lock = threading.Lock()
+
+    def send(self, **event: Any) -> None:
+        line = json.dumps(event, ensure_ascii=False)
+        with self._lock:
+            self._out.write(line + "\n")
+            self._out.flush()
+
+
+def sampling_from(d: dict[str, Any]) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=int(d.get("max_tokens", 0)), temperature=float(d.get("temperature", 1.0)),
+        top_p=float(d.get("top_p", 1.0)), seed=d.get("seed"), stop=tuple(d.get("stop", ())),
+        top_k=int(d.get("top_k", 0)), presence_penalty=float(d.get("presence_penalty", 0.0)),
+        frequency_penalty=float(d.get("frequency_penalty", 0.0)),
+        repeat_penalty=float(d.get("repeat_penalty", 1.0)),
+    )
+
+
+def load(cmd: dict[str, Any]) -> Generator:
+    from llama_cpp import Llama  # imported here: only the engine process needs llama.cpp
+
+    llm = Llama(model_path=cmd["path"], n_ctx=int(cmd["n_ctx"]), n_threads=int(cmd["n_threads"]),
+                n_threads_batch=int(cmd["n_threads"]), verbose=False)
+    return Generator(llm)
+
+
+def serve_one(gen: Generator, cmd: dict[str, Any], out: Channel,
+              cancelled: set[str], lock: threading.Lock) -> None:
+    rid = cmd["id"]
+    chat = None
+    if cmd.get("chat") is not None:
+        chat = tuple(ChatMessage(m["role"], m["content"]) for m in cmd["chat"])
+    try:
+        tokens, stops = gen.prompt_tokens(cmd.get("text"), chat)
+    except (PromptTooLong, InvalidGenerateRequest) as exc:
+        out.send(ev="error", id=rid, kind=type(exc).__name__, message=str(exc))
+        return
+
+    def is_cancelled() -> bool:
+        with lock:
+            return rid in cancelled
+
+    outcome = gen.run(tokens, stops, sampling_from(cmd.get("sampling", {})),
+                      lambda text, n: out.send(ev="delta", id=rid, text=text, tokens=n),
+                      is_cancelled)
+    out.send(ev="finished", id=rid, finish_reason=outcome.finish_reason,
+             prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens)
+
+
+def read_commands(jobs: queue.Queue[dict[str, Any] | None], cancelled: set[str],
+                  lock: threading.Lock) -> None:
+    """Reader thread: queues work and marks cancellations while generation runs."""
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["op"] == "cancel":
+            with lock:
+                cancelled.add(cmd["id"])
+        else:
+            jobs.put(cmd)
+    jobs.put(None)  # the service closed our stdin: exit
+
+
+def main() -> int:
+    out = Channel()
+    first = json.loads(sys.stdin.readline() or "{}")
+    try:
+        gen = load(first)
+    except Exception as exc:  # any load failure is reported to the service, which decides
+        out.send(ev="load_failed", error=f"{type(exc).__name__}: {exc}")
+        return 1
+    out.send(ev="loaded", n_ctx=gen.n_ctx)
+    jobs: queue.Queue[dict[str, Any] | None] = queue.Queue()
+    cancelled: set[str] = set()
+    lock = threading.Lock()
+    threading.Thread(target=read_commands, args=(jobs, cancelled, lock), daemon=True).start()
+    while (cmd := jobs.get()) is not None:
+        with lock:
+            skip = cmd["id"] in cancelled
+        if not skip:
+            serve_one(gen, cmd, out, cancelled, lock)
+        with lock:
+            cancelled.discard(cmd["id"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Offline checks of the deployment files: Dockerfiles, docker-compose.yml and the Helm chart."""

@@ -1,0 +1,86 @@
+"""Round trips through protobuf, and rejection of invalid records from the network."""
+
+from __future__ import annotations
+
+import pytest
+from meshllm.common import convert
+from meshllm.common.errors import InvalidRecord
+from meshllm.common.types import (
+    Assignment,
+    ChatMessage,
+    Finished,
+    GenerateRequest,
+    LoadState,
+    ModelId,
+    ModelSpec,
+    ModelState,
+    Placement,
+    RequestId,
+    SamplingParams,
+    TokenDelta,
+    Usage,
+    WorkerId,
+    WorkerInfo,
+    WorkerStats,
+)
+from meshllm.v1 import mesh_pb2
+
+WORKER = WorkerInfo(WorkerId("w1"), "10.0.0.1:9340", "cuda", 8 << 30, 4, 12.5,
+                    (ModelState(ModelId("m"), LoadState.READY, "", 2),
+                     ModelState(ModelId("n"), LoadState.FAILED, "oom", 0)))
+SPEC = ModelSpec(ModelId("m"), "m.gguf", 1000, 18, 4096, 18432, "gemma3", 32768)
+PLACEMENT = Placement(ModelId("m"), (Assignment(WorkerId("w1"), 0, 18),), 2000)
+
+
+def test_worker_round_trip() -> None:
+    raw = convert.worker_to_pb(WORKER).SerializeToString()
+    assert convert.parse_worker(raw) == WORKER
+
+
+def test_spec_and_placement_round_trip() -> None:
+    assert convert.parse_model_spec(convert.model_spec_to_pb(SPEC).SerializeToString()) == SPEC
+    raw = convert.placement_to_pb(PLACEMENT).SerializeToString()
+    assert convert.parse_placement(raw) == PLACEMENT
+    unplaced = Placement(ModelId("m"), (), 5, "too big")
+    assert convert.placement_from_pb(convert.placement_to_pb(unplaced)) == unplaced
+
+
+@pytest.mark.parametrize("request_", [
+    GenerateRequest(RequestId("r"), ModelId("m"), text="hello",
+                    sampling=SamplingParams(5, 0.0, 0.9, 42, ("a", "b"))),
+    GenerateRequest(RequestId("r"), ModelId("m"),
+                    chat=(ChatMessage("system", "s"), ChatMessage("user", "u"))),
+    GenerateRequest(RequestId("r"), ModelId("m"), text="", sampling=SamplingParams(seed=None)),
+], ids=["text", "chat", "empty text, no seed"])
+def test_generate_request_round_trip(request_: GenerateRequest) -> None:
+    assert convert.generate_request_from_pb(convert.generate_request_to_pb(request_)) == request_
+
+
+def test_events_and_stats_round_trip() -> None:
+    for event in (TokenDelta("hé", 1), Finished("length", Usage(3, 4))):
+        assert convert.event_from_pb(convert.event_to_pb(event)) == event
+    stats = WorkerStats(WorkerId("w"), 1, 2, 3, 4, WORKER.models)
+    assert convert.stats_from_pb(convert.stats_to_pb(stats)) == stats
+
+
+@pytest.mark.parametrize(("record", "problem"), [
+    (mesh_pb2.WorkerRecord(address="h:1", memory_budget_bytes=1, threads=1), "without worker_id"),
+    (mesh_pb2.WorkerRecord(worker_id="w", address="nohost", memory_budget_bytes=1, threads=1),
+     "bad address"),
+    (mesh_pb2.WorkerRecord(worker_id="w", address="h:1", threads=1), "memory budget"),
+    (mesh_pb2.WorkerRecord(worker_id="w", address="h:1", memory_budget_bytes=1), "threads"),
+])
+def test_invalid_worker_records_are_rejected(record: mesh_pb2.WorkerRecord, problem: str) -> None:
+    with pytest.raises(InvalidRecord, match=problem):
+        convert.parse_worker(record.SerializeToString())
+
+
+def test_garbage_bytes_are_rejected() -> None:
+    with pytest.raises(InvalidRecord):
+        convert.parse_worker(b"\xff\xff\xff")
+
+
+def test_placement_with_empty_layer_range_is_rejected() -> None:
+    bad = mesh_pb2.Placement(model_id="m", replicas=[mesh_pb2.Assignment(worker_id="w")])
+    with pytest.raises(InvalidRecord, match="empty layer range"):
+        convert.parse_placement(bad.SerializeToString())

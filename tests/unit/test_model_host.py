@@ -1,0 +1,91 @@
+"""The worker's engine supervision with a scripted engine (no llama.cpp)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from meshllm.common.errors import EngineUnavailable
+from meshllm.common.types import GenerateEvent, GenerateRequest, LoadState, ModelId, ModelSpec
+from meshllm.worker.engine import EngineSettings
+from meshllm.worker.hosts import ModelHost
+
+SPEC = ModelSpec(ModelId("gemma3-270m"), "gemma3-270m", 1, 1, 64, 1, "gemma3", 64)
+
+
+class ScriptedEngine:
+    """Dies when told to; fails to load the first `load_failures` times."""
+
+    instances: list[ScriptedEngine] = []
+    load_failures = 0
+
+    def __init__(self, settings: EngineSettings) -> None:
+        self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        ScriptedEngine.instances.append(self)
+
+    async def start(self) -> None:
+        if ScriptedEngine.load_failures > 0:
+            ScriptedEngine.load_failures -= 1
+            raise EngineUnavailable("scripted load failure")
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]:
+        raise NotImplementedError
+        yield
+
+    async def wait_exited(self) -> int:
+        return await self.exited
+
+    async def stop(self) -> None:
+        if not self.exited.done():
+            self.exited.set_result(0)
+
+
+async def _until(predicate: object, timeout_s: float = 5.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not predicate():  # type: ignore[operator]
+            await asyncio.sleep(0.01)
+
+
+async def test_crashed_engine_is_restarted_and_reported() -> None:
+    ScriptedEngine.instances.clear()
+    states: list[LoadState] = []
+
+    async def on_change() -> None:
+        states.append(host.state.state)
+
+    host = ModelHost(SPEC, 1, ScriptedEngine, on_change, restart_backoff_s=0.01)
+    host.start()
+    await _until(lambda: host.state.state is LoadState.READY)
+    ScriptedEngine.instances[0].exited.set_result(134)  # SIGABRT-like death
+    await _until(lambda: len(ScriptedEngine.instances) == 2 and
+                 host.state.state is LoadState.READY)
+    assert host.state.engine_restarts == 1
+    assert states[:3] == [LoadState.READY, LoadState.LOADING, LoadState.READY]
+    await host.stop()
+
+
+async def test_load_failures_are_reported_then_retried() -> None:
+    ScriptedEngine.instances.clear()
+    ScriptedEngine.load_failures = 1
+    seen: list[str] = []
+
+    async def on_change() -> None:
+        seen.append(host.state.error)
+
+    host = ModelHost(SPEC, 1, ScriptedEngine, on_change, restart_backoff_s=0.01)
+    host.start()
+    await _until(lambda: host.state.state is LoadState.READY)
+    assert "scripted load failure" in seen[0]
+    await host.stop()
+
+
+async def test_ready_engine_refuses_while_loading() -> None:
+    async def on_change() -> None:
+        return None
+
+    host = ModelHost(SPEC, 1, ScriptedEngine, on_change, 0.01)
+    try:
+        host.ready_engine()
+        raise AssertionError("expected EngineUnavailable")
+    except EngineUnavailable as exc:
+        assert "loading" in str(exc)

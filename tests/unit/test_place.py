@@ -1,0 +1,87 @@
+"""Table-driven tests of the planner's placement function."""
+
+from __future__ import annotations
+
+import pytest
+from meshllm.common.types import Assignment, ModelId, ModelSpec, Placement, WorkerId, WorkerInfo
+from meshllm.planner.place import MiB, PlacementPolicy, place, required_bytes
+
+POLICY = PlacementPolicy(engine_overhead_bytes=0)
+
+
+def model(name: str, mib: int, layers: int = 10) -> ModelSpec:
+    return ModelSpec(ModelId(name), name, mib * MiB, layers, 1, 0, "llama", 1)
+
+
+def worker(name: str, mib: int) -> WorkerInfo:
+    return WorkerInfo(WorkerId(name), f"127.0.0.1:{1000 + len(name)}", "cpu", mib * MiB, 1, 0.0)
+
+
+CASES = [
+    # (description, models, workers, expected hosts per model, unplaced models)
+    ("one model, two workers that fit: two replicas",
+     [model("a", 100)], [worker("w1", 200), worker("w2", 200)], {"a": ["w1", "w2"]}, []),
+    ("only the worker that fits gets it",
+     [model("a", 150)], [worker("w1", 100), worker("w2", 200)], {"a": ["w2"]}, []),
+    ("nothing fits: unplaced with a reason",
+     [model("a", 500)], [worker("w1", 100), worker("w2", 200)], {"a": []}, ["a"]),
+    ("no workers at all",
+     [model("a", 1)], [], {"a": []}, ["a"]),
+    ("two models share one worker when both fit",
+     [model("a", 100), model("b", 100)], [worker("w1", 250)], {"a": ["w1"], "b": ["w1"]}, []),
+    ("every model gets a replica before any gets a second",
+     [model("a", 100), model("b", 100)], [worker("w1", 100), worker("w2", 100)],
+     {"a": ["w1"], "b": ["w2"]}, []),
+    ("largest model chooses first",
+     [model("small", 50), model("big", 150)], [worker("w1", 150), worker("w2", 60)],
+     {"big": ["w1"], "small": ["w2"]}, []),
+    ("exact fit counts as a fit",
+     [model("a", 100)], [worker("w1", 100)], {"a": ["w1"]}, []),
+]
+
+
+@pytest.mark.parametrize(("models", "workers", "hosts", "unplaced"),
+                         [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_place(models: list[ModelSpec], workers: list[WorkerInfo], hosts: dict[str, list[str]],
+               unplaced: list[str]) -> None:
+    result = place(models, workers, policy=POLICY)
+    assert {m: list(p.worker_ids) for m, p in result.items()} == hosts
+    assert sorted(m for m, p in result.items() if p.unplaced_reason) == sorted(unplaced)
+    for p in result.values():
+        assert all(a.layer_start == 0 and a.layer_end == 10 for a in p.replicas)
+
+
+def test_unplaced_reason_says_sizes() -> None:
+    result = place([model("a", 500)], [worker("w1", 100)], policy=POLICY)
+    reason = result[ModelId("a")].unplaced_reason
+    assert "needs 500.0 MiB" in reason and "largest worker budget is 100.0 MiB" in reason
+
+
+def test_no_worker_reason() -> None:
+    assert "no worker is registered" in place([model("a", 1)], [])[ModelId("a")].unplaced_reason
+
+
+def test_max_replicas_caps_copies() -> None:
+    workers = [worker(f"w{i}", 200) for i in range(4)]
+    result = place([model("a", 100)], workers, policy=PlacementPolicy(0, max_replicas=2))
+    assert len(result[ModelId("a")].replicas) == 2
+
+
+def test_previous_hosts_are_kept_when_they_still_fit() -> None:
+    previous = {ModelId("a"): Placement(ModelId("a"), (Assignment(WorkerId("w3"), 0, 10),), 0)}
+    workers = [worker("w1", 300), worker("w2", 300), worker("w3", 150)]
+    result = place([model("a", 100)], workers, previous, PlacementPolicy(0, max_replicas=1))
+    assert result[ModelId("a")].worker_ids == ("w3",)
+
+
+def test_required_bytes_counts_kv_cache_and_overhead() -> None:
+    spec = ModelSpec(ModelId("a"), "a", 1000, 4, 100, 10, "llama", 100)
+    assert required_bytes(spec, PlacementPolicy(engine_overhead_bytes=5)) == 1000 + 1000 + 5
+
+
+def test_deterministic_under_input_order() -> None:
+    models = [model("a", 100), model("b", 80), model("c", 60)]
+    workers = [worker("w1", 200), worker("w2", 150), worker("w3", 120)]
+    first = place(models, workers, policy=POLICY)
+    again = place(list(reversed(models)), list(reversed(workers)), policy=POLICY)
+    assert first == again

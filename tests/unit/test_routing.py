@@ -1,0 +1,70 @@
+"""Table-driven tests of request routing and the 503 explanation."""
+
+from __future__ import annotations
+
+import pytest
+from meshllm.common.meshview import MeshSnapshot
+from meshllm.common.types import (
+    Assignment,
+    LoadState,
+    ModelId,
+    ModelSpec,
+    ModelState,
+    Placement,
+    WorkerId,
+    WorkerInfo,
+)
+from meshllm.gateway.routing import (
+    FAILURE_MEMORY_S,
+    WorkerLoad,
+    ready_replicas,
+    route,
+    why_unavailable,
+)
+
+M = ModelId("m")
+
+
+def worker(name: str, state: LoadState | None = LoadState.READY) -> WorkerInfo:
+    models = (ModelState(M, state),) if state else ()
+    return WorkerInfo(WorkerId(name), "127.0.0.1:1", "cpu", 1, 1, 0.0, models)
+
+
+def snapshot(workers: list[WorkerInfo], placed: list[str], reason: str = "") -> MeshSnapshot:
+    spec = ModelSpec(M, "m", 1, 1, 1, 1, "x", 1)
+    placement = Placement(M, tuple(Assignment(WorkerId(w), 0, 1) for w in placed), 1, reason)
+    return MeshSnapshot({w.worker_id: w for w in workers}, {M: spec}, {M: placement})
+
+
+@pytest.mark.parametrize(("workers", "placed", "expected"), [
+    ([worker("a"), worker("b")], ["a", "b"], ["a", "b"]),
+    ([worker("a"), worker("b", LoadState.LOADING)], ["a", "b"], ["a"]),
+    ([worker("a"), worker("b", LoadState.FAILED)], ["a", "b"], ["a"]),
+    ([worker("a")], ["a", "gone"], ["a"]),
+    ([worker("a"), worker("b")], ["b"], ["b"]),
+    ([worker("a", None)], ["a"], []),
+], ids=["both ready", "loading skipped", "failed skipped", "vanished worker", "unplaced worker",
+        "not reporting"])
+def test_ready_replicas(workers: list[WorkerInfo], placed: list[str], expected: list[str]) -> None:
+    assert [w.worker_id for w in ready_replicas(snapshot(workers, placed), M)] == expected
+
+
+@pytest.mark.parametrize(("loads", "expected"), [
+    ({}, ["a", "b", "c"]),
+    ({"a": WorkerLoad(2), "b": WorkerLoad(1)}, ["c", "b", "a"]),
+    ({"a": WorkerLoad(0, 99.0)}, ["b", "c", "a"]),
+    ({"a": WorkerLoad(0, 100.0 - FAILURE_MEMORY_S - 1)}, ["a", "b", "c"]),
+    ({"a": WorkerLoad(5), "b": WorkerLoad(0, 99.0), "c": WorkerLoad(5)}, ["a", "c", "b"]),
+], ids=["ties by id", "least busy first", "recent failure last", "old failure forgotten",
+        "failure outweighs load"])
+def test_route_order(loads: dict[str, WorkerLoad], expected: list[str]) -> None:
+    replicas = [worker("c"), worker("a"), worker("b")]
+    typed = {WorkerId(k): v for k, v in loads.items()}
+    assert [w.worker_id for w in route(replicas, typed, now_s=100.0)] == expected
+
+
+def test_why_unavailable_explains_each_case() -> None:
+    assert "has not been placed" in why_unavailable(MeshSnapshot(), M)
+    assert "cannot be served: too big" in why_unavailable(snapshot([], [], "too big"), M)
+    loading = why_unavailable(snapshot([worker("a", LoadState.LOADING)], ["a"]), M)
+    assert "a: loading" in loading
