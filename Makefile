@@ -5,10 +5,10 @@ BIN := $(VENV)/bin
 # The RPC backend is on from the start so that splitting a model across workers needs no
 # rebuild. pip caches the compiled wheel, so only the first install compiles llama.cpp.
 LLAMA_CMAKE_ARGS ?= -DGGML_RPC=ON -DLLAVA_BUILD=OFF
-PACKAGES := -e common -e services/planner -e services/gateway -e services/shard-worker \
+PACKAGES := -e common -e native -e services/planner -e services/gateway -e services/shard-worker \
             -e services/blackboard -e launcher
 STAMP := $(VENV)/.installed
-SOURCES := $(wildcard */pyproject.toml services/*/pyproject.toml protos/meshllm/v1/*.proto) \
+SOURCES := $(wildcard */pyproject.toml native/pyproject.toml services/*/pyproject.toml protos/meshllm/v1/*.proto) \
            requirements-dev.txt Makefile
 
 .PHONY: install proto up test lint bench clean

@@ -21,8 +21,9 @@ from typing import Any
 import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from meshllm.common.models import materialize  # noqa: E402
-from tests.support.mesh import LocalMesh, MeshOptions  # noqa: E402
+from meshllm.common.models import materialize
+
+from tests.support.mesh import LocalMesh, MeshOptions
 
 PROMPT = "Write a detailed essay about the history of the printing press."
 

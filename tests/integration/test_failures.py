@@ -12,8 +12,8 @@ from pathlib import Path
 import grpc
 import openai
 import pytest
-
 from meshllm.v1 import worker_pb2, worker_pb2_grpc
+
 from tests.support.mesh import LocalMesh, MeshOptions, wait_for
 
 MODEL = "gemma3-270m"

@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import openai
 
 from tests.support.procs import free_port
@@ -43,7 +44,8 @@ def test_up_serves_and_ctrl_c_stops_every_process(tmp_path: Path) -> None:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "meshllm.cli.main", "up", "--workers", "2", "--port", str(port),
-         "--worker-memory", "1GiB", "--data-dir", str(tmp_path)],
+         "--worker-memory", "1GiB", "--data-dir", str(tmp_path),
+         "--blackboard-port", str(free_port())],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
@@ -56,6 +58,15 @@ def test_up_serves_and_ctrl_c_stops_every_process(tmp_path: Path) -> None:
         reply = client.chat.completions.create(
             model="gemma3-270m", max_tokens=4, messages=[{"role": "user", "content": "Hi"}])
         assert reply.choices[0].message.content is not None
+        # the gateway fronts the blackboard node that `up` started
+        base = f"http://127.0.0.1:{port}/api/blackboard"
+        posted = httpx.post(base + "/posts", json={"author": "test", "text": "hello mesh"})
+        assert posted.status_code == 201, posted.text
+        feed = httpx.get(base + "/posts").json()["data"]
+        assert [p["text"] for p in feed] == ["hello mesh"]
+        cli = subprocess.run([sys.executable, "-m", "meshllm.cli.main", "status", "--data-dir",
+                              str(tmp_path)], capture_output=True, text=True, timeout=60)
+        assert "worker-1" in cli.stdout and "worker-2" in cli.stdout, cli.stderr
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0
         still_running = [pid for pid in children if os.path.exists(f"/proc/{pid}")

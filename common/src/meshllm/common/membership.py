@@ -39,6 +39,7 @@ class Registration:
         self._lease_id: int | None = None
         self._value = b""
         self._lock = asyncio.Lock()
+        self._withdrawn = False
 
     @property
     def key(self) -> str:
@@ -47,6 +48,8 @@ class Registration:
     async def publish(self, value: bytes) -> None:
         """Write (or rewrite) the record; grants a lease the first time."""
         async with self._lock:
+            if self._withdrawn:
+                return
             self._value = value
             if self._lease_id is None:
                 self._lease_id = await self._store.grant_lease(self._lease.ttl_s)
@@ -54,8 +57,10 @@ class Registration:
 
     async def keep_alive(self) -> None:
         """Refresh the lease forever; if it was lost (e.g. etcd restarted), register again."""
-        while True:
+        while not self._withdrawn:
             await asyncio.sleep(self._lease.keepalive_s)
+            if self._withdrawn:  # a refresh racing the withdrawal must not register again
+                return
             try:
                 alive = self._lease_id is not None and await self._store.refresh_lease(
                     self._lease_id
@@ -68,6 +73,7 @@ class Registration:
                 log.warning("cannot refresh lease for %s: %s", self._key, exc)
 
     async def withdraw(self) -> None:
+        self._withdrawn = True
         if self._lease_id is not None:
             await self._store.revoke_lease(self._lease_id)
             self._lease_id = None

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import Callable, Sequence
 
+from meshllm.cli.blackboard_cmd import add_blackboard_parser, run_blackboard
 from meshllm.cli.status_cmd import add_status_parser, run_status
 from meshllm.cli.up import add_up_parser, run_up, up_config
 from meshllm.common.errors import MeshError
@@ -29,20 +31,39 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     add_up_parser(sub)
     add_status_parser(sub)
-    for name in SERVICES:
+    add_blackboard_parser(sub)
+    for name in ("gateway", "planner", "worker"):
         sub.add_parser(name, help=f"run the {name} service (flags: mesh-llm {name} --help)",
                        add_help=False)
     return p
 
 
+def service_argv(args: list[str]) -> list[str] | None:
+    """The service's own flags when `args` asks to run a service, else None.
+
+    `mesh-llm blackboard` doubles as the board's client (post, feed, search, watch, mcp):
+    it runs the service only when given no subcommand, flags only, or `serve`.
+    """
+    if not args or args[0] not in SERVICES:
+        return None
+    rest = args[1:]
+    if args[0] != "blackboard" or not rest or (rest[0].startswith("-")
+                                               and rest[0] not in ("-h", "--help")):
+        return rest
+    return rest[1:] if rest[0] == "serve" else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if args_list and args_list[0] in SERVICES:
-        return _service_mains()[args_list[0]](args_list[1:])
+    own_flags = service_argv(args_list)
+    if own_flags is not None:
+        return _service_mains()[args_list[0]](own_flags)
     args = parser().parse_args(args_list)
     try:
         if args.command == "up":
             return run_up(up_config(args))
+        if args.command == "blackboard":
+            return asyncio.run(run_blackboard(args))
         return run_status(args)
     except MeshError as exc:
         print(f"mesh-llm {args.command}: {exc}", file=sys.stderr)

@@ -27,6 +27,7 @@ class UpConfig:
     workers: int
     models: tuple[str, ...]
     port: int
+    blackboard_port: int        # the local blackboard node (the CLI's default address)
     worker_memory_bytes: int    # budget each worker advertises
     threads: int                # llama.cpp threads per worker
     data_dir: Path
@@ -41,6 +42,8 @@ def add_up_parser(sub: Any) -> None:
     p.add_argument("--model", action="append", dest="models", metavar="NAME_OR_GGUF_PATH",
                    help="model to serve; repeat for several (default gemma3-270m)")
     p.add_argument("--port", type=int, default=9337, help="gateway port (default 9337)")
+    p.add_argument("--blackboard-port", type=int, default=9339,
+                   help="blackboard gRPC port, where `mesh-llm blackboard` looks (default 9339)")
     p.add_argument("--worker-memory", default="auto",
                    help="memory budget per worker, e.g. 2GiB (default: what the machine can "
                         "spare, split between workers)")
@@ -63,6 +66,7 @@ def up_config(args: argparse.Namespace) -> UpConfig:
         raise ConfigError("--worker-memory", str(exc)) from exc
     return UpConfig(
         workers=args.workers, models=tuple(args.models or ["gemma3-270m"]), port=args.port,
+        blackboard_port=args.blackboard_port,
         worker_memory_bytes=memory,
         threads=args.threads or max(1, (os.cpu_count() or 1) // args.workers),
         data_dir=Path(args.data_dir).expanduser().resolve(), etcd_url=args.etcd,
@@ -91,7 +95,7 @@ def start_etcd(group: ProcessGroup, data_dir: Path) -> str:
 
 
 def start_services(group: ProcessGroup, cfg: UpConfig, etcd: str) -> None:
-    blackboard = f"127.0.0.1:{free_port()}"
+    blackboard = f"127.0.0.1:{cfg.blackboard_port}"
     group.start("planner", service_argv(
         "meshllm.planner", "--etcd", etcd, "--listen", f"127.0.0.1:{free_port()}",
         "--models", ",".join(cfg.models), "--context-length", str(cfg.context_length_tokens)))

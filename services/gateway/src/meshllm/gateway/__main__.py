@@ -9,9 +9,11 @@ from collections.abc import Sequence
 
 import uvicorn
 from meshllm.common import lifecycle
+from meshllm.common.blackboard_client import BlackboardClient
 from meshllm.common.store import EtcdStore
 from meshllm.gateway.app import Api, build_app
 from meshllm.gateway.backend import MeshBackend
+from meshllm.gateway.blackboard_api import blackboard_routes
 from meshllm.gateway.config import GatewayConfig, load_config
 from meshllm.gateway.metrics import GatewayMetrics
 
@@ -22,7 +24,9 @@ async def serve(config: GatewayConfig, stop: asyncio.Event) -> None:
     kv = EtcdStore(config.etcd_url)
     await kv.connect()
     backend = MeshBackend(kv, config.first_token_timeout_s, config.token_timeout_s)
-    app = build_app(Api(backend, GatewayMetrics()))
+    blackboard = BlackboardClient(config.blackboard_address) if config.blackboard_address else None
+    extra = blackboard_routes(blackboard) if blackboard else []
+    app = build_app(Api(backend, GatewayMetrics()), extra)
     server = uvicorn.Server(uvicorn.Config(
         app, host=config.host, port=config.port, log_config=None, access_log=False,
         timeout_graceful_shutdown=5,
@@ -36,6 +40,8 @@ async def serve(config: GatewayConfig, stop: asyncio.Event) -> None:
         server.should_exit = True
         await asyncio.gather(serving, return_exceptions=True)
         await backend.close()
+        if blackboard is not None:
+            await blackboard.close()
         await kv.close()
 
 

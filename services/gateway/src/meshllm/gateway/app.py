@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any
 
 from meshllm.common.status import mesh_status
@@ -150,7 +150,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
                     ).response()
 
 
-def build_app(api: Api, extra_routes: list[BaseRoute] | None = None,
+def build_app(api: Api, extra_routes: Sequence[BaseRoute] = (),
               lifespan: Callable[[Starlette], Any] | None = None) -> Starlette:
     routes: list[BaseRoute] = [
         Route("/v1/models", api.models, methods=["GET"]),
@@ -159,7 +159,7 @@ def build_app(api: Api, extra_routes: list[BaseRoute] | None = None,
         Route("/health", api.health, methods=["GET"]),
         Route("/api/status", api.status, methods=["GET"]),
         Route("/metrics", api.metrics_endpoint, methods=["GET"]),
-        *(extra_routes or []),
+        *extra_routes,
     ]
     return Starlette(routes=routes, lifespan=lifespan,
                      exception_handlers={ApiError: _api_error, HTTPException: _http_error})

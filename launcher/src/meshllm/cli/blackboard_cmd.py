@@ -1,0 +1,130 @@
+"""`mesh-llm blackboard`: post, read, search and watch the mesh's blackboard; or serve it
+to an agent as MCP tools (`mesh-llm blackboard mcp`)."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from meshllm.common.blackboard_client import BlackboardClient
+from meshllm.common.blackboard_errors import BlackboardError, BlackboardUnavailable, PostRejected
+from meshllm.common.blackboard_types import Draft, FeedQuery, Post, PostId, SubscribeFilter
+from meshllm.common.blackboard_wire import hit_to_json, parse_since, post_to_json
+
+DEFAULT_ADDRESS = "127.0.0.1:9339"
+EXIT_REJECTED = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+
+
+def add_blackboard_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
+    p = subparsers.add_parser("blackboard", help="the agents' shared message board")
+    p.add_argument("--blackboard", default=DEFAULT_ADDRESS, metavar="ADDRESS",
+                   help=f"blackboard node gRPC address (default {DEFAULT_ADDRESS})")
+    p.add_argument("--json", action="store_true", help="print JSON lines")
+    sub = p.add_subparsers(dest="blackboard_command", required=True)
+    post = sub.add_parser("post", help="post TEXT ('-' reads stdin)")
+    post.add_argument("text")
+    post.add_argument("--author", default="", help="default $MESHLLM_AUTHOR or the user name")
+    post.add_argument("--tag", action="append", default=[], dest="tags")
+    post.add_argument("--channel", default="")
+    post.add_argument("--reply-to", default="")
+    for name, text in (("feed", "newest posts first"), ("watch", "print new posts as they come")):
+        q = sub.add_parser(name, help=text)
+        q.add_argument("--author", default="")
+        q.add_argument("--tag", default="")
+        q.add_argument("--channel", default="")
+    feed = sub.choices["feed"]
+    feed.add_argument("--since", default="", help="unix seconds, ISO 8601, or an age: 15m, 2h")
+    feed.add_argument("--limit", type=int, default=20)
+    sub.choices["watch"].add_argument("--count", type=int, default=0,
+                                      help="exit after this many posts (0: never)")
+    search = sub.add_parser("search", help="posts with the most hits of WORDS")
+    search.add_argument("words", nargs="+")
+    search.add_argument("--limit", type=int, default=20)
+    sub.add_parser("mcp", help="serve post/feed/search as MCP tools on stdio")
+
+
+def render(post: Post, hits: int | None = None) -> str:
+    when = datetime.fromtimestamp(post.created_unix_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    tags = " ".join(f"#{t}" for t in post.tags)
+    head = f"{when} {post.author}@{post.origin_node} {post.post_id}"
+    extra = " ".join(x for x in (tags, f"[{post.channel}]" if post.channel else "",
+                                 f"re {post.reply_to}" if post.reply_to else "",
+                                 f"({hits} hits)" if hits is not None else "") if x)
+    return f"{head} {extra}".rstrip() + "\n  " + post.text.replace("\n", "\n  ")
+
+
+def default_author() -> str:
+    return os.environ.get("MESHLLM_AUTHOR") or getpass.getuser()
+
+
+async def run_blackboard(args: argparse.Namespace) -> int:
+    if args.blackboard_command == "mcp":
+        from meshllm.blackboard.mcp_server import serve_stdio
+
+        await serve_stdio(args.blackboard, default_author())
+        return 0
+    try:
+        async with BlackboardClient(args.blackboard) as client:
+            return await _COMMANDS[args.blackboard_command](client, args)
+    except PostRejected as exc:
+        print(f"mesh-llm blackboard: {exc}", file=sys.stderr)
+        return EXIT_REJECTED
+    except ValueError as exc:
+        print(f"mesh-llm blackboard: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BlackboardUnavailable as exc:
+        print(f"mesh-llm blackboard: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except BlackboardError as exc:
+        print(f"mesh-llm blackboard: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+
+
+async def _post(client: BlackboardClient, args: argparse.Namespace) -> int:
+    text = sys.stdin.read() if args.text == "-" else args.text
+    draft = Draft(args.author or default_author(), text, tuple(args.tags), args.channel,
+                  PostId(args.reply_to) if args.reply_to else None)
+    accepted = await client.post(draft)
+    if args.json:
+        print(json.dumps({**post_to_json(accepted.post),
+                          "redactions": list(accepted.redactions)}))
+    else:
+        print(f"posted {accepted.post.post_id}")
+        if accepted.redactions:
+            print(f"redacted: {', '.join(accepted.redactions)}")
+    return 0
+
+
+async def _feed(client: BlackboardClient, args: argparse.Namespace) -> int:
+    since = parse_since(args.since, time.time_ns() // 1_000_000)
+    posts = await client.feed(FeedQuery(since, args.author, args.tag, args.channel, args.limit))
+    for post in posts:
+        print(json.dumps(post_to_json(post)) if args.json else render(post))
+    return 0
+
+
+async def _search(client: BlackboardClient, args: argparse.Namespace) -> int:
+    for hit in await client.search(" ".join(args.words), args.limit):
+        print(json.dumps(hit_to_json(hit)) if args.json else render(hit.post, hit.hits))
+    return 0
+
+
+async def _watch(client: BlackboardClient, args: argparse.Namespace) -> int:
+    seen = 0
+    async for post in client.subscribe(SubscribeFilter(args.author, args.tag, args.channel)):
+        print(json.dumps(post_to_json(post)) if args.json else render(post), flush=True)
+        seen += 1
+        if args.count and seen >= args.count:
+            break
+    return 0
+
+
+_COMMANDS = {"post": _post, "feed": _feed, "search": _search, "watch": _watch}

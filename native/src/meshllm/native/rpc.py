@@ -1,0 +1,99 @@
+"""ggml's RPC backend through ctypes: serve this machine's CPU to a remote llama.cpp, or
+register remote RPC servers as devices before a model is loaded.
+
+llama-cpp-python ships `libggml.so` and `libggml.so.0` as separate copies of one library.
+`libllama.so` links the `.so.0` names; loading `libggml.so` would map a second ggml with
+its own backend registry, and devices registered there would be invisible to llama.cpp.
+So everything here loads the `.so.0` files.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+from meshllm.common.errors import MeshError
+
+
+class NativeError(MeshError):
+    pass
+
+
+def lib_dir() -> Path:
+    import llama_cpp  # only processes that run llama.cpp import this module
+
+    return Path(llama_cpp.__file__).resolve().parent / "lib"
+
+
+@functools.cache
+def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
+    """(libggml, libggml-rpc), loaded by their .so.0 names, globally visible."""
+    import llama_cpp  # noqa: F401  loads libllama and with it the .so.0 ggml libraries
+
+    base = lib_dir()
+    mode = ctypes.RTLD_GLOBAL
+    ctypes.CDLL(str(base / "libggml-base.so.0"), mode=mode)
+    ggml = ctypes.CDLL(str(base / "libggml.so.0"), mode=mode)
+    rpc = ctypes.CDLL(str(base / "libggml-rpc.so.0"), mode=mode)
+    ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
+    ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
+    ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    ggml.ggml_backend_dev_name.restype = ctypes.c_char_p
+    ggml.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
+    ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
+    ggml.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+    ggml.ggml_backend_register.argtypes = [ctypes.c_void_p]
+    ggml.ggml_backend_register.restype = None
+    rpc.ggml_backend_rpc_add_server.restype = ctypes.c_void_p
+    rpc.ggml_backend_rpc_add_server.argtypes = [ctypes.c_char_p]
+    rpc.ggml_backend_rpc_start_server.restype = None
+    rpc.ggml_backend_rpc_start_server.argtypes = [
+        ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t,
+        ctypes.POINTER(ctypes.c_void_p),
+    ]
+    return ggml, rpc
+
+
+GGML_BACKEND_DEVICE_TYPE_CPU = 0
+
+
+def device_names() -> list[str]:
+    ggml, _ = _libs()
+    names = []
+    for i in range(ggml.ggml_backend_dev_count()):
+        name = ggml.ggml_backend_dev_name(ggml.ggml_backend_dev_get(i))
+        names.append(name.decode() if name else "?")
+    return names
+
+
+def add_rpc_servers(endpoints: list[str]) -> list[str]:
+    """Register remote RPC servers (host:port) as devices; call before loading a model.
+
+    Returns the device names llama.cpp will list for them, in registration order.
+    """
+    ggml, rpc = _libs()
+    before = set(device_names())
+    for endpoint in endpoints:
+        reg = rpc.ggml_backend_rpc_add_server(endpoint.encode())
+        if not reg:
+            raise NativeError(f"cannot add RPC server {endpoint}")
+        ggml.ggml_backend_register(reg)
+    return [n for n in device_names() if n not in before]
+
+
+def serve_cpu(endpoint: str, cache_dir: Path | None, threads: int) -> None:
+    """Serve this process's CPU device over ggml RPC at `endpoint`. Blocks forever.
+
+    With a cache directory, a client re-sending tensors the server has seen sends only
+    their hashes, so reloading a split model moves almost no weight bytes.
+    """
+    ggml, rpc = _libs()
+    cpu = ggml.ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU)
+    if not cpu:
+        raise NativeError("no CPU backend device found")
+    devices = (ctypes.c_void_p * 1)(cpu)
+    cache = str(cache_dir).encode() if cache_dir else None
+    if cache_dir:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    rpc.ggml_backend_rpc_start_server(endpoint.encode(), cache, threads, 1, devices)

@@ -1,0 +1,1 @@
+"""mesh-llm blackboard: a gossip-replicated message board for agents."""

@@ -1,0 +1,1 @@
+"""Blackboard service tests: pure decisions, then real processes with real etcd."""
