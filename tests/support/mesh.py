@@ -23,6 +23,9 @@ class MeshOptions:
     context_length: int = 4096
     lease_ttl_s: int = 4
     keepalive_s: float = 1.0
+    expect_replicas: int = 0   # ready replicas to wait for (0: one per worker)
+    planner_args: tuple[str, ...] = ()
+    worker_args: tuple[str, ...] = ()
 
 
 def get_json(url: str, timeout_s: float = 5.0) -> Any:
@@ -51,14 +54,15 @@ class LocalMesh:
         o = self.options
         self.procs["planner"] = Proc("planner", python_module(
             "meshllm.planner", "--etcd", self.etcd_url, "--listen", f"127.0.0.1:{free_port()}",
-            "--models", ",".join(o.models), "--context-length", str(o.context_length)), logs)
+            "--models", ",".join(o.models), "--context-length", str(o.context_length),
+            *o.planner_args), logs)
         for i in range(1, o.workers + 1):
             self.start_worker(f"worker-{i}")
         self.gateway_port = free_port()
         self.procs["gateway"] = Proc("gateway", python_module(
             "meshllm.gateway", "--etcd", self.etcd_url,
             "--listen", f"127.0.0.1:{self.gateway_port}"), logs)
-        self.wait_ready(o.workers)
+        self.wait_ready(o.expect_replicas or o.workers)
 
     def start_worker(self, name: str) -> None:
         o = self.options
@@ -67,7 +71,8 @@ class LocalMesh:
         self.procs[name] = Proc(name, python_module(
             "meshllm.worker", "--etcd", self.etcd_url, "--listen", f"127.0.0.1:{port}",
             "--worker-id", name, "--worker-memory", o.worker_memory, "--threads", str(o.threads),
-            "--lease-ttl-s", str(o.lease_ttl_s), "--keepalive-s", str(o.keepalive_s)),
+            "--lease-ttl-s", str(o.lease_ttl_s), "--keepalive-s", str(o.keepalive_s),
+            "--cache-dir", str(self.root / f"rpc-cache-{name}"), *o.worker_args),
             self.root / "logs")
 
     def status(self) -> dict[str, Any]:

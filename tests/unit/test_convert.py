@@ -15,6 +15,7 @@ from meshllm.common.types import (
     ModelSpec,
     ModelState,
     Placement,
+    Replica,
     RequestId,
     SamplingParams,
     TokenDelta,
@@ -27,9 +28,14 @@ from meshllm.v1 import mesh_pb2
 
 WORKER = WorkerInfo(WorkerId("w1"), "10.0.0.1:9340", "cuda", 8 << 30, 4, 12.5,
                     (ModelState(ModelId("m"), LoadState.READY, "", 2),
-                     ModelState(ModelId("n"), LoadState.FAILED, "oom", 0)))
-SPEC = ModelSpec(ModelId("m"), "m.gguf", 1000, 18, 4096, 18432, "gemma3", 32768)
-PLACEMENT = Placement(ModelId("m"), (Assignment(WorkerId("w1"), 0, 18),), 2000)
+                     ModelState(ModelId("n"), LoadState.FAILED, "oom", 0)),
+                    {"w2": 0.5, "w3": 12.25}, "10.0.0.1")
+SPEC = ModelSpec(ModelId("m"), "m.gguf", 1000, 2, 4096, 18432, "gemma3", 32768, 400,
+                 (300, 300), True)
+PLACEMENT = Placement(ModelId("m"), (
+    Replica((Assignment(WorkerId("w1"), 0, 18),)),
+    Replica((Assignment(WorkerId("w2"), 0, 6), Assignment(WorkerId("w3"), 6, 18))),
+), 2000)
 
 
 def test_worker_round_trip() -> None:
@@ -80,7 +86,26 @@ def test_garbage_bytes_are_rejected() -> None:
         convert.parse_worker(b"\xff\xff\xff")
 
 
-def test_placement_with_empty_layer_range_is_rejected() -> None:
-    bad = mesh_pb2.Placement(model_id="m", replicas=[mesh_pb2.Assignment(worker_id="w")])
-    with pytest.raises(InvalidRecord, match="empty layer range"):
-        convert.parse_placement(bad.SerializeToString())
+def _stages(*ranges: tuple[str, int, int]) -> mesh_pb2.Placement:
+    stages = [mesh_pb2.Assignment(worker_id=w, layer_start=a, layer_end=b) for w, a, b in ranges]
+    return mesh_pb2.Placement(model_id="m", replicas=[mesh_pb2.Replica(stages=stages)])
+
+
+@pytest.mark.parametrize(("placement", "problem"), [
+    (_stages(("w", 0, 0)), "empty layer range"),
+    (_stages(("w", 2, 5)), "head does not start at 0"),
+    (_stages(("a", 0, 3), ("b", 4, 8)), "not contiguous"),
+    (_stages(("a", 0, 3), ("a", 3, 8)), "two stages"),
+    (_stages(("", 0, 3)), "without worker"),
+    (mesh_pb2.Placement(model_id="m", replicas=[mesh_pb2.Replica()]), "without stages"),
+], ids=["empty range", "head offset", "gap", "same worker twice", "no worker", "no stages"])
+def test_invalid_placements_are_rejected(placement: mesh_pb2.Placement, problem: str) -> None:
+    with pytest.raises(InvalidRecord, match=problem):
+        convert.parse_placement(placement.SerializeToString())
+
+
+def test_spec_with_wrong_layer_count_is_rejected() -> None:
+    bad = convert.model_spec_to_pb(SPEC)
+    bad.layer_bytes.append(1)
+    with pytest.raises(InvalidRecord, match="3 layer sizes for 2 layers"):
+        convert.parse_model_spec(bad.SerializeToString())

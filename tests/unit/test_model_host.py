@@ -4,13 +4,26 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from meshllm.common.errors import EngineUnavailable
 from meshllm.common.types import GenerateEvent, GenerateRequest, LoadState, ModelId, ModelSpec
 from meshllm.worker.engine import EngineSettings
-from meshllm.worker.hosts import ModelHost
+from meshllm.worker.hosts import HostDeps, ModelHost
+from meshllm.worker.plans import HostPlan, Role
+from meshllm.worker.stage import StageServer
 
 SPEC = ModelSpec(ModelId("gemma3-270m"), "gemma3-270m", 1, 1, 64, 1, "gemma3", 64)
+PLAN = HostPlan(SPEC, Role.WHOLE, 0, 1)
+
+
+def deps() -> HostDeps:
+    def no_tunnels(address: str, model: str) -> object:
+        raise AssertionError("a whole model needs no tunnel")
+
+    return HostDeps(ScriptedEngine, no_tunnels, StageServer, 1,  # type: ignore[arg-type]
+                    "127.0.0.1", Path("/nonexistent"), False, False,
+                    restart_backoff_s=0.01)
 
 
 class ScriptedEngine:
@@ -53,7 +66,7 @@ async def test_crashed_engine_is_restarted_and_reported() -> None:
     async def on_change() -> None:
         states.append(host.state.state)
 
-    host = ModelHost(SPEC, 1, ScriptedEngine, on_change, restart_backoff_s=0.01)
+    host = ModelHost(PLAN, deps(), on_change)
     host.start()
     await _until(lambda: host.state.state is LoadState.READY)
     ScriptedEngine.instances[0].exited.set_result(134)  # SIGABRT-like death
@@ -72,7 +85,7 @@ async def test_load_failures_are_reported_then_retried() -> None:
     async def on_change() -> None:
         seen.append(host.state.error)
 
-    host = ModelHost(SPEC, 1, ScriptedEngine, on_change, restart_backoff_s=0.01)
+    host = ModelHost(PLAN, deps(), on_change)
     host.start()
     await _until(lambda: host.state.state is LoadState.READY)
     assert "scripted load failure" in seen[0]
@@ -83,7 +96,7 @@ async def test_ready_engine_refuses_while_loading() -> None:
     async def on_change() -> None:
         return None
 
-    host = ModelHost(SPEC, 1, ScriptedEngine, on_change, 0.01)
+    host = ModelHost(PLAN, deps(), on_change)
     try:
         host.ready_engine()
         raise AssertionError("expected EngineUnavailable")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from meshllm.common.types import Assignment, ModelId, ModelSpec, Placement, WorkerId, WorkerInfo
+from meshllm.common.types import ModelId, ModelSpec, Placement, WorkerId, WorkerInfo, whole
 from meshllm.planner.place import MiB, PlacementPolicy, place, required_bytes
 
 POLICY = PlacementPolicy(engine_overhead_bytes=0)
@@ -48,7 +48,7 @@ def test_place(models: list[ModelSpec], workers: list[WorkerInfo], hosts: dict[s
     assert {m: list(p.worker_ids) for m, p in result.items()} == hosts
     assert sorted(m for m, p in result.items() if p.unplaced_reason) == sorted(unplaced)
     for p in result.values():
-        assert all(a.layer_start == 0 and a.layer_end == 10 for a in p.replicas)
+        assert all(not r.is_split and r.head.layer_end == 10 for r in p.replicas)
 
 
 def test_unplaced_reason_says_sizes() -> None:
@@ -68,7 +68,7 @@ def test_max_replicas_caps_copies() -> None:
 
 
 def test_previous_hosts_are_kept_when_they_still_fit() -> None:
-    previous = {ModelId("a"): Placement(ModelId("a"), (Assignment(WorkerId("w3"), 0, 10),), 0)}
+    previous = {ModelId("a"): Placement(ModelId("a"), (whole(WorkerId("w3"), 10),), 0)}
     workers = [worker("w1", 300), worker("w2", 300), worker("w3", 150)]
     result = place([model("a", 100)], workers, previous, PlacementPolicy(0, max_replicas=1))
     assert result[ModelId("a")].worker_ids == ("w3",)

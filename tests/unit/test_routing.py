@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 from meshllm.common.meshview import MeshSnapshot
 from meshllm.common.types import (
-    Assignment,
     LoadState,
     ModelId,
     ModelSpec,
@@ -13,6 +12,7 @@ from meshllm.common.types import (
     Placement,
     WorkerId,
     WorkerInfo,
+    whole,
 )
 from meshllm.gateway.routing import (
     FAILURE_MEMORY_S,
@@ -32,7 +32,7 @@ def worker(name: str, state: LoadState | None = LoadState.READY) -> WorkerInfo:
 
 def snapshot(workers: list[WorkerInfo], placed: list[str], reason: str = "") -> MeshSnapshot:
     spec = ModelSpec(M, "m", 1, 1, 1, 1, "x", 1)
-    placement = Placement(M, tuple(Assignment(WorkerId(w), 0, 1) for w in placed), 1, reason)
+    placement = Placement(M, tuple(whole(WorkerId(w), 1) for w in placed), 1, reason)
     return MeshSnapshot({w.worker_id: w for w in workers}, {M: spec}, {M: placement})
 
 

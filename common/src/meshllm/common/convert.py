@@ -20,6 +20,7 @@ from meshllm.common.types import (
     ModelSpec,
     ModelState,
     Placement,
+    Replica,
     RequestId,
     SamplingParams,
     TokenDelta,
@@ -48,14 +49,15 @@ def _require(condition: bool, what: str) -> None:
 def model_state_to_pb(s: ModelState) -> mesh_pb2.ModelState:
     return mesh_pb2.ModelState(
         model_id=s.model_id, state=_STATE_TO_PB[s.state], error=s.error,
-        engine_restarts=s.engine_restarts,
+        engine_restarts=s.engine_restarts, rpc_port=s.rpc_port,
     )
 
 
 def model_state_from_pb(m: mesh_pb2.ModelState) -> ModelState:
     _require(bool(m.model_id), "model state without model_id")
     _require(m.state in _STATE_FROM_PB, f"model state {m.model_id}: unknown state {m.state}")
-    return ModelState(ModelId(m.model_id), _STATE_FROM_PB[m.state], m.error, m.engine_restarts)
+    return ModelState(ModelId(m.model_id), _STATE_FROM_PB[m.state], m.error, m.engine_restarts,
+                      m.rpc_port)
 
 
 def worker_to_pb(w: WorkerInfo) -> mesh_pb2.WorkerRecord:
@@ -63,7 +65,8 @@ def worker_to_pb(w: WorkerInfo) -> mesh_pb2.WorkerRecord:
         worker_id=w.worker_id, address=w.address, backend=w.backend,
         memory_budget_bytes=w.memory_budget_bytes, threads=w.threads,
         started_at_unix_s=w.started_at_unix_s,
-        models=[model_state_to_pb(m) for m in w.models],
+        models=[model_state_to_pb(m) for m in w.models], rtt_ms=dict(w.rtt_ms),
+        rpc_host=w.rpc_host,
     )
 
 
@@ -78,6 +81,7 @@ def worker_from_pb(m: mesh_pb2.WorkerRecord) -> WorkerInfo:
         memory_budget_bytes=m.memory_budget_bytes, threads=m.threads,
         started_at_unix_s=m.started_at_unix_s,
         models=tuple(model_state_from_pb(s) for s in m.models),
+        rtt_ms={k: v for k, v in m.rtt_ms.items() if v >= 0}, rpc_host=m.rpc_host,
     )
 
 
@@ -86,7 +90,8 @@ def model_spec_to_pb(s: ModelSpec) -> mesh_pb2.ModelSpec:
         model_id=s.model_id, source=s.source, weights_bytes=s.weights_bytes,
         n_layers=s.n_layers, context_length=s.context_length,
         kv_bytes_per_token=s.kv_bytes_per_token, architecture=s.architecture,
-        train_context_length=s.train_context_length,
+        train_context_length=s.train_context_length, shared_bytes=s.shared_bytes,
+        layer_bytes=list(s.layer_bytes), force_split=s.force_split,
     )
 
 
@@ -96,11 +101,14 @@ def model_spec_from_pb(m: mesh_pb2.ModelSpec) -> ModelSpec:
     _require(m.weights_bytes > 0, f"model {m.model_id}: weights size must be > 0")
     _require(m.n_layers > 0, f"model {m.model_id}: n_layers must be > 0")
     _require(m.context_length > 0, f"model {m.model_id}: context_length must be > 0")
+    _require(len(m.layer_bytes) in (0, m.n_layers),
+             f"model {m.model_id}: {len(m.layer_bytes)} layer sizes for {m.n_layers} layers")
     return ModelSpec(
         model_id=ModelId(m.model_id), source=m.source, weights_bytes=m.weights_bytes,
         n_layers=m.n_layers, context_length=m.context_length,
         kv_bytes_per_token=m.kv_bytes_per_token, architecture=m.architecture,
-        train_context_length=m.train_context_length,
+        train_context_length=m.train_context_length, shared_bytes=m.shared_bytes,
+        layer_bytes=tuple(m.layer_bytes), force_split=m.force_split,
     )
 
 
@@ -108,22 +116,37 @@ def placement_to_pb(p: Placement) -> mesh_pb2.Placement:
     return mesh_pb2.Placement(
         model_id=p.model_id,
         replicas=[
-            mesh_pb2.Assignment(worker_id=a.worker_id, layer_start=a.layer_start,
-                                layer_end=a.layer_end)
-            for a in p.replicas
+            mesh_pb2.Replica(stages=[
+                mesh_pb2.Assignment(worker_id=a.worker_id, layer_start=a.layer_start,
+                                    layer_end=a.layer_end)
+                for a in r.stages
+            ])
+            for r in p.replicas
         ],
         unplaced_reason=p.unplaced_reason, required_bytes=p.required_bytes,
     )
 
 
+def _replica_from_pb(model_id: str, r: mesh_pb2.Replica) -> Replica:
+    stages: list[Assignment] = []
+    for a in r.stages:
+        _require(bool(a.worker_id), f"placement {model_id}: stage without worker")
+        _require(a.layer_start < a.layer_end, f"placement {model_id}: empty layer range")
+        if stages:
+            _require(a.layer_start == stages[-1].layer_end,
+                     f"placement {model_id}: stages are not contiguous")
+        stages.append(Assignment(WorkerId(a.worker_id), a.layer_start, a.layer_end))
+    _require(bool(stages), f"placement {model_id}: replica without stages")
+    _require(stages[0].layer_start == 0, f"placement {model_id}: head does not start at 0")
+    _require(len({s.worker_id for s in stages}) == len(stages),
+             f"placement {model_id}: a worker holds two stages of one replica")
+    return Replica(tuple(stages))
+
+
 def placement_from_pb(m: mesh_pb2.Placement) -> Placement:
     _require(bool(m.model_id), "placement without model_id")
-    replicas = []
-    for a in m.replicas:
-        _require(bool(a.worker_id), f"placement {m.model_id}: assignment without worker")
-        _require(a.layer_start < a.layer_end, f"placement {m.model_id}: empty layer range")
-        replicas.append(Assignment(WorkerId(a.worker_id), a.layer_start, a.layer_end))
-    return Placement(ModelId(m.model_id), tuple(replicas), m.required_bytes, m.unplaced_reason)
+    replicas = tuple(_replica_from_pb(m.model_id, r) for r in m.replicas)
+    return Placement(ModelId(m.model_id), replicas, m.required_bytes, m.unplaced_reason)
 
 
 def parse_worker(raw: bytes) -> WorkerInfo:

@@ -7,7 +7,7 @@ needs llama.cpp for that.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -25,6 +25,7 @@ class GgufHeader:
     tensor_count: int
     metadata: dict[str, Scalar]       # scalar values only
     array_lengths: dict[str, int]     # arrays (vocabularies...) are skipped, only counted
+    tensor_bytes: dict[str, int] = field(default_factory=dict)  # stored size of each tensor
 
     def get_int(self, key: str, default: int = 0) -> int:
         value = self.metadata.get(key, default)
@@ -74,6 +75,22 @@ def _read_kv(f: BinaryIO, header: GgufHeader) -> None:
         raise ModelSourceError(f"unsupported GGUF value type {value_type} for {key}")
 
 
+def _read_tensor_sizes(f: BinaryIO, header: GgufHeader, file_size: int) -> None:
+    """Sizes from the data offsets: each tensor runs to the next one (padding included)."""
+    offsets = []
+    for _ in range(header.tensor_count):
+        name = _read_string(f)
+        n_dims = int(_read(f, "<I"))
+        f.seek(8 * n_dims + 4, 1)  # dimensions and type: the offsets already give sizes
+        offsets.append((int(_read(f, "<Q")), name))
+    alignment = header.get_int("general.alignment", 32)
+    data_start = -(-f.tell() // alignment) * alignment
+    offsets.sort()
+    ends = [o for o, _ in offsets[1:]] + [file_size - data_start]
+    for (offset, name), end in zip(offsets, ends, strict=True):
+        header.tensor_bytes[name] = end - offset
+
+
 def read_header(path: Path) -> GgufHeader:
     try:
         with path.open("rb") as f:
@@ -85,6 +102,7 @@ def read_header(path: Path) -> GgufHeader:
             header = GgufHeader(version, int(_read(f, "<Q")), {}, {})
             for _ in range(int(_read(f, "<Q"))):
                 _read_kv(f, header)
+            _read_tensor_sizes(f, header, path.stat().st_size)
             return header
     except OSError as exc:
         raise ModelSourceError(f"cannot read {path}: {exc}") from exc

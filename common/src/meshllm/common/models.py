@@ -69,7 +69,20 @@ def kv_bytes_per_token(header: GgufHeader) -> int:
     return n_layers * n_head_kv * (key_len + value_len) * KV_CACHE_ELEMENT_BYTES
 
 
-def describe(source: str, context_length: int) -> ModelSpec:
+def layer_sizes(header: GgufHeader, n_layers: int) -> tuple[int, tuple[int, ...]]:
+    """(bytes outside the layers, bytes of each layer) from the tensor table."""
+    layers = [0] * n_layers
+    shared = 0
+    for name, size in header.tensor_bytes.items():
+        match = re.match(r"blk\.(\d+)\.", name)
+        if match and int(match.group(1)) < n_layers:
+            layers[int(match.group(1))] += size
+        else:
+            shared += size
+    return shared, tuple(layers)
+
+
+def describe(source: str, context_length: int, force_split: bool = False) -> ModelSpec:
     """A ModelSpec from the GGUF header; `context_length` is capped at the trained one."""
     path = materialize(source)
     header = read_header(path)
@@ -78,9 +91,11 @@ def describe(source: str, context_length: int) -> ModelSpec:
     if not arch or n_layers <= 0:
         raise ModelSourceError(f"{path}: GGUF header lacks architecture or block count")
     trained = header.get_int(f"{arch}.context_length", context_length)
+    shared, layers = layer_sizes(header, n_layers)
     return ModelSpec(
         model_id=model_id_for(source), source=source, weights_bytes=path.stat().st_size,
         n_layers=n_layers, context_length=min(context_length, trained),
         kv_bytes_per_token=kv_bytes_per_token(header), architecture=arch,
-        train_context_length=trained,
+        train_context_length=trained, shared_bytes=shared, layer_bytes=layers,
+        force_split=force_split,
     )

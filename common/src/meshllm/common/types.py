@@ -6,6 +6,7 @@ Services pass these around; only `convert` knows the protobuf messages they map 
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NewType
 
@@ -26,6 +27,7 @@ class ModelState:
     state: LoadState
     error: str = ""
     engine_restarts: int = 0
+    rpc_port: int = 0  # a stage's RPC server port when it accepts direct connections
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,8 @@ class WorkerInfo:
     threads: int
     started_at_unix_s: float
     models: tuple[ModelState, ...] = ()
+    rtt_ms: Mapping[str, float] = field(default_factory=dict)  # peer worker id -> round trip
+    rpc_host: str = ""  # set when the worker accepts direct ggml RPC from other workers
 
     def model_state(self, model_id: ModelId) -> ModelState | None:
         return next((m for m in self.models if m.model_id == model_id), None)
@@ -52,10 +56,22 @@ class ModelSpec:
     kv_bytes_per_token: int
     architecture: str
     train_context_length: int
+    shared_bytes: int = 0                # weights outside the layers (embeddings, output)
+    layer_bytes: tuple[int, ...] = ()    # weights of each layer
+    force_split: bool = False            # split even when one worker could hold it
 
     @property
     def kv_cache_bytes(self) -> int:
         return self.kv_bytes_per_token * self.context_length
+
+    def layer_weight_bytes(self, start: int, end: int) -> int:
+        """Weights of layers [start, end); an even share when per-layer sizes are unknown."""
+        if len(self.layer_bytes) == self.n_layers:
+            return sum(self.layer_bytes[start:end])
+        return (self.weights_bytes - self.shared_bytes) * (end - start) // self.n_layers
+
+    def layer_kv_bytes(self, n_layers: int) -> int:
+        return self.kv_cache_bytes * n_layers // self.n_layers
 
 
 @dataclass(frozen=True)
@@ -68,15 +84,45 @@ class Assignment:
 
 
 @dataclass(frozen=True)
+class Replica:
+    """One copy of a model: stages[0] is the head (embeddings, output, request loop);
+    later stages hold the layers after it, in order."""
+
+    stages: tuple[Assignment, ...]
+
+    @property
+    def head(self) -> Assignment:
+        return self.stages[0]
+
+    @property
+    def is_split(self) -> bool:
+        return len(self.stages) > 1
+
+    @property
+    def worker_ids(self) -> tuple[WorkerId, ...]:
+        return tuple(a.worker_id for a in self.stages)
+
+
+def whole(worker_id: WorkerId, n_layers: int) -> Replica:
+    return Replica((Assignment(worker_id, 0, n_layers),))
+
+
+@dataclass(frozen=True)
 class Placement:
     model_id: ModelId
-    replicas: tuple[Assignment, ...]
+    replicas: tuple[Replica, ...]
     required_bytes: int
     unplaced_reason: str = ""
 
     @property
     def worker_ids(self) -> tuple[WorkerId, ...]:
-        return tuple(a.worker_id for a in self.replicas)
+        """Every worker that holds part of the model."""
+        return tuple(w for r in self.replicas for w in r.worker_ids)
+
+    @property
+    def head_ids(self) -> tuple[WorkerId, ...]:
+        """The workers requests are sent to."""
+        return tuple(r.head.worker_id for r in self.replicas)
 
 
 @dataclass(frozen=True)

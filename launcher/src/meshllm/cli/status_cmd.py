@@ -39,6 +39,14 @@ async def read_status(url: str) -> dict[str, Any]:
         await kv.close()
 
 
+def _latency_lines(nodes: list[dict[str, Any]]) -> list[str]:
+    measured = [(n["worker_id"], peer, rtt) for n in nodes for peer, rtt in n["rtt_ms"].items()]
+    if not measured:
+        return []
+    return ["LINKS (round trip, measured by the first worker)"] + [
+        f"  {a} -> {b}: {rtt:.2f} ms" for a, b, rtt in measured]
+
+
 def render(status: dict[str, Any]) -> str:
     lines = [f"NODES ({len(status['nodes'])})"]
     for n in status["nodes"]:
@@ -50,9 +58,17 @@ def render(status: dict[str, Any]) -> str:
     for m in status["models"]:
         need = format_size(m["required_bytes"]) if m["required_bytes"] else "?"
         lines.append(f"  {m['model_id']:<16} needs {need:>10}  {m['status']}")
-        for r in m["replicas"]:
-            lo, hi = r["layers"]
-            lines.append(f"    {r['worker_id']:<16} layers {lo}-{hi - 1}  {r['state']}")
+        for i, r in enumerate(m["replicas"], 1):
+            kind = f"split over {len(r['stages'])} workers" if r["split"] else "whole"
+            lines.append(f"    replica {i} ({kind})")
+            for j, s in enumerate(r["stages"]):
+                lo, hi = s["layers"]
+                rtt = r["link_rtt_ms"].get(s["worker_id"])
+                link = f"  link {rtt:.2f} ms" if rtt is not None else ""
+                role = "head " if j == 0 else "stage"
+                lines.append(f"      {role} {s['worker_id']:<16} layers {lo:>2}-{hi - 1:<3} "
+                             f"{s['state']}{link}")
+    lines.extend(_latency_lines(status["nodes"]))
     return "\n".join(lines)
 
 

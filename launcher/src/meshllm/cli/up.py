@@ -123,7 +123,8 @@ def fetch_status(port: int) -> dict[str, Any] | None:
 def progress_line(status: dict[str, Any]) -> str:
     parts = []
     for model in status.get("models", []):
-        states = ", ".join(f"{r['worker_id']} {r['state']}" for r in model["replicas"])
+        states = ", ".join(f"{s['worker_id']} {s['state']}"
+                           for r in model["replicas"] for s in r["stages"])
         parts.append(f"{model['model_id']}: {model['status']}" + (f" ({states})" if states else ""))
     return "; ".join(parts) or "waiting for the planner"
 

@@ -18,12 +18,13 @@ class WorkerLoad:
 
 
 def ready_replicas(snapshot: MeshSnapshot, model_id: ModelId) -> list[WorkerInfo]:
-    """Workers the planner placed the model on that report it loaded."""
+    """Heads of the model's replicas that report it loaded (a split replica's head is
+    ready only once its engine runs with every stage)."""
     placement = snapshot.placements.get(model_id)
     if placement is None:
         return []
     replicas = []
-    for worker_id in placement.worker_ids:
+    for worker_id in placement.head_ids:
         worker = snapshot.workers.get(worker_id)
         state = worker.model_state(model_id) if worker else None
         if worker is not None and state is not None and state.state is LoadState.READY:
@@ -52,7 +53,7 @@ def why_unavailable(snapshot: MeshSnapshot, model_id: ModelId) -> str:
     if placement.unplaced_reason:
         return f"model {model_id} cannot be served: {placement.unplaced_reason}"
     states = []
-    for worker_id in placement.worker_ids:
+    for worker_id in placement.head_ids:
         worker = snapshot.workers.get(worker_id)
         state = worker.model_state(model_id) if worker else None
         states.append(f"{worker_id}: {state.state.value if state else 'not reporting'}"

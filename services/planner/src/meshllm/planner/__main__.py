@@ -22,7 +22,8 @@ async def describe_models(config: PlannerConfig) -> list[ModelSpec]:
     specs = []
     for source in config.models:
         log.info("reading model %s", source)
-        spec = await asyncio.to_thread(models.describe, source, config.context_length_tokens)
+        spec = await asyncio.to_thread(models.describe, source, config.context_length_tokens,
+                                       source in config.split)
         log.info("model %s: %d layers, %d MB weights, context %d", spec.model_id,
                  spec.n_layers, spec.weights_bytes // 10**6, spec.context_length)
         specs.append(spec)
@@ -38,7 +39,8 @@ async def serve(config: PlannerConfig, stop: asyncio.Event) -> None:
     planner_pb2_grpc.add_PlannerServicer_to_server(PlannerServicer(board), server)
     await server.start()
     lifecycle.start_metrics(config.metrics_port)
-    policy = PlacementPolicy(config.engine_overhead_bytes, config.max_replicas)
+    policy = PlacementPolicy(config.engine_overhead_bytes, config.max_replicas,
+                             max_link_rtt_ms=config.max_link_rtt_ms)
     planner = Planner(kv, specs, policy, board, config.debounce_s)
     task = asyncio.create_task(planner.run())
     await health.set("", grpcutil.SERVING)

@@ -13,6 +13,7 @@ from meshllm.common.config import (
     positive_int,
     read_options,
 )
+from meshllm.common.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,8 @@ class PlannerConfig:
     etcd_url: str
     listen: str                     # host:port of the Planner gRPC service
     models: tuple[str, ...]         # catalog names or .gguf paths to serve
+    split: tuple[str, ...]          # models to split across workers even if one holds them
+    max_link_rtt_ms: float          # never split a model over a slower link
     context_length_tokens: int      # context each engine serves, capped at the trained one
     engine_overhead_bytes: int
     max_replicas: int               # 0: as many as fit
@@ -33,6 +36,10 @@ OPTIONS = (
     Option("--listen", "MESHLLM_PLANNER_LISTEN", str, "0.0.0.0:9338", "gRPC listen address"),
     Option("--models", "MESHLLM_MODELS", csv_list, "gemma3-270m",
            "comma-separated model names or .gguf paths"),
+    Option("--split", "MESHLLM_SPLIT", csv_list, "",
+           "comma-separated models (as given in --models) to split even when they fit"),
+    Option("--max-link-rtt-ms", "MESHLLM_MAX_LINK_RTT_MS", positive_float, "80",
+           "links slower than this (round trip) are never used to split a model"),
     Option("--context-length", "MESHLLM_CONTEXT_LENGTH", positive_int, "4096",
            "context length in tokens per engine"),
     Option("--engine-overhead", "MESHLLM_ENGINE_OVERHEAD", parse_size, "96MiB",
@@ -47,8 +54,13 @@ OPTIONS = (
 
 def load_config(argv: Sequence[str], env: Mapping[str, str]) -> PlannerConfig:
     v = read_options("mesh-llm planner", OPTIONS, argv, env)
+    unknown = set(v["split"]) - set(v["models"])
+    if unknown:
+        raise ConfigError("--split / MESHLLM_SPLIT",
+                          f"{', '.join(sorted(unknown))} not among --models")
     return PlannerConfig(
-        etcd_url=v["etcd"], listen=v["listen"], models=v["models"],
+        etcd_url=v["etcd"], listen=v["listen"], models=v["models"], split=v["split"],
+        max_link_rtt_ms=v["max_link_rtt_ms"],
         context_length_tokens=v["context_length"], engine_overhead_bytes=v["engine_overhead"],
         max_replicas=v["max_replicas"], debounce_s=v["debounce_s"],
         metrics_port=v["metrics_port"], log_level=v["log_level"],

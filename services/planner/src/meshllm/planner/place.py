@@ -6,7 +6,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from meshllm.common.config import format_size
-from meshllm.common.types import Assignment, ModelId, ModelSpec, Placement, WorkerId, WorkerInfo
+from meshllm.common.types import ModelId, ModelSpec, Placement, Replica, WorkerId, WorkerInfo, whole
+from meshllm.planner.split import SplitPolicy, plan_split, stage_bytes
 
 MiB = 1024 * 1024
 
@@ -15,6 +16,13 @@ MiB = 1024 * 1024
 class PlacementPolicy:
     engine_overhead_bytes: int = 96 * MiB  # compute buffers and runtime beside weights and KV
     max_replicas: int = 0                  # 0: as many as fit
+    stage_overhead_bytes: int = 32 * MiB   # an RPC stage server's buffers
+    max_link_rtt_ms: float = 80.0          # never split over a slower link
+
+    @property
+    def split(self) -> SplitPolicy:
+        return SplitPolicy(self.engine_overhead_bytes, self.stage_overhead_bytes,
+                           self.max_link_rtt_ms)
 
 
 def required_bytes(model: ModelSpec, policy: PlacementPolicy) -> int:
@@ -31,57 +39,78 @@ def _explain(model: ModelSpec, policy: PlacementPolicy, workers: Sequence[Worker
     )
     if not workers:
         return f"{need}, but no worker is registered"
+    total = sum(free.values())
+    if model.force_split and len(workers) < 2:
+        return f"{need} and is set to split, but only one worker is registered"
     largest = max(w.memory_budget_bytes for w in workers)
-    if largest < required_bytes(model, policy):
-        return f"{need}, but the largest worker budget is {format_size(largest)}"
-    return f"{need}, but other models use the workers' memory: most free is " \
-           f"{format_size(max(free.values()))}"
+    return (f"{need}, but the largest worker budget is {format_size(largest)} and no split "
+            f"over links under {policy.max_link_rtt_ms:g} ms holds it either "
+            f"({format_size(total)} free in all)")
 
 
-def _candidates(model: ModelSpec, need: int, free: Mapping[WorkerId, int],
-                taken: Sequence[WorkerId], previous: Placement | None) -> list[WorkerId]:
-    """Workers that fit the model: its previous hosts first (no needless reloads), then
-    the one with the most free memory, ties broken by id so the result is deterministic."""
-    held = set(previous.worker_ids) if previous else set()
+def _whole_candidates(need: int, free: Mapping[WorkerId, int], taken: Sequence[WorkerId],
+                      previous: Placement | None) -> list[WorkerId]:
+    """Workers that fit the model whole: its previous hosts first (no needless reloads),
+    then the one with the most free memory, ties broken by id so the result is stable."""
+    held = set(previous.head_ids) if previous else set()
     fits = [w for w, f in free.items() if f >= need and w not in taken]
     return sorted(fits, key=lambda w: (w not in held, -free[w], w))
+
+
+def _place_first(model: ModelSpec, free: dict[WorkerId, int],
+                 workers: Mapping[WorkerId, WorkerInfo], previous: Placement | None,
+                 policy: PlacementPolicy) -> Replica | None:
+    """One replica: whole on one worker if possible (unless forced to split), else split."""
+    need = required_bytes(model, policy)
+    if not model.force_split:
+        choice = _whole_candidates(need, free, (), previous)
+        if choice:
+            free[choice[0]] -= need
+            return whole(choice[0], model.n_layers)
+    replica = plan_split(model, free, workers, policy.split)
+    if replica is not None:
+        for i, stage in enumerate(replica.stages):
+            free[stage.worker_id] -= stage_bytes(model, stage, i == 0, policy.split)
+    return replica
 
 
 def place(models: Sequence[ModelSpec], workers: Sequence[WorkerInfo],
           previous: Mapping[ModelId, Placement] | None = None,
           policy: PlacementPolicy | None = None) -> dict[ModelId, Placement]:
-    """Each model goes whole onto workers whose free memory fits it.
-
-    Every model first gets one replica (largest models choose first); then replicas are
-    added round-robin while memory remains, up to `policy.max_replicas`.
-    """
+    """Every model first gets one replica, largest models choosing first: whole on one
+    worker, or split over the fewest workers when none holds it. Then models served whole
+    get more replicas round-robin while memory remains, up to `policy.max_replicas`."""
     policy = policy or PlacementPolicy()
     previous = previous or {}
+    by_id = {w.worker_id: w for w in workers}
     free: dict[WorkerId, int] = {w.worker_id: w.memory_budget_bytes for w in workers}
-    hosts: dict[ModelId, list[WorkerId]] = {m.model_id: [] for m in models}
-    order = sorted(models, key=lambda m: (-required_bytes(m, policy), m.model_id))
+    replicas: dict[ModelId, list[Replica]] = {m.model_id: [] for m in models}
     unplaced: dict[ModelId, str] = {}
+    order = sorted(models, key=lambda m: (-required_bytes(m, policy), m.model_id))
+    for model in order:
+        replica = _place_first(model, free, by_id, previous.get(model.model_id), policy)
+        if replica is None:
+            unplaced[model.model_id] = _explain(model, policy, workers, free)
+        else:
+            replicas[model.model_id].append(replica)
     growing = True
     while growing:
         growing = False
         for model in order:
-            taken = hosts[model.model_id]
-            if policy.max_replicas and len(taken) >= policy.max_replicas:
+            taken = replicas[model.model_id]
+            if not taken or taken[0].is_split or (
+                    policy.max_replicas and len(taken) >= policy.max_replicas):
                 continue
             need = required_bytes(model, policy)
-            choice = _candidates(model, need, free, taken, previous.get(model.model_id))
-            if not choice:
-                if not taken and model.model_id not in unplaced:
-                    unplaced[model.model_id] = _explain(model, policy, workers, free)
-                continue
-            taken.append(choice[0])
-            free[choice[0]] -= need
-            growing = True
+            hosts = [r.head.worker_id for r in taken]
+            choice = _whole_candidates(need, free, hosts, previous.get(model.model_id))
+            if choice:
+                taken.append(whole(choice[0], model.n_layers))
+                free[choice[0]] -= need
+                growing = True
     return {
         m.model_id: Placement(
-            m.model_id,
-            tuple(Assignment(w, 0, m.n_layers) for w in sorted(hosts[m.model_id])),
-            required_bytes(m, policy), unplaced.get(m.model_id, ""),
-        )
+            m.model_id, tuple(sorted(replicas[m.model_id], key=lambda r: r.head.worker_id)),
+            required_bytes(m, policy), unplaced.get(m.model_id, ""))
         for m in models
     }

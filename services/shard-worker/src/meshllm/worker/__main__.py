@@ -14,14 +14,32 @@ from meshllm.common.store import EtcdStore
 from meshllm.v1 import worker_pb2_grpc
 from meshllm.worker.config import WorkerConfig, load_config
 from meshllm.worker.engine import ProcessEngine
-from meshllm.worker.service import ShardWorkerServicer, Worker, assigned_models
+from meshllm.worker.hosts import HostDeps
+from meshllm.worker.links import LinkMonitor
+from meshllm.worker.plans import assigned_plans
+from meshllm.worker.service import ShardWorkerServicer, Worker
+from meshllm.worker.stage import StageServer
+from meshllm.worker.tunnel import TunnelListener
 
 log = logging.getLogger("meshllm.worker")
 
 
 async def follow_placements(worker: Worker, kv: store.KeyValueStore) -> None:
     async for snapshot in follow_mesh(kv):
-        await worker.apply(assigned_models(snapshot, worker.worker_id))
+        worker.links.peers = {w.worker_id: w.address for w in snapshot.workers.values()
+                              if w.worker_id != worker.worker_id}
+        await worker.apply(assigned_plans(snapshot, worker.worker_id))
+
+
+def host_deps(config: WorkerConfig) -> HostDeps:
+    direct = config.rpc_transport == "direct"
+    advertised_host = config.advertise_address.rpartition(":")[0]
+    return HostDeps(
+        engine_factory=ProcessEngine, tunnel_factory=TunnelListener, stage_factory=StageServer,
+        threads=config.threads, stage_host=advertised_host if direct else "127.0.0.1",
+        stage_cache_dir=config.cache_dir, direct_rpc=direct, weight_repack=config.weight_repack,
+        restart_backoff_s=config.restart_backoff_s,
+    )
 
 
 async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
@@ -29,7 +47,8 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
     await kv.connect()
     server, health, port = grpcutil.new_server(config.listen)
     registration = Registration(kv, store.WORKERS + config.worker_id, config.lease)
-    worker = Worker(config, registration, health, ProcessEngine)
+    links = LinkMonitor(config.worker_id, config.ping_interval_s)
+    worker = Worker(config, registration, health, host_deps(config), links)
     worker_pb2_grpc.add_ShardWorkerServicer_to_server(ShardWorkerServicer(worker), server)
     await server.start()
     lifecycle.start_metrics(config.metrics_port)
@@ -37,7 +56,8 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
     log.info("worker %s on port %d, budget %d MB, %d threads", config.worker_id, port,
              config.memory_budget_bytes // 10**6, config.threads)
     tasks = (asyncio.create_task(registration.keep_alive()),
-             asyncio.create_task(follow_placements(worker, kv)))
+             asyncio.create_task(follow_placements(worker, kv)),
+             asyncio.create_task(links.run(worker.publish)))
     try:
         await lifecycle.stop_or_fail(stop, *tasks)
     finally:

@@ -6,6 +6,7 @@ import os
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from meshllm.common.config import (
     Option,
@@ -30,6 +31,10 @@ class WorkerConfig:
     backend: str
     lease: LeaseConfig
     restart_backoff_s: float    # pause before restarting a crashed engine
+    rpc_transport: str          # tunnel: ggml RPC inside gRPC streams; direct: plain TCP
+    cache_dir: Path             # RPC tensor cache of this worker's stages
+    ping_interval_s: float      # how often round trips to the other workers are measured
+    weight_repack: bool         # llama.cpp's CPU weight repacking: faster, but split != whole
     metrics_port: int
     log_level: str
 
@@ -51,6 +56,12 @@ def _threads(text: str) -> int:
     return os.cpu_count() or 1 if text == "auto" else positive_int(text)
 
 
+def _on_off(text: str) -> bool:
+    if text.lower() not in ("on", "off", "true", "false", "1", "0"):
+        raise ValueError("expected on or off")
+    return text.lower() in ("on", "true", "1")
+
+
 OPTIONS = (
     Option("--etcd", "MESHLLM_ETCD", str, "http://127.0.0.1:2379", "etcd URL"),
     Option("--listen", "MESHLLM_WORKER_LISTEN", str, "0.0.0.0:9340", "gRPC listen address"),
@@ -66,6 +77,15 @@ OPTIONS = (
     Option("--keepalive-s", "MESHLLM_KEEPALIVE_S", positive_float, "3", "lease refresh period"),
     Option("--restart-backoff-s", "MESHLLM_RESTART_BACKOFF_S", positive_float, "1",
            "seconds before restarting a crashed engine"),
+    Option("--rpc-transport", "MESHLLM_RPC_TRANSPORT", str, "tunnel",
+           "tunnel (ggml RPC inside the mesh's gRPC) | direct (trusted networks only)"),
+    Option("--cache-dir", "MESHLLM_CACHE_DIR", str, "", "RPC tensor cache directory "
+           "(default ~/.cache/mesh-llm/rpc-<worker id>)"),
+    Option("--ping-interval-s", "MESHLLM_PING_INTERVAL_S", positive_float, "5",
+           "seconds between round-trip measurements to other workers"),
+    Option("--weight-repack", "MESHLLM_WEIGHT_REPACK", _on_off, "off",
+           "on: llama.cpp's CPU weight repacking (faster on some CPUs; split models then "
+           "answer slightly differently from whole ones)"),
     Option("--metrics-port", "MESHLLM_METRICS_PORT", int, "0", "Prometheus port (0: off)"),
     Option("--log-level", "MESHLLM_LOG_LEVEL", str, "INFO", "log level"),
 )
@@ -77,12 +97,18 @@ def load_config(argv: Sequence[str], env: Mapping[str, str]) -> WorkerConfig:
         _, port = parse_host_port(v["listen"])
     except ValueError as exc:
         raise ConfigError("--listen / MESHLLM_WORKER_LISTEN", str(exc)) from exc
+    if v["rpc_transport"] not in ("tunnel", "direct"):
+        raise ConfigError("--rpc-transport / MESHLLM_RPC_TRANSPORT",
+                          f"expected tunnel or direct, got {v['rpc_transport']!r}")
     if v["backend"] not in ("cpu", "cuda", "rocm", "vulkan"):
         raise ConfigError("--backend / MESHLLM_BACKEND", f"unknown backend {v['backend']!r}")
+    worker_id = v["worker_id"] or f"{socket.gethostname()}-{port}"
+    cache = Path(v["cache_dir"] or Path.home() / ".cache" / "mesh-llm" / f"rpc-{worker_id}")
     return WorkerConfig(
         etcd_url=v["etcd"], listen=v["listen"],
         advertise_address=v["advertise_address"] or f"127.0.0.1:{port}",
-        worker_id=v["worker_id"] or f"{socket.gethostname()}-{port}",
+        worker_id=worker_id, rpc_transport=v["rpc_transport"], cache_dir=cache.expanduser(),
+        ping_interval_s=v["ping_interval_s"], weight_repack=v["weight_repack"],
         memory_budget_bytes=v["worker_memory"], threads=v["threads"], backend=v["backend"],
         lease=LeaseConfig(v["lease_ttl_s"], v["keepalive_s"]),
         restart_backoff_s=v["restart_backoff_s"], metrics_port=v["metrics_port"],

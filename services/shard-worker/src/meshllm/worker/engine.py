@@ -27,6 +27,10 @@ class EngineSettings:
     model_path: Path
     context_length_tokens: int
     threads: int
+    rpc_endpoints: tuple[str, ...] = ()   # stages of a split, in layer order
+    tensor_split: tuple[float, ...] = ()  # layers on each stage
+    n_gpu_layers: int = 0                 # layers on the stages (the last ones)
+    weight_repack: bool = False           # faster CPU kernels, but split != whole output
     load_timeout_s: float = 600.0
 
 
@@ -69,7 +73,10 @@ class ProcessEngine:
         )
         s = self._settings
         await self._send({"op": "load", "path": str(s.model_path),
-                          "n_ctx": s.context_length_tokens, "n_threads": s.threads})
+                          "n_ctx": s.context_length_tokens, "n_threads": s.threads,
+                          "rpc_endpoints": list(s.rpc_endpoints),
+                          "tensor_split": list(s.tensor_split), "n_gpu_layers": s.n_gpu_layers,
+                          "weight_repack": s.weight_repack})
         first = await self._first_event()
         if first.get("ev") != "loaded":
             await self.stop()

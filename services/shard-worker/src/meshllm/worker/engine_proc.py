@@ -14,11 +14,13 @@ Events out:   {"ev": "loaded", "n_ctx"} | {"ev": "load_failed", "error"}
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
 import sys
 import threading
+from collections.abc import Iterator
 from typing import IO, Any
 
 from meshllm.common.errors import InvalidGenerateRequest, PromptTooLong
@@ -55,11 +57,49 @@ def sampling_from(d: dict[str, Any]) -> SamplingParams:
     )
 
 
+@contextlib.contextmanager
+def weight_repacking(enabled: bool) -> Iterator[None]:
+    """Turn llama.cpp's CPU weight repacking on or off while a model loads.
+
+    Repacking re-lays quantized weights for faster CPU kernels, but a ggml RPC server
+    cannot repack the layers it receives, so a split model would compute its layers with
+    other kernels than a whole one and greedy outputs would drift apart after a few
+    dozen tokens. Off, a model answers the same whole or split. llama-cpp-python has no
+    parameter for it, so the default model parameters are adjusted for the load.
+    """
+    import llama_cpp.llama_cpp as native
+
+    original = native.llama_model_default_params
+
+    def adjusted() -> Any:
+        params = original()
+        params.use_extra_bufts = enabled
+        return params
+
+    native.llama_model_default_params = adjusted
+    try:
+        yield
+    finally:
+        native.llama_model_default_params = original
+
+
 def load(cmd: dict[str, Any]) -> Generator:
     from llama_cpp import Llama  # imported here: only the engine process needs llama.cpp
 
-    llm = Llama(model_path=cmd["path"], n_ctx=int(cmd["n_ctx"]), n_threads=int(cmd["n_threads"]),
-                n_threads_batch=int(cmd["n_threads"]), verbose=False)
+    split: dict[str, Any] = {}
+    if cmd.get("rpc_endpoints"):
+        from meshllm.native import rpc
+
+        # Registered RPC devices come first in llama.cpp's device list; it places the last
+        # `n_gpu_layers` layers on them in order, `tensor_split` layers each, and keeps the
+        # embeddings, output and first layers here on the CPU: this process is the head.
+        rpc.add_rpc_servers(list(cmd["rpc_endpoints"]))
+        split = {"n_gpu_layers": int(cmd["n_gpu_layers"]),
+                 "tensor_split": [float(x) for x in cmd["tensor_split"]]}
+    with weight_repacking(bool(cmd.get("weight_repack", False))):
+        llm = Llama(model_path=cmd["path"], n_ctx=int(cmd["n_ctx"]),
+                    n_threads=int(cmd["n_threads"]), n_threads_batch=int(cmd["n_threads"]),
+                    verbose=False, **split)
     return Generator(llm)
 
 

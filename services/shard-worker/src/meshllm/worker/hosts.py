@@ -1,82 +1,155 @@
-"""A model hosted on this worker: loads its engine, restarts it when it dies."""
+"""A model hosted on this worker, whole, as a split's head, or as a stage: starts what the
+role needs and restarts it when it dies."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from meshllm.common import models
 from meshllm.common.errors import EngineUnavailable, MeshError
-from meshllm.common.types import LoadState, ModelSpec, ModelState
+from meshllm.common.types import LoadState, ModelState
 from meshllm.worker.engine import Engine, EngineSettings
+from meshllm.worker.plans import HostPlan, Role, StagePeer
+from meshllm.worker.stage import StageServer, StageSettings
 
 log = logging.getLogger(__name__)
 
-EngineFactory = Callable[[EngineSettings], Engine]
 MAX_LOAD_ATTEMPTS = 3
 
 
+class Runner(Protocol):
+    async def wait_exited(self) -> int: ...
+    async def stop(self) -> None: ...
+
+
+class Tunnel(Protocol):
+    async def start(self) -> str: ...
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class HostDeps:
+    """How a host starts things; tests pass scripted ones."""
+
+    engine_factory: Callable[[EngineSettings], Engine]
+    tunnel_factory: Callable[[str, str], Tunnel]   # (stage gRPC address, model id)
+    stage_factory: Callable[[StageSettings], StageServer]
+    threads: int
+    stage_host: str          # where stage RPC servers listen: 127.0.0.1 unless direct
+    stage_cache_dir: Path
+    direct_rpc: bool         # heads dial stages' RPC servers directly when they allow it
+    weight_repack: bool      # llama.cpp CPU weight repacking (see engine_proc)
+    restart_backoff_s: float
+
+
 class ModelHost:
-    def __init__(self, spec: ModelSpec, threads: int, factory: EngineFactory,
-                 on_change: Callable[[], Awaitable[None]], restart_backoff_s: float) -> None:
-        self.spec = spec
-        self.state = ModelState(spec.model_id, LoadState.LOADING)
+    def __init__(self, plan: HostPlan, deps: HostDeps,
+                 on_change: Callable[[], Awaitable[None]]) -> None:
+        self.plan = plan
+        self.spec = plan.spec
+        self.state = ModelState(plan.spec.model_id, LoadState.LOADING)
         self.engine: Engine | None = None
+        self.stage: StageServer | None = None
         self.in_flight = 0
-        self._threads = threads
-        self._factory = factory
+        self._deps = deps
         self._on_change = on_change
-        self._backoff_s = restart_backoff_s
         self._task: asyncio.Task[None] | None = None
+        self._tunnels: list[Tunnel] = []
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"host-{self.spec.model_id}")
 
     async def _set(self, state: LoadState, error: str = "", restarted: bool = False) -> None:
         restarts = self.state.engine_restarts + (1 if restarted else 0)
-        self.state = ModelState(self.spec.model_id, state, error, restarts)
+        port = self.stage.port if self.stage is not None and self._deps.direct_rpc else 0
+        self.state = ModelState(self.spec.model_id, state, error, restarts, port)
         await self._on_change()
 
-    async def _load(self) -> Engine:
-        path: Path = await asyncio.to_thread(models.materialize, self.spec.source)
-        engine = self._factory(EngineSettings(path, self.spec.context_length, self._threads))
+    async def _stage_endpoints(self) -> list[str]:
+        endpoints = []
+        for peer in self.plan.peers:
+            if self._deps.direct_rpc and peer.rpc_endpoint:
+                endpoints.append(peer.rpc_endpoint)
+                continue
+            tunnel = self._deps.tunnel_factory(peer.address, self.spec.model_id)
+            self._tunnels.append(tunnel)
+            endpoints.append(await tunnel.start())
+        return endpoints
+
+    async def _load(self) -> Runner:
         started = asyncio.get_running_loop().time()
+        if self.plan.role is Role.STAGE:
+            stage = self._deps.stage_factory(StageSettings(
+                self._deps.stage_host, self._deps.stage_cache_dir, self._deps.threads))
+            await stage.start()
+            self.stage = stage
+            return stage
+        path: Path = await asyncio.to_thread(models.materialize, self.spec.source)
+        engine = self._deps.engine_factory(EngineSettings(
+            path, self.spec.context_length, self._deps.threads,
+            rpc_endpoints=tuple(await self._stage_endpoints()),
+            tensor_split=tuple(float(p.n_layers) for p in self.plan.peers),
+            n_gpu_layers=sum(p.n_layers for p in self.plan.peers),
+            weight_repack=self._deps.weight_repack,
+        ))
         await engine.start()
-        log.info("model %s loaded in %.1fs", self.spec.model_id,
+        self.engine = engine
+        log.info("model %s loaded as %s (layers %d-%d) in %.1fs", self.spec.model_id,
+                 self.plan.role.value, self.plan.layer_start, self.plan.layer_end - 1,
                  asyncio.get_running_loop().time() - started)
         return engine
 
     async def _run(self) -> None:
+        if not self.plan.ready_to_load:
+            waiting = ", ".join(self.plan.waiting_for)
+            await self._set(LoadState.LOADING, f"waiting for stages on {waiting}")
+            return  # the plan changes (and a new host starts) once they serve
         failures = 0
         while failures < MAX_LOAD_ATTEMPTS:
             try:
-                self.engine = await self._load()
+                runner = await self._load()
             except MeshError as exc:
                 failures += 1
                 log.error("loading %s failed (%d/%d): %s", self.spec.model_id, failures,
                           MAX_LOAD_ATTEMPTS, exc)
+                await self._close_tunnels()
                 await self._set(LoadState.FAILED, str(exc))
-                await asyncio.sleep(self._backoff_s * failures)
+                await asyncio.sleep(self._deps.restart_backoff_s * failures)
                 continue
             failures = 0
             await self._set(LoadState.READY)
-            code = await self.engine.wait_exited()
-            self.engine = None
-            log.error("engine for %s died (exit code %d); restarting", self.spec.model_id, code)
+            code = await runner.wait_exited()
+            self.engine, self.stage = None, None
+            await self._close_tunnels()
+            log.error("%s of %s died (exit code %d); restarting", self.plan.role.value,
+                      self.spec.model_id, code)
             await self._set(LoadState.LOADING, f"engine died (exit code {code})", restarted=True)
-            await asyncio.sleep(self._backoff_s)
+            await asyncio.sleep(self._deps.restart_backoff_s)
+
+    async def _close_tunnels(self) -> None:
+        for tunnel in self._tunnels:
+            await tunnel.close()
+        self._tunnels.clear()
 
     def ready_engine(self) -> Engine:
         if self.engine is None or self.state.state is not LoadState.READY:
-            raise EngineUnavailable(
-                f"model {self.spec.model_id} is {self.state.state.value} on this worker"
-            )
+            what = "a pipeline stage" if self.plan.role is Role.STAGE else self.state.state.value
+            raise EngineUnavailable(f"model {self.spec.model_id} is {what} on this worker")
         return self.engine
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-        if self.engine is not None:
-            await self.engine.stop()
+        for runner in (self.engine, self.stage):
+            if runner is not None:
+                await runner.stop()
+        await self._close_tunnels()
+
+
+def describe_peers(peers: tuple[StagePeer, ...]) -> str:
+    return ", ".join(f"{p.worker_id}[{p.layer_start}-{p.layer_end - 1}]" for p in peers)

@@ -1,4 +1,5 @@
-"""The shard-worker service: follows placements, hosts models, serves Generate."""
+"""The shard-worker service: follows placements, hosts models, serves Generate, carries
+ggml RPC tunnels for its stages and measures its links to other workers."""
 
 from __future__ import annotations
 
@@ -11,43 +12,37 @@ from grpc_health.v1 import health
 from meshllm.common import convert, grpcutil
 from meshllm.common.errors import EngineUnavailable, InvalidGenerateRequest
 from meshllm.common.membership import Registration
-from meshllm.common.meshview import MeshSnapshot
 from meshllm.common.types import (
     Finished,
     LoadState,
     ModelId,
-    ModelSpec,
     WorkerId,
     WorkerInfo,
     WorkerStats,
 )
 from meshllm.v1 import worker_pb2, worker_pb2_grpc
 from meshllm.worker.config import WorkerConfig
-from meshllm.worker.hosts import EngineFactory, ModelHost
+from meshllm.worker.hosts import HostDeps, ModelHost
+from meshllm.worker.links import LinkMonitor
+from meshllm.worker.plans import HostPlan, Role
+from meshllm.worker.tunnel import pump_to_stage
 
 log = logging.getLogger(__name__)
 
 
-def assigned_models(snapshot: MeshSnapshot, worker_id: WorkerId) -> dict[ModelId, ModelSpec]:
-    """The models the planner placed on this worker (and whose spec is known)."""
-    return {
-        model_id: snapshot.models[model_id]
-        for model_id, placement in snapshot.placements.items()
-        if worker_id in placement.worker_ids and model_id in snapshot.models
-    }
-
-
 class Worker:
     def __init__(self, config: WorkerConfig, registration: Registration,
-                 health_servicer: health.aio.HealthServicer, factory: EngineFactory) -> None:
+                 health_servicer: health.aio.HealthServicer, deps: HostDeps,
+                 links: LinkMonitor) -> None:
         self.config = config
         self.worker_id = WorkerId(config.worker_id)
         self.hosts: dict[ModelId, ModelHost] = {}
+        self.links = links
         self.generated_tokens = 0
         self.prompt_tokens = 0
         self._registration = registration
         self._health = health_servicer
-        self._factory = factory
+        self._deps = deps
         self._started = time.time()
 
     def record(self) -> WorkerInfo:
@@ -55,7 +50,8 @@ class Worker:
             worker_id=self.worker_id, address=self.config.advertise_address,
             backend=self.config.backend, memory_budget_bytes=self.config.memory_budget_bytes,
             threads=self.config.threads, started_at_unix_s=self._started,
-            models=tuple(h.state for h in self.hosts.values()),
+            models=tuple(h.state for h in self.hosts.values()), rtt_ms=self.links.published,
+            rpc_host=self._deps.stage_host if self._deps.direct_rpc else "",
         )
 
     async def publish(self) -> None:
@@ -65,23 +61,30 @@ class Worker:
         )
         await self._health.set("", grpcutil.SERVING if ready else grpcutil.NOT_SERVING)
 
-    async def apply(self, wanted: dict[ModelId, ModelSpec]) -> None:
+    async def apply(self, wanted: dict[ModelId, HostPlan]) -> None:
+        """Start, restart or stop hosts so that they match the planner's wishes."""
         changed = False
         for model_id in list(self.hosts):
-            if wanted.get(model_id) != self.hosts[model_id].spec:
-                log.info("unloading %s", model_id)
+            if wanted.get(model_id) != self.hosts[model_id].plan:
+                log.info("stopping %s (%s)", model_id, self.hosts[model_id].plan.role.value)
                 await self.hosts.pop(model_id).stop()
                 changed = True
-        for model_id, spec in wanted.items():
+        for model_id, plan in wanted.items():
             if model_id not in self.hosts:
-                log.info("loading %s (%s)", model_id, spec.source)
-                host = ModelHost(spec, self.config.threads, self._factory, self.publish,
-                                 self.config.restart_backoff_s)
+                log.info("hosting %s as %s, layers %d-%d", model_id, plan.role.value,
+                         plan.layer_start, plan.layer_end - 1)
+                host = ModelHost(plan, self._deps, self.publish)
                 self.hosts[model_id] = host
                 host.start()
                 changed = True
         if changed:
             await self.publish()
+
+    def stage_port(self, model_id: str) -> int:
+        host = self.hosts.get(ModelId(model_id))
+        if host is None or host.plan.role is not Role.STAGE or host.stage is None:
+            raise EngineUnavailable(f"this worker serves no stage of {model_id!r}")
+        return host.stage.port
 
     def stats(self) -> WorkerStats:
         running = sum(min(h.in_flight, 1) for h in self.hosts.values())
@@ -129,19 +132,36 @@ class ShardWorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
     ) -> worker_pb2.WorkerStats:
         return convert.stats_to_pb(self._worker.stats())
 
+    async def Ping(self, request: worker_pb2.PingRequest, context: grpc.aio.ServicerContext
+                   ) -> worker_pb2.PingResponse:
+        return worker_pb2.PingResponse(worker_id=self._worker.worker_id)
+
+    async def Tunnel(
+        self, request_iterator: AsyncIterator[worker_pb2.TunnelFrame],
+        context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.TunnelFrame]:
+        opening = await anext(request_iterator)
+        try:
+            port = self._worker.stage_port(opening.model_id)
+        except EngineUnavailable as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            return
+        async for frame in pump_to_stage(request_iterator, port):
+            yield frame
+
     async def LoadModel(
         self, request: worker_pb2.LoadModelRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.LoadModelResponse:
         spec = convert.model_spec_from_pb(request.spec)
-        wanted = {m: h.spec for m, h in self._worker.hosts.items()}
-        await self._worker.apply({**wanted, spec.model_id: spec})
+        wanted = {m: h.plan for m, h in self._worker.hosts.items()}
+        await self._worker.apply({**wanted, spec.model_id: HostPlan(spec, Role.WHOLE, 0,
+                                                                     spec.n_layers)})
         state = self._worker.hosts[spec.model_id].state
         return worker_pb2.LoadModelResponse(state=convert.model_state_to_pb(state))
 
     async def UnloadModel(
         self, request: worker_pb2.UnloadModelRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.UnloadModelResponse:
-        wanted = {m: h.spec for m, h in self._worker.hosts.items() if m != request.model_id}
+        wanted = {m: h.plan for m, h in self._worker.hosts.items() if m != request.model_id}
         await self._worker.apply(wanted)
         return worker_pb2.UnloadModelResponse()
-

@@ -1,0 +1,65 @@
+"""Round trips to the other workers, measured with a small gRPC ping and published in
+this worker's record so that the planner can prefer fast links for splits."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+
+import grpc
+from meshllm.v1 import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+PINGS_PER_ROUND = 3
+PING_TIMEOUT_S = 2.0
+
+
+def should_publish(published: Mapping[str, float], measured: Mapping[str, float]) -> bool:
+    """Publish when peers came or went, or a link changed by more than a quarter (and more
+    than 0.5 ms): every publication wakes every watcher of the mesh."""
+    if published.keys() != measured.keys():
+        return True
+    return any(abs(measured[p] - published[p]) > max(0.5, 0.25 * published[p])
+               for p in measured)
+
+
+class LinkMonitor:
+    def __init__(self, worker_id: str, interval_s: float) -> None:
+        self.worker_id = worker_id
+        self.published: dict[str, float] = {}
+        self.peers: dict[str, str] = {}  # worker id -> gRPC address, from the mesh snapshot
+        self._interval_s = interval_s
+
+    async def _round_trip_ms(self, address: str) -> float | None:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = worker_pb2_grpc.ShardWorkerStub(channel)
+            best = None
+            for _ in range(PINGS_PER_ROUND):
+                started = time.perf_counter()
+                try:
+                    await stub.Ping(worker_pb2.PingRequest(from_worker_id=self.worker_id),
+                                    timeout=PING_TIMEOUT_S)
+                except grpc.aio.AioRpcError:
+                    return None
+                elapsed = (time.perf_counter() - started) * 1000
+                best = elapsed if best is None else min(best, elapsed)
+            return best
+
+    async def measure(self) -> dict[str, float]:
+        measured = {}
+        for peer, address in sorted(self.peers.items()):
+            rtt = await self._round_trip_ms(address)
+            if rtt is not None:
+                measured[peer] = round(rtt, 2)
+        return measured
+
+    async def run(self, publish: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            measured = await self.measure()
+            if should_publish(self.published, measured):
+                self.published = measured
+                await publish()
+            await asyncio.sleep(self._interval_s)

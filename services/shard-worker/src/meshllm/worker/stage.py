@@ -1,0 +1,68 @@
+"""A stage of a split model on this worker: a ggml RPC server in a child process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshllm.common.errors import EngineUnavailable
+
+START_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    host: str            # 127.0.0.1 behind the tunnel; the advertised host in direct mode
+    cache_dir: Path
+    threads: int
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class StageServer:
+    """Starts the RPC server and reports when it accepts connections."""
+
+    def __init__(self, settings: StageSettings) -> None:
+        self._settings = settings
+        self._proc: asyncio.subprocess.Process | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        s = self._settings
+        self.port = free_port(s.host)
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "meshllm.worker.rpc_server",
+            "--endpoint", f"{s.host}:{self.port}", "--cache-dir", str(s.cache_dir),
+            "--threads", str(s.threads),
+            stdout=asyncio.subprocess.DEVNULL, env={**os.environ, "GGML_NO_BACKTRACE": "1"},
+        )
+        deadline = asyncio.get_running_loop().time() + START_TIMEOUT_S
+        while asyncio.get_running_loop().time() < deadline:
+            if self._proc.returncode is not None:
+                break
+            try:
+                _, writer = await asyncio.open_connection(s.host, self.port)
+            except OSError:
+                await asyncio.sleep(0.1)
+                continue
+            writer.close()
+            return
+        await self.stop()
+        raise EngineUnavailable(f"the RPC stage server did not start on {s.host}:{self.port}")
+
+    async def wait_exited(self) -> int:
+        assert self._proc is not None
+        return await self._proc.wait()
+
+    async def stop(self) -> None:
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.kill()  # it holds no state worth a graceful exit
+            await self._proc.wait()

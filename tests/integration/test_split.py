@@ -1,0 +1,118 @@
+"""Pipeline parallelism with real processes: three workers, none of which can hold
+gemma3-270m alone, serve it split by layers over ggml RPC tunnelled through gRPC."""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+from meshllm.common.models import materialize
+
+from tests.support.mesh import LocalMesh, MeshOptions, wait_for
+
+MODEL = "gemma3-270m"
+PROMPTS = ["The history of the printing press", "def fibonacci(n):",
+           "Three facts about the moon:"]
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def solo() -> dict[str, str]:
+    """Greedy completions from llama.cpp with the whole model in this process, loaded as
+    the mesh's engines load it (no CPU weight repacking, see engine_proc)."""
+    from llama_cpp import Llama
+    from meshllm.worker.engine_proc import weight_repacking
+
+    with weight_repacking(False):
+        llm: Any = Llama(model_path=str(materialize(MODEL)), n_ctx=4096, n_threads=1,
+                    verbose=False)
+    out = {}
+    for prompt in PROMPTS:
+        llm.reset()
+        r: Any = llm.create_completion(prompt, max_tokens=MAX_TOKENS, temperature=0)
+        out[prompt] = r["choices"][0]["text"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def split_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+    # 300 MiB each: the model needs about 410 MiB on one worker
+    mesh = LocalMesh(tmp_path_factory.mktemp("split"),
+                     MeshOptions(workers=3, worker_memory="300MiB", lease_ttl_s=4,
+                                 expect_replicas=1))
+    try:
+        mesh.start()
+        yield mesh
+    finally:
+        mesh.stop()
+
+
+def client_for(mesh: LocalMesh) -> openai.OpenAI:
+    return openai.OpenAI(base_url=mesh.base_url + "/v1", api_key="x", max_retries=0,
+                         timeout=120)
+
+
+def gemma(mesh: LocalMesh) -> dict[str, Any]:
+    return next(m for m in mesh.status()["models"] if m["model_id"] == MODEL)
+
+
+def test_status_reports_the_split(split_mesh: LocalMesh) -> None:
+    model = gemma(split_mesh)
+    assert model["status"] == "serving"
+    (replica,) = model["replicas"]
+    assert replica["split"] and len(replica["stages"]) >= 2
+    layers = [tuple(s["layers"]) for s in replica["stages"]]
+    assert layers[0][0] == 0 and layers[-1][1] == 18
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(layers))
+    assert all(s["state"] == "ready" for s in replica["stages"])
+    wait_for(lambda: all(v is not None for v in gemma(split_mesh)["replicas"][0]
+                         ["link_rtt_ms"].values()), 20, "link round trips")
+
+
+def test_split_equals_solo_token_for_token(split_mesh: LocalMesh, solo: dict[str, str]) -> None:
+    client = client_for(split_mesh)
+    for prompt in PROMPTS:
+        whole = client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS,
+                                          temperature=0)
+        assert whole.choices[0].text == solo[prompt]
+        chunks = client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS,
+                                           temperature=0, stream=True)
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == solo[prompt]
+
+
+def test_killing_a_stage_ends_the_stream_and_replans(split_mesh: LocalMesh,
+                                                     solo: dict[str, str]) -> None:
+    mesh = split_mesh
+    replica = gemma(mesh)["replicas"][0]
+    victim = replica["stages"][-1]["worker_id"]
+    stream = client_for(mesh).completions.create(
+        model=MODEL, prompt="Tell a very long story.", max_tokens=3000, temperature=0,
+        stream=True)
+    tokens = iter(stream)
+    next(tokens)
+    killed = time.monotonic()
+    mesh.procs[victim].kill(signal.SIGKILL)
+    with pytest.raises(openai.APIError):
+        for _ in tokens:
+            pass
+    error_s = time.monotonic() - killed
+
+    def replanned() -> bool:
+        model = gemma(mesh)
+        return bool(model["status"] == "serving" and all(
+            victim not in [s["worker_id"] for s in r["stages"]] for r in model["replicas"]))
+
+    serving_s = wait_for(replanned, 60, "re-plan onto the remaining workers") + error_s
+    print(f"stage killed: error event after {error_s:.2f}s, serving again after "
+          f"{serving_s:.1f}s (lease TTL {mesh.options.lease_ttl_s}s)")
+    assert error_s < 5
+    r = client_for(mesh).completions.create(model=MODEL, prompt=PROMPTS[0],
+                                            max_tokens=MAX_TOKENS, temperature=0)
+    assert r.choices[0].text == solo[PROMPTS[0]]
+
+
