@@ -11,9 +11,13 @@ STAMP := $(VENV)/.installed
 SOURCES := $(wildcard */pyproject.toml native/pyproject.toml services/*/pyproject.toml protos/meshllm/v1/*.proto) \
            requirements-dev.txt Makefile
 
-.PHONY: install proto up test lint bench clean
+.PHONY: install proto up test lint bench clean browser
 
-install: $(STAMP)
+install: $(STAMP) browser
+
+# Headless Chromium for the console test (Debian package; skipped when present).
+browser:
+	bash scripts/install_browser.sh
 
 $(STAMP): $(SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

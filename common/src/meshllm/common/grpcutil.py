@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -13,13 +15,15 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def new_server(listen: str) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+def new_server(listen: str, interceptors: Sequence[Any] = ()
+               ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     """A grpc.aio server bound to `listen` with the standard health service attached.
 
     Returns the server, its health servicer (initially NOT_SERVING) and the bound port,
     which differs from the requested one when port 0 was asked for.
     """
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(interceptors=list(interceptors),
+                             options=[("grpc.so_reuseport", 0)])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(listen)

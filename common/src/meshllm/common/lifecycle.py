@@ -12,7 +12,7 @@ from typing import Protocol, TypeVar
 from meshllm.common.config import process_env
 from meshllm.common.errors import ConfigError, MeshError
 from meshllm.common.logs import setup_logging
-from prometheus_client import start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +62,10 @@ def run_service(name: str, main: Callable[[asyncio.Event], Awaitable[None]]) -> 
     return 0
 
 
-def start_metrics(port: int) -> None:
+def start_metrics(port: int, registry: CollectorRegistry = REGISTRY) -> None:
     """Serve Prometheus metrics on `port` (0 disables)."""
     if port:
-        start_http_server(port)
+        start_http_server(port, registry=registry)
         log.info("metrics on :%d/metrics", port)
 
 

@@ -40,6 +40,7 @@ class Registration:
         self._value = b""
         self._lock = asyncio.Lock()
         self._withdrawn = False
+        self.lease_ok = False  # the last write or refresh succeeded (exported as a metric)
 
     @property
     def key(self) -> str:
@@ -54,6 +55,7 @@ class Registration:
             if self._lease_id is None:
                 self._lease_id = await self._store.grant_lease(self._lease.ttl_s)
             await self._store.put(self._key, value, self._lease_id)
+            self.lease_ok = True
 
     async def keep_alive(self) -> None:
         """Refresh the lease forever; if it was lost (e.g. etcd restarted), register again."""
@@ -70,10 +72,12 @@ class Registration:
                     self._lease_id = None
                     await self.publish(self._value)
             except Exception as exc:  # etcd unreachable: keep trying, the TTL decides
+                self.lease_ok = False
                 log.warning("cannot refresh lease for %s: %s", self._key, exc)
 
     async def withdraw(self) -> None:
         self._withdrawn = True
+        self.lease_ok = False
         if self._lease_id is not None:
             await self._store.revoke_lease(self._lease_id)
             self._lease_id = None

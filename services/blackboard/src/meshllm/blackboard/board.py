@@ -96,6 +96,9 @@ class Board:
         new, duplicates = self._store.insert(keep)
         self._hub.publish(new)
         self._metrics.posts_ingested.inc(len(new))
+        now = self._clock_ms()
+        for post in new:  # clocks of other nodes may run ahead: a negative lag counts as 0
+            self._metrics.gossip_lag_seconds.observe(max(now - post.created_unix_ms, 0) / 1000)
         return IngestResult(tuple(new), duplicates, len(posts) - len(keep))
 
     def feed(self, query: FeedQuery) -> list[Post]:

@@ -30,5 +30,9 @@ class Metrics:
         self.anti_entropy_seconds = Histogram(
             "meshllm_blackboard_anti_entropy_seconds", "Duration of one anti-entropy round",
             registry=r)
+        self.gossip_lag_seconds = Histogram(
+            "meshllm_blackboard_gossip_lag_seconds",
+            "From a post's creation on its origin node to its arrival here", registry=r,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
         self.peers = Gauge("meshllm_blackboard_peers", "Peers known", registry=r)
         self.posts_stored = Gauge("meshllm_blackboard_posts_stored", "Posts held", registry=r)

@@ -8,14 +8,16 @@ import sys
 from collections.abc import Sequence
 
 import uvicorn
-from meshllm.common import lifecycle
+from meshllm.common import lifecycle, telemetry
 from meshllm.common.blackboard_client import BlackboardClient
 from meshllm.common.store import EtcdStore
 from meshllm.gateway.app import Api, build_app
 from meshllm.gateway.backend import MeshBackend
 from meshllm.gateway.blackboard_api import blackboard_routes
 from meshllm.gateway.config import GatewayConfig, load_config
+from meshllm.gateway.console import console_routes
 from meshllm.gateway.metrics import GatewayMetrics
+from meshllm.gateway.status_stream import RecentRequests, StatusStream
 
 log = logging.getLogger("meshllm.gateway")
 
@@ -23,12 +25,18 @@ log = logging.getLogger("meshllm.gateway")
 async def serve(config: GatewayConfig, stop: asyncio.Event) -> None:
     kv = EtcdStore(config.etcd_url)
     await kv.connect()
-    backend = MeshBackend(kv, config.first_token_timeout_s, config.token_timeout_s)
+    recent = RecentRequests()  # the console's request list, fed by the gateway's spans
+    tel = telemetry.build_telemetry(config.trace, processors=[recent])
+    backend = MeshBackend(kv, config.first_token_timeout_s, config.token_timeout_s,
+                          tel.tracer, telemetry.client_interceptors(tel))
     blackboard = BlackboardClient(config.blackboard_address) if config.blackboard_address else None
-    extra = blackboard_routes(blackboard) if blackboard else []
-    app = build_app(Api(backend, GatewayMetrics()), extra)
+    metrics = GatewayMetrics()
+    extra = [*console_routes(StatusStream(backend, metrics.registry, recent)),
+             *(blackboard_routes(blackboard) if blackboard else [])]
+    app = build_app(Api(backend, metrics, tel.tracer), extra)
     server = uvicorn.Server(uvicorn.Config(
-        app, host=config.host, port=config.port, log_config=None, access_log=False,
+        telemetry.instrument_asgi(app, tel),
+        host=config.host, port=config.port, log_config=None, access_log=False,
         timeout_graceful_shutdown=5,
     ))
     follower = asyncio.create_task(backend.follow())
@@ -43,6 +51,7 @@ async def serve(config: GatewayConfig, stop: asyncio.Event) -> None:
         if blackboard is not None:
             await blackboard.close()
         await kv.close()
+        tel.shutdown()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any
 
+from meshllm.common import telemetry
 from meshllm.common.status import mesh_status
 from meshllm.common.types import Finished, GenerateEvent, TokenDelta, Usage
 from meshllm.gateway import responses
@@ -26,9 +27,11 @@ log = logging.getLogger(__name__)
 
 
 class Api:
-    def __init__(self, backend: MeshBackend, metrics: GatewayMetrics) -> None:
+    def __init__(self, backend: MeshBackend, metrics: GatewayMetrics,
+                 tracer: telemetry.Tracer = telemetry.NO_TRACER) -> None:
         self.backend = backend
         self.metrics = metrics
+        self.tracer = tracer
 
     async def models(self, request: Request) -> Response:
         snapshot = self.backend.snapshot
@@ -50,7 +53,9 @@ class Api:
         rid = ("chatcmpl-" if req.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         timer = self.metrics.request_timer(req.model)
-        events: AsyncGenerator[GenerateEvent, None] = self.backend.generate(req)
+        events: AsyncGenerator[GenerateEvent, None] = telemetry.traced_generation(
+            self.tracer, telemetry.api_call(req.kind, req.model, req.sampling),
+            self.backend.generate(req))
         try:
             first = await anext(events)  # errors before the first token are HTTP errors
         except StopAsyncIteration:

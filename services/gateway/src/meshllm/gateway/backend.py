@@ -7,11 +7,12 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import replace
+from typing import Any
 
 import grpc
-from meshllm.common import convert
+from meshllm.common import convert, telemetry
 from meshllm.common.meshview import MeshSnapshot, follow_mesh
 from meshllm.common.store import KeyValueStore
 from meshllm.common.types import (
@@ -36,7 +37,8 @@ class StreamBroken(Exception):
 
 class MeshBackend:
     def __init__(self, kv: KeyValueStore, first_token_timeout_s: float,
-                 token_timeout_s: float) -> None:
+                 token_timeout_s: float, tracer: telemetry.Tracer = telemetry.NO_TRACER,
+                 interceptors: Sequence[Any] = ()) -> None:
         self.snapshot = MeshSnapshot()
         self.synced = asyncio.Event()
         self.loads: dict[WorkerId, WorkerLoad] = {}
@@ -44,6 +46,8 @@ class MeshBackend:
         self._first_timeout_s = first_token_timeout_s
         self._token_timeout_s = token_timeout_s
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._tracer = tracer
+        self._interceptors = list(interceptors)  # they carry the trace context to workers
 
     async def follow(self) -> None:
         async for snapshot in follow_mesh(self._kv):
@@ -58,7 +62,8 @@ class MeshBackend:
 
     def _stub(self, address: str) -> worker_pb2_grpc.ShardWorkerStub:
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address)
+            self._channels[address] = grpc.aio.insecure_channel(
+                address, interceptors=self._interceptors)
         return worker_pb2_grpc.ShardWorkerStub(self._channels[address])
 
     def resolve(self, model: str) -> ModelId:
@@ -76,6 +81,7 @@ class MeshBackend:
     async def generate(self, req: ApiRequest) -> AsyncGenerator[GenerateEvent, None]:
         model_id = self.resolve(req.model)
         candidates = route(ready_replicas(self.snapshot, model_id), self.loads, time.monotonic())
+        telemetry.record_route(self._tracer, model_id, [w.worker_id for w in candidates])
         if not candidates:
             raise unavailable(why_unavailable(self.snapshot, model_id))
         request = GenerateRequest(RequestId(uuid.uuid4().hex), model_id, req.text, req.chat,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from meshllm.common.config import Option, parse_host_port, positive_float, read_options
 from meshllm.common.errors import ConfigError
+from meshllm.common.telemetry import TraceSettings, trace_settings
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,7 @@ class GatewayConfig:
     first_token_timeout_s: float  # includes queueing behind other requests on the worker
     token_timeout_s: float        # longest silence between two tokens
     log_level: str
+    trace: TraceSettings        # what the OTEL_* variables ask for
 
 
 OPTIONS = (
@@ -43,4 +45,5 @@ def load_config(argv: Sequence[str], env: Mapping[str, str]) -> GatewayConfig:
         etcd_url=v["etcd"], host=host, port=port, blackboard_address=v["blackboard"],
         first_token_timeout_s=v["first_token_timeout_s"],
         token_timeout_s=v["token_timeout_s"], log_level=v["log_level"],
+        trace=trace_settings("gateway", env),
     )

@@ -24,6 +24,9 @@ class GatewayMetrics:
                                   buckets=LATENCY_BUCKETS_S, registry=self.registry)
         self.prompt_tokens = Counter("meshllm_gateway_prompt_tokens", "Prompt tokens",
                                      ["model"], registry=self.registry)
+        self.inter_token = Histogram("meshllm_gateway_inter_token_latency_seconds",
+                                     "Time between streamed tokens", ["model"],
+                                     buckets=LATENCY_BUCKETS_S, registry=self.registry)
         self.completion_tokens = Counter("meshllm_gateway_completion_tokens",
                                          "Generated tokens", ["model"], registry=self.registry)
 
@@ -41,12 +44,18 @@ class RequestTimer:
         self._m = metrics
         self._model = model
         self._start = time.perf_counter()
+        self._last_token: float | None = None
         self._finished = False
 
     def first_token(self) -> None:
-        self._m.ttft.labels(self._model).observe(time.perf_counter() - self._start)
+        self._last_token = time.perf_counter()
+        self._m.ttft.labels(self._model).observe(self._last_token - self._start)
 
     def tokens(self, n: int) -> None:
+        now = time.perf_counter()
+        if n and self._last_token is not None and now > self._last_token:
+            self._m.inter_token.labels(self._model).observe((now - self._last_token) / n)
+            self._last_token = now
         self._m.completion_tokens.labels(self._model).inc(n)
 
     def done(self, outcome: str, usage: Usage | None = None) -> None:

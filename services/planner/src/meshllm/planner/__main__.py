@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from meshllm.common import grpcutil, lifecycle, models
+from meshllm.common import grpcutil, lifecycle, models, telemetry
 from meshllm.common.store import EtcdStore
 from meshllm.common.types import ModelSpec
 from meshllm.planner.config import PlannerConfig, load_config
@@ -35,7 +35,8 @@ async def serve(config: PlannerConfig, stop: asyncio.Event) -> None:
     await kv.connect()
     specs = await describe_models(config)
     board = PlacementBoard()
-    server, health, port = grpcutil.new_server(config.listen)
+    tel = telemetry.build_telemetry(config.trace)
+    server, health, port = grpcutil.new_server(config.listen, telemetry.server_interceptors(tel))
     planner_pb2_grpc.add_PlannerServicer_to_server(PlannerServicer(board), server)
     await server.start()
     lifecycle.start_metrics(config.metrics_port)
@@ -50,6 +51,7 @@ async def serve(config: PlannerConfig, stop: asyncio.Event) -> None:
     finally:
         await server.stop(grace=1.0)
         await kv.close()
+        tel.shutdown()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,6 +14,7 @@ from meshllm.common.config import (
     read_options,
 )
 from meshllm.common.errors import ConfigError
+from meshllm.common.telemetry import TraceSettings, trace_settings
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class PlannerConfig:
     debounce_s: float               # wait this long for membership to settle before planning
     metrics_port: int               # 0: no metrics endpoint
     log_level: str
+    trace: TraceSettings        # what the OTEL_* variables ask for
 
 
 OPTIONS = (
@@ -64,4 +66,5 @@ def load_config(argv: Sequence[str], env: Mapping[str, str]) -> PlannerConfig:
         context_length_tokens=v["context_length"], engine_overhead_bytes=v["engine_overhead"],
         max_replicas=v["max_replicas"], debounce_s=v["debounce_s"],
         metrics_port=v["metrics_port"], log_level=v["log_level"],
+        trace=trace_settings("planner", env),
     )

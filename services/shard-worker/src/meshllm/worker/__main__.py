@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sys
 from collections.abc import Sequence
 
-from meshllm.common import grpcutil, lifecycle, store
+from meshllm.common import grpcutil, lifecycle, store, telemetry
 from meshllm.common.membership import Registration
 from meshllm.common.meshview import follow_mesh
 from meshllm.common.store import EtcdStore
@@ -16,6 +17,7 @@ from meshllm.worker.config import WorkerConfig, load_config
 from meshllm.worker.engine import ProcessEngine
 from meshllm.worker.hosts import HostDeps
 from meshllm.worker.links import LinkMonitor
+from meshllm.worker.metrics import WorkerMetrics
 from meshllm.worker.plans import assigned_plans
 from meshllm.worker.service import ShardWorkerServicer, Worker
 from meshllm.worker.stage import StageServer
@@ -31,11 +33,12 @@ async def follow_placements(worker: Worker, kv: store.KeyValueStore) -> None:
         await worker.apply(assigned_plans(snapshot, worker.worker_id))
 
 
-def host_deps(config: WorkerConfig) -> HostDeps:
+def host_deps(config: WorkerConfig, tel: telemetry.Telemetry) -> HostDeps:
     direct = config.rpc_transport == "direct"
     advertised_host = config.advertise_address.rpartition(":")[0]
     return HostDeps(
-        engine_factory=ProcessEngine, tunnel_factory=TunnelListener, stage_factory=StageServer,
+        engine_factory=functools.partial(ProcessEngine, tracer=tel.tracer),
+        tunnel_factory=TunnelListener, stage_factory=StageServer,
         threads=config.threads, stage_host=advertised_host if direct else "127.0.0.1",
         stage_cache_dir=config.cache_dir, direct_rpc=direct, weight_repack=config.weight_repack,
         restart_backoff_s=config.restart_backoff_s,
@@ -45,13 +48,17 @@ def host_deps(config: WorkerConfig) -> HostDeps:
 async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
     kv = EtcdStore(config.etcd_url)
     await kv.connect()
-    server, health, port = grpcutil.new_server(config.listen)
+    tel = telemetry.build_telemetry(config.trace, instance=config.worker_id)
+    server, health, port = grpcutil.new_server(config.listen, telemetry.server_interceptors(tel))
     registration = Registration(kv, store.WORKERS + config.worker_id, config.lease)
+    metrics = WorkerMetrics()
+    metrics.watch_lease(lambda: registration.lease_ok)
     links = LinkMonitor(config.worker_id, config.ping_interval_s)
-    worker = Worker(config, registration, health, host_deps(config), links)
-    worker_pb2_grpc.add_ShardWorkerServicer_to_server(ShardWorkerServicer(worker), server)
+    worker = Worker(config, registration, health, host_deps(config, tel), links, metrics)
+    worker_pb2_grpc.add_ShardWorkerServicer_to_server(ShardWorkerServicer(worker, tel.tracer),
+                                                  server)
     await server.start()
-    lifecycle.start_metrics(config.metrics_port)
+    lifecycle.start_metrics(config.metrics_port, metrics.registry)
     await worker.publish()
     log.info("worker %s on port %d, budget %d MB, %d threads", config.worker_id, port,
              config.memory_budget_bytes // 10**6, config.threads)
@@ -65,6 +72,7 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
         await worker.close()
         await registration.withdraw()
         await kv.close()
+        tel.shutdown()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,6 +18,7 @@ from meshllm.common.config import (
 )
 from meshllm.common.errors import ConfigError
 from meshllm.common.membership import LeaseConfig
+from meshllm.common.telemetry import TraceSettings, trace_settings
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class WorkerConfig:
     weight_repack: bool         # llama.cpp's CPU weight repacking: faster, but split != whole
     metrics_port: int
     log_level: str
+    trace: TraceSettings        # what the OTEL_* variables ask for
 
 
 def spare_memory_bytes() -> int:
@@ -113,4 +115,5 @@ def load_config(argv: Sequence[str], env: Mapping[str, str]) -> WorkerConfig:
         lease=LeaseConfig(v["lease_ttl_s"], v["keepalive_s"]),
         restart_backoff_s=v["restart_backoff_s"], metrics_port=v["metrics_port"],
         log_level=v["log_level"],
+        trace=trace_settings("worker", env),
     )

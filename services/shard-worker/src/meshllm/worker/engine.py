@@ -9,11 +9,13 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from meshllm.common import telemetry
 from meshllm.common.errors import EngineCrashed, EngineUnavailable, InvalidGenerateRequest
 from meshllm.common.types import Finished, GenerateEvent, GenerateRequest, TokenDelta, Usage
 
@@ -59,8 +61,10 @@ def _event(ev: dict[str, Any]) -> GenerateEvent:
 class ProcessEngine:
     """One model in one child process; requests are multiplexed over its pipes."""
 
-    def __init__(self, settings: EngineSettings) -> None:
+    def __init__(self, settings: EngineSettings,
+                 tracer: telemetry.Tracer = telemetry.NO_TRACER) -> None:
         self._settings = settings
+        self._tracer = tracer
         self._proc: asyncio.subprocess.Process | None = None
         self._streams: dict[str, asyncio.Queue[dict[str, Any]]] = {}
         self._reader: asyncio.Task[None] | None = None
@@ -117,6 +121,7 @@ class ProcessEngine:
         try:
             if self._reader is None or self._reader.done():
                 raise EngineCrashed("the engine process is not running")
+            submitted_ns = time.time_ns()
             await self._send(_request_command(request))
             while not done:
                 event = await stream.get()
@@ -126,12 +131,24 @@ class ProcessEngine:
                 if event["ev"] == "error":
                     raise InvalidGenerateRequest(event["message"])
                 done = event["ev"] == "finished"
+                if done:
+                    self._trace_phases(request, submitted_ns, event)
                 yield _event(event)
         finally:
             del self._streams[request.request_id]
             if not done and self._proc is not None and self._proc.returncode is None:
                 with contextlib.suppress(EngineCrashed):
                     await self._send({"op": "cancel", "id": request.request_id})
+
+    def _trace_phases(self, request: GenerateRequest, submitted_ns: int,
+                      finished: dict[str, Any]) -> None:
+        phases = telemetry.EnginePhases(
+            submitted_ns, int(finished.get("started_ns", submitted_ns)),
+            int(finished.get("first_token_ns", 0)), time.time_ns())
+        telemetry.record_engine_phases(self._tracer, phases, {
+            "gen_ai.request.model": request.model_id,
+            "gen_ai.usage.input_tokens": int(finished["prompt_tokens"]),
+            "gen_ai.usage.output_tokens": int(finished["completion_tokens"])})
 
     async def wait_exited(self) -> int:
         assert self._proc is not None

@@ -20,6 +20,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -106,6 +107,7 @@ def load(cmd: dict[str, Any]) -> Generator:
 def serve_one(gen: Generator, cmd: dict[str, Any], out: Channel,
               cancelled: set[str], lock: threading.Lock) -> None:
     rid = cmd["id"]
+    started_ns, first_token_ns = time.time_ns(), 0  # for the service's trace of this request
     chat = None
     if cmd.get("chat") is not None:
         chat = tuple(ChatMessage(m["role"], m["content"]) for m in cmd["chat"])
@@ -119,11 +121,15 @@ def serve_one(gen: Generator, cmd: dict[str, Any], out: Channel,
         with lock:
             return rid in cancelled
 
-    outcome = gen.run(tokens, stops, sampling_from(cmd.get("sampling", {})),
-                      lambda text, n: out.send(ev="delta", id=rid, text=text, tokens=n),
-                      is_cancelled)
+    def emit(text: str, n: int) -> None:
+        nonlocal first_token_ns
+        first_token_ns = first_token_ns or time.time_ns()
+        out.send(ev="delta", id=rid, text=text, tokens=n)
+
+    outcome = gen.run(tokens, stops, sampling_from(cmd.get("sampling", {})), emit, is_cancelled)
     out.send(ev="finished", id=rid, finish_reason=outcome.finish_reason,
-             prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens)
+             prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens,
+             started_ns=started_ns, first_token_ns=first_token_ns)
 
 
 def read_commands(jobs: queue.Queue[dict[str, Any] | None], cancelled: set[str],

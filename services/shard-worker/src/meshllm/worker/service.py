@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 from grpc_health.v1 import health
-from meshllm.common import convert, grpcutil
+from meshllm.common import convert, grpcutil, telemetry
 from meshllm.common.errors import EngineUnavailable, InvalidGenerateRequest
 from meshllm.common.membership import Registration
 from meshllm.common.types import (
@@ -24,6 +24,7 @@ from meshllm.v1 import worker_pb2, worker_pb2_grpc
 from meshllm.worker.config import WorkerConfig
 from meshllm.worker.hosts import HostDeps, ModelHost
 from meshllm.worker.links import LinkMonitor
+from meshllm.worker.metrics import WorkerMetrics
 from meshllm.worker.plans import HostPlan, Role
 from meshllm.worker.tunnel import pump_to_stage
 
@@ -33,11 +34,12 @@ log = logging.getLogger(__name__)
 class Worker:
     def __init__(self, config: WorkerConfig, registration: Registration,
                  health_servicer: health.aio.HealthServicer, deps: HostDeps,
-                 links: LinkMonitor) -> None:
+                 links: LinkMonitor, metrics: WorkerMetrics | None = None) -> None:
         self.config = config
         self.worker_id = WorkerId(config.worker_id)
         self.hosts: dict[ModelId, ModelHost] = {}
         self.links = links
+        self.metrics = metrics or WorkerMetrics()
         self.generated_tokens = 0
         self.prompt_tokens = 0
         self._registration = registration
@@ -55,6 +57,7 @@ class Worker:
         )
 
     async def publish(self) -> None:
+        self.metrics.observe_states([h.state for h in self.hosts.values()])
         await self._registration.publish(convert.worker_to_pb(self.record()).SerializeToString())
         ready = bool(self.hosts) and all(
             h.state.state is LoadState.READY for h in self.hosts.values()
@@ -101,8 +104,9 @@ class Worker:
 class ShardWorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
     """A thin adapter from gRPC to the Worker; errors become status codes here."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Worker, tracer: telemetry.Tracer = telemetry.NO_TRACER) -> None:
         self._worker = worker
+        self._tracer = tracer
 
     async def Generate(
         self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -114,8 +118,13 @@ class ShardWorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
                                 f"model {req.model_id} is not placed on this worker")
         assert host is not None
         host.in_flight += 1
+        metrics = self._worker.metrics
+        metrics.set_load(req.model_id, host.in_flight)
         try:
-            async for event in host.ready_engine().generate(req):
+            events = telemetry.traced_generation(
+                self._tracer, telemetry.worker_call(req, self._worker.worker_id),
+                host.ready_engine().generate(req))
+            async for event in metrics.observe(req.model_id, host.spec.context_length, events):
                 if isinstance(event, Finished):
                     self._worker.generated_tokens += event.usage.completion_tokens
                     self._worker.prompt_tokens += event.usage.prompt_tokens
@@ -126,6 +135,7 @@ class ShardWorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         finally:
             host.in_flight -= 1
+            metrics.set_load(req.model_id, host.in_flight)
 
     async def GetStats(
         self, request: worker_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
