@@ -7,6 +7,7 @@ import itertools
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -116,3 +117,19 @@ def test_killing_a_stage_ends_the_stream_and_replans(split_mesh: LocalMesh,
     assert r.choices[0].text == solo[PROMPTS[0]]
 
 
+
+
+def test_direct_transport_and_forced_split(tmp_path: Path, solo: dict[str, str]) -> None:
+    """Two workers that could each hold the model, told to split it, over direct RPC."""
+    mesh = LocalMesh(tmp_path, MeshOptions(
+        workers=2, worker_memory="1GiB", expect_replicas=1,
+        planner_args=("--split", MODEL), worker_args=("--rpc-transport", "direct")))
+    try:
+        mesh.start()
+        (replica,) = gemma(mesh)["replicas"]
+        assert [s["worker_id"] for s in replica["stages"]] == ["worker-1", "worker-2"]
+        r = client_for(mesh).completions.create(model=MODEL, prompt=PROMPTS[1],
+                                                max_tokens=MAX_TOKENS, temperature=0)
+        assert r.choices[0].text == solo[PROMPTS[1]]
+    finally:
+        mesh.stop()

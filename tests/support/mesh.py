@@ -24,6 +24,7 @@ class MeshOptions:
     lease_ttl_s: int = 4
     keepalive_s: float = 1.0
     expect_replicas: int = 0   # ready replicas to wait for (0: one per worker)
+    worker_memories: tuple[str, ...] = ()  # per worker, overriding worker_memory
     planner_args: tuple[str, ...] = ()
     worker_args: tuple[str, ...] = ()
 
@@ -66,11 +67,13 @@ class LocalMesh:
 
     def start_worker(self, name: str) -> None:
         o = self.options
+        index = int(name.rsplit("-", 1)[1]) - 1
+        memory = o.worker_memories[index] if index < len(o.worker_memories) else o.worker_memory
         port = self.worker_ports.get(name) or free_port()
         self.worker_ports[name] = port
         self.procs[name] = Proc(name, python_module(
             "meshllm.worker", "--etcd", self.etcd_url, "--listen", f"127.0.0.1:{port}",
-            "--worker-id", name, "--worker-memory", o.worker_memory, "--threads", str(o.threads),
+            "--worker-id", name, "--worker-memory", memory, "--threads", str(o.threads),
             "--lease-ttl-s", str(o.lease_ttl_s), "--keepalive-s", str(o.keepalive_s),
             "--cache-dir", str(self.root / f"rpc-cache-{name}"), *o.worker_args),
             self.root / "logs")

@@ -26,6 +26,8 @@ from meshllm.worker.config import spare_memory_bytes
 class UpConfig:
     workers: int
     models: tuple[str, ...]
+    split: tuple[str, ...]      # models to split across workers even when one holds them
+    rpc_transport: str          # tunnel | direct
     port: int
     blackboard_port: int        # the local blackboard node (the CLI's default address)
     worker_memory_bytes: int    # budget each worker advertises
@@ -41,6 +43,10 @@ def add_up_parser(sub: Any) -> None:
     p.add_argument("--workers", type=int, default=2, help="shard-workers to start (default 2)")
     p.add_argument("--model", action="append", dest="models", metavar="NAME_OR_GGUF_PATH",
                    help="model to serve; repeat for several (default gemma3-270m)")
+    p.add_argument("--split", action="append", default=[], metavar="NAME_OR_GGUF_PATH",
+                   help="split this model across workers even if one could hold it")
+    p.add_argument("--rpc-transport", choices=("tunnel", "direct"), default="tunnel",
+                   help="how split stages talk: ggml RPC inside gRPC (default) or plain TCP")
     p.add_argument("--port", type=int, default=9337, help="gateway port (default 9337)")
     p.add_argument("--blackboard-port", type=int, default=9339,
                    help="blackboard gRPC port, where `mesh-llm blackboard` looks (default 9339)")
@@ -66,6 +72,7 @@ def up_config(args: argparse.Namespace) -> UpConfig:
         raise ConfigError("--worker-memory", str(exc)) from exc
     return UpConfig(
         workers=args.workers, models=tuple(args.models or ["gemma3-270m"]), port=args.port,
+        split=tuple(args.split), rpc_transport=args.rpc_transport,
         blackboard_port=args.blackboard_port,
         worker_memory_bytes=memory,
         threads=args.threads or max(1, (os.cpu_count() or 1) // args.workers),
@@ -98,7 +105,8 @@ def start_services(group: ProcessGroup, cfg: UpConfig, etcd: str) -> None:
     blackboard = f"127.0.0.1:{cfg.blackboard_port}"
     group.start("planner", service_argv(
         "meshllm.planner", "--etcd", etcd, "--listen", f"127.0.0.1:{free_port()}",
-        "--models", ",".join(cfg.models), "--context-length", str(cfg.context_length_tokens)))
+        "--models", ",".join((*cfg.models, *(s for s in cfg.split if s not in cfg.models))),
+        "--split", ",".join(cfg.split), "--context-length", str(cfg.context_length_tokens)))
     group.start("blackboard", service_argv(
         "meshllm.blackboard", "--etcd", etcd, "--listen", blackboard,
         "--data-dir", str(cfg.data_dir / "blackboard"), "--node-id", "local"))
@@ -106,7 +114,8 @@ def start_services(group: ProcessGroup, cfg: UpConfig, etcd: str) -> None:
         group.start(f"worker-{i}", service_argv(
             "meshllm.worker", "--etcd", etcd, "--listen", f"127.0.0.1:{free_port()}",
             "--worker-id", f"worker-{i}", "--worker-memory", str(cfg.worker_memory_bytes),
-            "--threads", str(cfg.threads)))
+            "--threads", str(cfg.threads), "--rpc-transport", cfg.rpc_transport,
+            "--cache-dir", str(cfg.data_dir / f"rpc-cache-{i}")))
     group.start("gateway", service_argv(
         "meshllm.gateway", "--etcd", etcd, "--listen", f"0.0.0.0:{cfg.port}",
         "--blackboard", blackboard))

@@ -43,6 +43,8 @@ def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
     ggml.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
     ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
     ggml.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+    ggml.ggml_backend_cpu_buffer_type.restype = ctypes.c_void_p
+    ggml.ggml_backend_cpu_buffer_type.argtypes = []
     ggml.ggml_backend_register.argtypes = [ctypes.c_void_p]
     ggml.ggml_backend_register.restype = None
     rpc.ggml_backend_rpc_add_server.restype = ctypes.c_void_p
@@ -56,6 +58,25 @@ def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
 
 
 GGML_BACKEND_DEVICE_TYPE_CPU = 0
+
+
+class TensorBuftOverride(ctypes.Structure):
+    """llama.cpp's llama_model_tensor_buft_override: tensors whose name matches `pattern`
+    (a regular expression) are stored in buffer type `buft`."""
+
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+def cpu_overrides(pattern: str) -> ctypes.Array[TensorBuftOverride]:
+    """A NULL-terminated override list keeping tensors that match `pattern` on the CPU.
+
+    The caller must keep the returned array alive until the model is loaded.
+    """
+    ggml, _ = _libs()
+    entries = (TensorBuftOverride * 2)()
+    entries[0].pattern = pattern.encode()
+    entries[0].buft = ggml.ggml_backend_cpu_buffer_type()
+    return entries
 
 
 def device_names() -> list[str]:

@@ -15,6 +15,7 @@ Events out:   {"ev": "loaded", "n_ctx"} | {"ev": "load_failed", "error"}
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import queue
@@ -58,23 +59,36 @@ def sampling_from(d: dict[str, Any]) -> SamplingParams:
     )
 
 
-@contextlib.contextmanager
-def weight_repacking(enabled: bool) -> Iterator[None]:
-    """Turn llama.cpp's CPU weight repacking on or off while a model loads.
+# The head of a split keeps the embeddings and the output layer (tied to the embeddings
+# in many models): llama.cpp would otherwise put the output on the last stage, which then
+# sends the whole logits vector (vocabulary x 4 bytes, 1 MB for gemma3) back every token.
+HEAD_TENSORS = r"^(token_embd|output|output_norm)\.weight$"
 
-    Repacking re-lays quantized weights for faster CPU kernels, but a ggml RPC server
-    cannot repack the layers it receives, so a split model would compute its layers with
-    other kernels than a whole one and greedy outputs would drift apart after a few
-    dozen tokens. Off, a model answers the same whole or split. llama-cpp-python has no
-    parameter for it, so the default model parameters are adjusted for the load.
+
+@contextlib.contextmanager
+def weight_repacking(enabled: bool, keep_on_cpu: str = "") -> Iterator[None]:
+    """Set model parameters llama-cpp-python does not expose while a model loads.
+
+    CPU weight repacking re-lays quantized weights for faster CPU kernels, but a ggml RPC
+    server cannot repack the layers it receives, so a split model would compute its layers
+    with other kernels than a whole one and greedy outputs would drift apart after a few
+    dozen tokens. Off, a model answers the same whole or split. `keep_on_cpu` names
+    tensors (a regular expression) that stay in this process when layers are offloaded.
     """
     import llama_cpp.llama_cpp as native
 
     original = native.llama_model_default_params
+    overrides = None
+    if keep_on_cpu:
+        from meshllm.native import rpc
+
+        overrides = rpc.cpu_overrides(keep_on_cpu)
 
     def adjusted() -> Any:
         params = original()
         params.use_extra_bufts = enabled
+        if overrides is not None:
+            params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
         return params
 
     native.llama_model_default_params = adjusted
@@ -84,6 +98,18 @@ def weight_repacking(enabled: bool) -> Iterator[None]:
         native.llama_model_default_params = original
 
 
+def offload_params(stage_layers: list[int]) -> dict[str, Any]:
+    """llama.cpp arguments that put `stage_layers[i]` of the last layers on RPC device i.
+
+    llama.cpp counts the output layer as the last offloadable layer and shares layers out
+    by their position among all offloaded ones: one more layer, given to the last device,
+    lands the output there on paper; HEAD_TENSORS keeps its weights (and so its work) here.
+    """
+    split = [float(n) for n in stage_layers]
+    split[-1] += 1
+    return {"n_gpu_layers": sum(stage_layers) + 1, "tensor_split": split}
+
+
 def load(cmd: dict[str, Any]) -> Generator:
     from llama_cpp import Llama  # imported here: only the engine process needs llama.cpp
 
@@ -91,13 +117,12 @@ def load(cmd: dict[str, Any]) -> Generator:
     if cmd.get("rpc_endpoints"):
         from meshllm.native import rpc
 
-        # Registered RPC devices come first in llama.cpp's device list; it places the last
-        # `n_gpu_layers` layers on them in order, `tensor_split` layers each, and keeps the
-        # embeddings, output and first layers here on the CPU: this process is the head.
+        # Registered RPC devices come first in llama.cpp's device list and take the last
+        # layers in order; the embeddings, output and first layers stay here: the head.
         rpc.add_rpc_servers(list(cmd["rpc_endpoints"]))
-        split = {"n_gpu_layers": int(cmd["n_gpu_layers"]),
-                 "tensor_split": [float(x) for x in cmd["tensor_split"]]}
-    with weight_repacking(bool(cmd.get("weight_repack", False))):
+        split = offload_params([int(x) for x in cmd["tensor_split"]])
+    keep = HEAD_TENSORS if split else ""
+    with weight_repacking(bool(cmd.get("weight_repack", False)), keep):
         llm = Llama(model_path=cmd["path"], n_ctx=int(cmd["n_ctx"]),
                     n_threads=int(cmd["n_threads"]), n_threads_batch=int(cmd["n_threads"]),
                     verbose=False, **split)
