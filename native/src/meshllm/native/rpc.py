@@ -43,6 +43,8 @@ def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
     ggml.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
     ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
     ggml.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+    ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+    ggml.ggml_backend_load_all_from_path.restype = None
     ggml.ggml_backend_cpu_buffer_type.restype = ctypes.c_void_p
     ggml.ggml_backend_cpu_buffer_type.argtypes = []
     ggml.ggml_backend_register.argtypes = [ctypes.c_void_p]
@@ -79,6 +81,20 @@ def cpu_overrides(pattern: str) -> ctypes.Array[TensorBuftOverride]:
     return entries
 
 
+def ensure_backends() -> None:
+    """Load llama.cpp's backends when they are built as loadable modules.
+
+    Portable images build with GGML_BACKEND_DL (one CPU backend per instruction set,
+    chosen at run time); llama-cpp-python never loads them, so there would be no device at
+    all. A build with the backends linked in already has its devices and is left alone.
+    """
+    ggml, _ = _libs()
+    if ggml.ggml_backend_dev_count() == 0:
+        ggml.ggml_backend_load_all_from_path(str(lib_dir()).encode())
+    if ggml.ggml_backend_dev_count() == 0:
+        raise NativeError(f"no llama.cpp backend could be loaded from {lib_dir()}")
+
+
 def device_names() -> list[str]:
     ggml, _ = _libs()
     names = []
@@ -109,6 +125,7 @@ def serve_cpu(endpoint: str, cache_dir: Path | None, threads: int) -> None:
     With a cache directory, a client re-sending tensors the server has seen sends only
     their hashes, so reloading a split model moves almost no weight bytes.
     """
+    ensure_backends()
     ggml, rpc = _libs()
     cpu = ggml.ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU)
     if not cpu:

@@ -112,11 +112,11 @@ def offload_params(stage_layers: list[int]) -> dict[str, Any]:
 
 def load(cmd: dict[str, Any]) -> Generator:
     from llama_cpp import Llama  # imported here: only the engine process needs llama.cpp
+    from meshllm.native import rpc
 
+    rpc.ensure_backends()
     split: dict[str, Any] = {}
     if cmd.get("rpc_endpoints"):
-        from meshllm.native import rpc
-
         # Registered RPC devices come first in llama.cpp's device list and take the last
         # layers in order; the embeddings, output and first layers stay here: the head.
         rpc.add_rpc_servers(list(cmd["rpc_endpoints"]))
