@@ -49,7 +49,8 @@ def _require(condition: bool, what: str) -> None:
 def model_state_to_pb(s: ModelState) -> mesh_pb2.ModelState:
     return mesh_pb2.ModelState(
         model_id=s.model_id, state=_STATE_TO_PB[s.state], error=s.error,
-        engine_restarts=s.engine_restarts, rpc_port=s.rpc_port,
+        engine_restarts=s.engine_restarts, rpc_port=s.rpc_port, phase=s.phase,
+        progress=s.progress,
     )
 
 
@@ -57,7 +58,7 @@ def model_state_from_pb(m: mesh_pb2.ModelState) -> ModelState:
     _require(bool(m.model_id), "model state without model_id")
     _require(m.state in _STATE_FROM_PB, f"model state {m.model_id}: unknown state {m.state}")
     return ModelState(ModelId(m.model_id), _STATE_FROM_PB[m.state], m.error, m.engine_restarts,
-                      m.rpc_port)
+                      m.rpc_port, m.phase, min(1.0, max(0.0, m.progress)))
 
 
 def worker_to_pb(w: WorkerInfo) -> mesh_pb2.WorkerRecord:

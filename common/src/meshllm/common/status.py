@@ -14,7 +14,8 @@ def mesh_status(snapshot: MeshSnapshot) -> dict[str, Any]:
          "memory_budget_bytes": w.memory_budget_bytes, "threads": w.threads,
          "rtt_ms": dict(sorted(w.rtt_ms.items())),
          "models": {m.model_id: {"state": m.state.value, "error": m.error,
-                                 "engine_restarts": m.engine_restarts} for m in w.models}}
+                                 "engine_restarts": m.engine_restarts, "phase": m.phase,
+                                 "progress": round(m.progress, 3)} for m in w.models}}
         for w in sorted(snapshot.workers.values(), key=lambda w: w.worker_id)
     ]
     models = []
@@ -40,7 +41,9 @@ def _replica(snapshot: MeshSnapshot, model_id: ModelId, replica: Replica) -> dic
         state = worker.model_state(model_id) if worker else None
         stages.append({"worker_id": a.worker_id, "layers": [a.layer_start, a.layer_end],
                        "state": state.state.value if state else "absent",
-                       "error": state.error if state else ""})
+                       "error": state.error if state else "",
+                       "phase": state.phase if state else "",
+                       "progress": round(state.progress, 3) if state else 0.0})
     head = replica.head.worker_id
     links = {}
     for stage in replica.stages[1:]:

@@ -28,6 +28,8 @@ class ModelState:
     error: str = ""
     engine_restarts: int = 0
     rpc_port: int = 0  # a stage's RPC server port when it accepts direct connections
+    phase: str = ""    # while loading: assembling the file, loading weights, waiting...
+    progress: float = 0.0  # 0..1 through the phase, when known
 
 
 @dataclass(frozen=True)

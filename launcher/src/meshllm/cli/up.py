@@ -129,10 +129,17 @@ def fetch_status(port: int) -> dict[str, Any] | None:
         return None
 
 
+def _stage_state(stage: dict[str, Any]) -> str:
+    if stage["state"] != "loading" or not stage.get("phase"):
+        return str(stage["state"])
+    percent = f" {stage['progress']:.0%}" if stage.get("progress") else ""
+    return f"{stage['phase']}{percent}"
+
+
 def progress_line(status: dict[str, Any]) -> str:
     parts = []
     for model in status.get("models", []):
-        states = ", ".join(f"{s['worker_id']} {s['state']}"
+        states = ", ".join(f"{s['worker_id']} {_stage_state(s)}"
                            for r in model["replicas"] for s in r["stages"])
         parts.append(f"{model['model_id']}: {model['status']}" + (f" ({states})" if states else ""))
     return "; ".join(parts) or "waiting for the planner"

@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,6 +33,7 @@ class EngineSettings:
     tensor_split: tuple[float, ...] = ()  # layers on each stage
     n_gpu_layers: int = 0                 # layers on the stages (the last ones)
     weight_repack: bool = False           # faster CPU kernels, but split != whole output
+    on_progress: Callable[[float], None] | None = None  # weights loaded so far, 0..1
     load_timeout_s: float = 600.0
 
 
@@ -89,13 +90,20 @@ class ProcessEngine:
         self._reader = asyncio.create_task(self._read_events())
 
     async def _first_event(self) -> dict[str, Any]:
+        """The engine's answer to the load command, reporting progress on the way."""
         assert self._proc is not None and self._proc.stdout is not None
-        try:
-            line = await asyncio.wait_for(self._proc.stdout.readline(),
-                                          self._settings.load_timeout_s)
-        except TimeoutError:
-            return {"error": f"no answer within {self._settings.load_timeout_s:.0f}s"}
-        return dict(json.loads(line)) if line else {}
+        deadline = asyncio.get_running_loop().time() + self._settings.load_timeout_s
+        while True:
+            left = deadline - asyncio.get_running_loop().time()
+            try:
+                line = await asyncio.wait_for(self._proc.stdout.readline(), max(0.0, left))
+            except TimeoutError:
+                return {"error": f"no answer within {self._settings.load_timeout_s:.0f}s"}
+            event = dict(json.loads(line)) if line else {}
+            if event.get("ev") != "progress":
+                return event
+            if self._settings.on_progress is not None:
+                self._settings.on_progress(float(event["fraction"]))
 
     async def _send(self, command: dict[str, Any]) -> None:
         if self._proc is None or self._proc.stdin is None or self._proc.returncode is not None:

@@ -65,8 +65,25 @@ def sampling_from(d: dict[str, Any]) -> SamplingParams:
 HEAD_TENSORS = r"^(token_embd|output|output_norm)\.weight$"
 
 
+ProgressCallback = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_float, ctypes.c_void_p)
+
+
+def progress_reporter(out: Channel) -> Any:
+    """A llama.cpp load-progress callback that sends a "progress" event every 5%."""
+    last = [-1.0]
+
+    def report(fraction: float, _: Any) -> bool:
+        if fraction - last[0] >= 0.05 or fraction >= 1.0:
+            last[0] = fraction
+            out.send(ev="progress", fraction=round(float(fraction), 3))
+        return True  # keep loading
+
+    return ProgressCallback(report)
+
+
 @contextlib.contextmanager
-def weight_repacking(enabled: bool, keep_on_cpu: str = "") -> Iterator[None]:
+def weight_repacking(enabled: bool, keep_on_cpu: str = "", progress: Any = None
+                     ) -> Iterator[None]:
     """Set model parameters llama-cpp-python does not expose while a model loads.
 
     CPU weight repacking re-lays quantized weights for faster CPU kernels, but a ggml RPC
@@ -89,6 +106,8 @@ def weight_repacking(enabled: bool, keep_on_cpu: str = "") -> Iterator[None]:
         params.use_extra_bufts = enabled
         if overrides is not None:
             params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
+        if progress is not None:
+            params.progress_callback = progress
         return params
 
     native.llama_model_default_params = adjusted
@@ -110,7 +129,7 @@ def offload_params(stage_layers: list[int]) -> dict[str, Any]:
     return {"n_gpu_layers": sum(stage_layers) + 1, "tensor_split": split}
 
 
-def load(cmd: dict[str, Any]) -> Generator:
+def load(cmd: dict[str, Any], out: Channel | None = None) -> Generator:
     from llama_cpp import Llama  # imported here: only the engine process needs llama.cpp
     from meshllm.native import rpc
 
@@ -122,7 +141,8 @@ def load(cmd: dict[str, Any]) -> Generator:
         rpc.add_rpc_servers(list(cmd["rpc_endpoints"]))
         split = offload_params([int(x) for x in cmd["tensor_split"]])
     keep = HEAD_TENSORS if split else ""
-    with weight_repacking(bool(cmd.get("weight_repack", False)), keep):
+    progress = progress_reporter(out) if out is not None else None
+    with weight_repacking(bool(cmd.get("weight_repack", False)), keep, progress):
         llm = Llama(model_path=cmd["path"], n_ctx=int(cmd["n_ctx"]),
                     n_threads=int(cmd["n_threads"]), n_threads_batch=int(cmd["n_threads"]),
                     verbose=False, **split)
@@ -174,7 +194,7 @@ def main() -> int:
     out = Channel()
     first = json.loads(sys.stdin.readline() or "{}")
     try:
-        gen = load(first)
+        gen = load(first, out)
     except Exception as exc:  # any load failure is reported to the service, which decides
         out.send(ev="load_failed", error=f"{type(exc).__name__}: {exc}")
         return 1

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -60,15 +60,28 @@ class ModelHost:
         self._on_change = on_change
         self._task: asyncio.Task[None] | None = None
         self._tunnels: list[Tunnel] = []
+        self._publishing: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"host-{self.spec.model_id}")
 
-    async def _set(self, state: LoadState, error: str = "", restarted: bool = False) -> None:
+    async def _set(self, state: LoadState, error: str = "", restarted: bool = False,
+                   phase: str = "", progress: float = 0.0) -> None:
         restarts = self.state.engine_restarts + (1 if restarted else 0)
         port = self.stage.port if self.stage is not None and self._deps.direct_rpc else 0
-        self.state = ModelState(self.spec.model_id, state, error, restarts, port)
+        self.state = ModelState(self.spec.model_id, state, error, restarts, port, phase,
+                                progress)
         await self._on_change()
+
+    async def _publish(self) -> None:
+        await self._on_change()
+
+    def _loading_progress(self, fraction: float) -> None:
+        """Called by the engine as weights load; published without blocking the load."""
+        self.state = replace(self.state, phase="loading weights", progress=fraction)
+        task = asyncio.get_running_loop().create_task(self._publish())
+        self._publishing.add(task)
+        task.add_done_callback(self._publishing.discard)
 
     async def _stage_endpoints(self) -> list[str]:
         endpoints = []
@@ -89,13 +102,16 @@ class ModelHost:
             await stage.start()
             self.stage = stage
             return stage
+        await self._set(LoadState.LOADING, self.state.error, phase="assembling model file")
         path: Path = await asyncio.to_thread(models.materialize, self.spec.source)
+        phase = "connecting to stages" if self.plan.peers else "loading weights"
+        await self._set(LoadState.LOADING, self.state.error, phase=phase)
         engine = self._deps.engine_factory(EngineSettings(
             path, self.spec.context_length, self._deps.threads,
             rpc_endpoints=tuple(await self._stage_endpoints()),
             tensor_split=tuple(float(p.n_layers) for p in self.plan.peers),
             n_gpu_layers=sum(p.n_layers for p in self.plan.peers),
-            weight_repack=self._deps.weight_repack,
+            weight_repack=self._deps.weight_repack, on_progress=self._loading_progress,
         ))
         await engine.start()
         self.engine = engine
@@ -107,7 +123,7 @@ class ModelHost:
     async def _run(self) -> None:
         if not self.plan.ready_to_load:
             waiting = ", ".join(self.plan.waiting_for)
-            await self._set(LoadState.LOADING, f"waiting for stages on {waiting}")
+            await self._set(LoadState.LOADING, phase=f"waiting for stages on {waiting}")
             return  # the plan changes (and a new host starts) once they serve
         failures = 0
         while failures < MAX_LOAD_ATTEMPTS:

@@ -94,7 +94,10 @@ function loadingLabel(model, stage) {
   const key = model.model_id + "@" + stage.worker_id;
   if (stage.state !== "loading") { loadingSince.delete(key); return ""; }
   if (!loadingSince.has(key)) loadingSince.set(key, Date.now());
-  return " · loading " + Math.round((Date.now() - loadingSince.get(key)) / 1000) + "s";
+  const what = stage.phase || "loading";
+  const percent = stage.progress ? " " + Math.round(100 * stage.progress) + "%" : "";
+  return " · " + what + percent + " · " +
+    Math.round((Date.now() - loadingSince.get(key)) / 1000) + "s";
 }
 
 function stagesOf(replica, layers) {
