@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 SOURCES := $(wildcard */pyproject.toml native/pyproject.toml services/*/pyproject.toml protos/meshllm/v1/*.proto) \
            requirements-dev.txt Makefile
 
-.PHONY: install proto up test lint bench clean browser
+.PHONY: install proto up test lint bench clean browser llama-server
 
 install: $(STAMP) browser
 
@@ -43,8 +43,17 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+# Baselines for bench/batching.py: llama-cpp-python's own server, and llama.cpp's C++
+# llama-server built from the same vendored source (long: run `make llama-server` once).
 bench: install
+	$(BIN)/pip install --quiet -r requirements-bench.txt
 	$(BIN)/python bench/gateway_overhead.py
+	$(BIN)/python bench/pipeline_split.py
+	$(BIN)/python bench/batching.py
+	$(BIN)/python bench/blackboard_gossip.py
+
+llama-server:
+	bash scripts/build_llama_server.sh
 
 clean:
 	rm -rf $(VENV) common/src/meshllm/v1

@@ -13,7 +13,7 @@ from typing import Any
 
 from meshllm.common.models import materialize
 from meshllm.native import rpc
-from meshllm.worker.engine_proc import HEAD_TENSORS, offload_params, weight_repacking
+from meshllm.worker.load_params import HEAD_TENSORS, offload_params, weight_repacking
 
 PROMPT = "Write a detailed essay about the history of the printing press."
 

@@ -12,7 +12,6 @@ from typing import Any
 
 import openai
 import pytest
-from meshllm.common.models import materialize
 
 from tests.support.mesh import LocalMesh, MeshOptions, wait_for
 
@@ -23,28 +22,25 @@ MAX_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
-def solo() -> dict[str, str]:
-    """Greedy completions from llama.cpp with the whole model in this process, loaded as
-    the mesh's engines load it (no CPU weight repacking, see engine_proc)."""
-    from llama_cpp import Llama
-    from meshllm.worker.engine_proc import weight_repacking
-
-    with weight_repacking(False):
-        llm: Any = Llama(model_path=str(materialize(MODEL)), n_ctx=4096, n_threads=1,
-                    verbose=False)
-    out = {}
-    for prompt in PROMPTS:
-        llm.reset()
-        r: Any = llm.create_completion(prompt, max_tokens=MAX_TOKENS, temperature=0)
-        out[prompt] = r["choices"][0]["text"]
-    return out
+def solo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Greedy completions from the same model served whole by one worker."""
+    mesh = LocalMesh(tmp_path_factory.mktemp("solo"), MeshOptions(workers=1,
+                                                                 worker_memory="2GiB"))
+    try:
+        mesh.start()
+        client = client_for(mesh)
+        return {p: client.completions.create(model=MODEL, prompt=p, max_tokens=MAX_TOKENS,
+                                             temperature=0).choices[0].text or ""
+                for p in PROMPTS}
+    finally:
+        mesh.stop()
 
 
 @pytest.fixture(scope="module")
 def split_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
-    # 300 MiB each: the model needs about 410 MiB on one worker
+    # 400 MiB each: the model needs about 620 MiB on one worker (4 slots of 4096 tokens)
     mesh = LocalMesh(tmp_path_factory.mktemp("split"),
-                     MeshOptions(workers=3, worker_memory="300MiB", lease_ttl_s=4,
+                     MeshOptions(workers=3, worker_memory="400MiB", lease_ttl_s=4,
                                  expect_replicas=1))
     try:
         mesh.start()

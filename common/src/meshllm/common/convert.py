@@ -92,7 +92,8 @@ def model_spec_to_pb(s: ModelSpec) -> mesh_pb2.ModelSpec:
         n_layers=s.n_layers, context_length=s.context_length,
         kv_bytes_per_token=s.kv_bytes_per_token, architecture=s.architecture,
         train_context_length=s.train_context_length, shared_bytes=s.shared_bytes,
-        layer_bytes=list(s.layer_bytes), force_split=s.force_split,
+        layer_bytes=list(s.layer_bytes), force_split=s.force_split, slots=s.slots,
+        speculative=s.speculative,
     )
 
 
@@ -109,7 +110,8 @@ def model_spec_from_pb(m: mesh_pb2.ModelSpec) -> ModelSpec:
         n_layers=m.n_layers, context_length=m.context_length,
         kv_bytes_per_token=m.kv_bytes_per_token, architecture=m.architecture,
         train_context_length=m.train_context_length, shared_bytes=m.shared_bytes,
-        layer_bytes=tuple(m.layer_bytes), force_split=m.force_split,
+        layer_bytes=tuple(m.layer_bytes), force_split=m.force_split, slots=max(1, m.slots),
+        speculative=m.speculative or "none",
     )
 
 
@@ -222,7 +224,8 @@ def event_to_pb(e: GenerateEvent) -> worker_pb2.GenerateResponse:
         delta = worker_pb2.TokenDelta(text=e.text, tokens=e.tokens)
         return worker_pb2.GenerateResponse(delta=delta)
     usage = worker_pb2.Usage(
-        prompt_tokens=e.usage.prompt_tokens, completion_tokens=e.usage.completion_tokens
+        prompt_tokens=e.usage.prompt_tokens, completion_tokens=e.usage.completion_tokens,
+        cached_tokens=e.usage.cached_tokens,
     )
     return worker_pb2.GenerateResponse(
         finished=worker_pb2.Finished(finish_reason=e.finish_reason, usage=usage)
@@ -235,7 +238,8 @@ def event_from_pb(m: worker_pb2.GenerateResponse) -> GenerateEvent:
         return TokenDelta(m.delta.text, m.delta.tokens)
     _require(kind == "finished", "generate response without an event")
     u = m.finished.usage
-    return Finished(m.finished.finish_reason, Usage(u.prompt_tokens, u.completion_tokens))
+    return Finished(m.finished.finish_reason,
+                    Usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens))
 
 
 def stats_to_pb(s: WorkerStats) -> worker_pb2.WorkerStats:

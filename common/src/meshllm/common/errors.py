@@ -46,3 +46,7 @@ class EngineUnavailable(MeshError):
 
 class EngineCrashed(EngineUnavailable):
     pass
+
+
+class EngineBusy(MeshError):
+    """Every slot is busy and the engine's queue is full: retry later or elsewhere."""

@@ -61,10 +61,13 @@ class ModelSpec:
     shared_bytes: int = 0                # weights outside the layers (embeddings, output)
     layer_bytes: tuple[int, ...] = ()    # weights of each layer
     force_split: bool = False            # split even when one worker could hold it
+    slots: int = 1                       # sequences an engine runs at once, each with
+                                         # the full context
+    speculative: str = "none"            # none | ngram | draft:<model source>
 
     @property
     def kv_cache_bytes(self) -> int:
-        return self.kv_bytes_per_token * self.context_length
+        return self.kv_bytes_per_token * self.context_length * max(1, self.slots)
 
     def layer_weight_bytes(self, start: int, end: int) -> int:
         """Weights of layers [start, end); an even share when per-layer sizes are unknown."""
@@ -159,6 +162,7 @@ class GenerateRequest:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose KV cache was reused
 
     @property
     def total_tokens(self) -> int:

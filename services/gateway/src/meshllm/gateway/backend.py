@@ -23,7 +23,14 @@ from meshllm.common.types import (
     WorkerId,
     WorkerInfo,
 )
-from meshllm.gateway.errors import ApiError, invalid, model_not_found, unavailable, worker_failed
+from meshllm.gateway.errors import (
+    ApiError,
+    invalid,
+    model_not_found,
+    overloaded,
+    unavailable,
+    worker_failed,
+)
 from meshllm.gateway.openai_api import ApiRequest
 from meshllm.gateway.routing import WorkerLoad, ready_replicas, route, why_unavailable
 from meshllm.v1 import worker_pb2_grpc
@@ -86,7 +93,7 @@ class MeshBackend:
             raise unavailable(why_unavailable(self.snapshot, model_id))
         request = GenerateRequest(RequestId(uuid.uuid4().hex), model_id, req.text, req.chat,
                                   req.sampling)
-        failures = []
+        failures, busy = [], 0
         for worker in candidates:
             started = False
             try:
@@ -95,9 +102,13 @@ class MeshBackend:
                     yield event
                 return
             except grpc.aio.AioRpcError as exc:
+                busy += exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 failure = self._failure(worker, exc, started)
                 failures.append(failure)
                 log.warning("worker %s failed for %s: %s", worker.worker_id, model_id, failure)
+        if busy == len(candidates):
+            raise overloaded(f"every replica of {model_id} is busy: {'; '.join(failures)}. "
+                             f"Retry after a short wait.")
         raise worker_failed(f"every replica of {model_id} failed: {'; '.join(failures)}")
 
     def _failure(self, worker: WorkerInfo, exc: grpc.aio.AioRpcError, started: bool) -> str:
@@ -105,8 +116,10 @@ class MeshBackend:
             details = exc.details() or "invalid request"
             code = "context_length_exceeded" if "context length" in details else None
             raise invalid(details, "messages" if code else None, code)
-        self._note(worker, 0, failed=True)
         message = f"{worker.worker_id}: {exc.code().name} {exc.details()}"
+        if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return message  # busy is not broken: no failure mark against the worker
+        self._note(worker, 0, failed=True)
         if started:
             raise StreamBroken(f"worker {message} after the stream began")
         return message

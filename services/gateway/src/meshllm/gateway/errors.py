@@ -39,5 +39,9 @@ def unavailable(message: str) -> ApiError:
     return ApiError(503, message, "service_unavailable", None, "no_live_worker")
 
 
+def overloaded(message: str) -> ApiError:
+    return ApiError(429, message, "rate_limit_error", None, "model_overloaded")
+
+
 def worker_failed(message: str) -> ApiError:
     return ApiError(502, message, "server_error", None, "worker_failed")

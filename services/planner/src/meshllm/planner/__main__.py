@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
@@ -24,6 +25,8 @@ async def describe_models(config: PlannerConfig) -> list[ModelSpec]:
         log.info("reading model %s", source)
         spec = await asyncio.to_thread(models.describe, source, config.context_length_tokens,
                                        source in config.split)
+        mode = config.speculative.get(source, config.speculative.get("*", "none"))
+        spec = dataclasses.replace(spec, slots=config.slots, speculative=mode)
         log.info("model %s: %d layers, %d MB weights, context %d", spec.model_id,
                  spec.n_layers, spec.weights_bytes // 10**6, spec.context_length)
         specs.append(spec)

@@ -24,6 +24,8 @@ class PlannerConfig:
     models: tuple[str, ...]         # catalog names or .gguf paths to serve
     split: tuple[str, ...]          # models to split across workers even if one holds them
     max_link_rtt_ms: float          # never split a model over a slower link
+    slots: int                      # sequences each engine decodes together, full context each
+    speculative: dict[str, str]     # model -> none | ngram | draft:<model>; "*" for all
     context_length_tokens: int      # context each engine serves, capped at the trained one
     engine_overhead_bytes: int
     max_replicas: int               # 0: as many as fit
@@ -42,6 +44,11 @@ OPTIONS = (
            "comma-separated models (as given in --models) to split even when they fit"),
     Option("--max-link-rtt-ms", "MESHLLM_MAX_LINK_RTT_MS", positive_float, "80",
            "links slower than this (round trip) are never used to split a model"),
+    Option("--slots", "MESHLLM_SLOTS", positive_int, "4",
+           "requests each engine decodes at once (continuous batching); KV cache grows with it"),
+    Option("--speculative", "MESHLLM_SPECULATIVE", csv_list, "none",
+           "speculative decoding: none | ngram | draft:MODEL, for all models or as "
+           "MODEL=MODE entries"),
     Option("--context-length", "MESHLLM_CONTEXT_LENGTH", positive_int, "4096",
            "context length in tokens per engine"),
     Option("--engine-overhead", "MESHLLM_ENGINE_OVERHEAD", parse_size, "96MiB",
@@ -54,6 +61,19 @@ OPTIONS = (
 )
 
 
+def speculative_modes(entries: Sequence[str]) -> dict[str, str]:
+    """{"*": "ngram", "gemma3-270m": "draft:small.gguf"} from "ngram,gemma3-270m=draft:..."."""
+    modes = {}
+    for entry in entries:
+        model, _, mode = entry.rpartition("=") if "=" in entry else ("*", "", entry)
+        if mode.partition(":")[0] not in ("none", "ngram", "draft") or (
+                mode.startswith("draft") and not mode.partition(":")[2]):
+            raise ConfigError("--speculative / MESHLLM_SPECULATIVE",
+                              f"{entry!r}: expected none, ngram or draft:MODEL")
+        modes[model or "*"] = mode
+    return modes
+
+
 def load_config(argv: Sequence[str], env: Mapping[str, str]) -> PlannerConfig:
     v = read_options("mesh-llm planner", OPTIONS, argv, env)
     unknown = set(v["split"]) - set(v["models"])
@@ -62,7 +82,8 @@ def load_config(argv: Sequence[str], env: Mapping[str, str]) -> PlannerConfig:
                           f"{', '.join(sorted(unknown))} not among --models")
     return PlannerConfig(
         etcd_url=v["etcd"], listen=v["listen"], models=v["models"], split=v["split"],
-        max_link_rtt_ms=v["max_link_rtt_ms"],
+        max_link_rtt_ms=v["max_link_rtt_ms"], slots=v["slots"],
+        speculative=speculative_modes(v["speculative"]),
         context_length_tokens=v["context_length"], engine_overhead_bytes=v["engine_overhead"],
         max_replicas=v["max_replicas"], debounce_s=v["debounce_s"],
         metrics_port=v["metrics_port"], log_level=v["log_level"],

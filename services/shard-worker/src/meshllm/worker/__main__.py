@@ -41,7 +41,7 @@ def host_deps(config: WorkerConfig, tel: telemetry.Telemetry) -> HostDeps:
         tunnel_factory=TunnelListener, stage_factory=StageServer,
         threads=config.threads, stage_host=advertised_host if direct else "127.0.0.1",
         stage_cache_dir=config.cache_dir, direct_rpc=direct, weight_repack=config.weight_repack,
-        restart_backoff_s=config.restart_backoff_s,
+        restart_backoff_s=config.restart_backoff_s, max_queue=config.max_queue,
     )
 
 

@@ -36,6 +36,7 @@ class WorkerConfig:
     cache_dir: Path             # RPC tensor cache of this worker's stages
     ping_interval_s: float      # how often round trips to the other workers are measured
     weight_repack: bool         # llama.cpp's CPU weight repacking: faster, but split != whole
+    max_queue: int              # requests waiting for a free slot before the worker is busy
     metrics_port: int
     log_level: str
     trace: TraceSettings        # what the OTEL_* variables ask for
@@ -88,6 +89,8 @@ OPTIONS = (
     Option("--weight-repack", "MESHLLM_WEIGHT_REPACK", _on_off, "off",
            "on: llama.cpp's CPU weight repacking (faster on some CPUs; split models then "
            "answer slightly differently from whole ones)"),
+    Option("--max-queue", "MESHLLM_MAX_QUEUE", int, "16",
+           "requests waiting for a free slot per model before answering busy (429)"),
     Option("--metrics-port", "MESHLLM_METRICS_PORT", int, "0", "Prometheus port (0: off)"),
     Option("--log-level", "MESHLLM_LOG_LEVEL", str, "INFO", "log level"),
 )
@@ -111,6 +114,7 @@ def load_config(argv: Sequence[str], env: Mapping[str, str]) -> WorkerConfig:
         advertise_address=v["advertise_address"] or f"127.0.0.1:{port}",
         worker_id=worker_id, rpc_transport=v["rpc_transport"], cache_dir=cache.expanduser(),
         ping_interval_s=v["ping_interval_s"], weight_repack=v["weight_repack"],
+        max_queue=v["max_queue"],
         memory_budget_bytes=v["worker_memory"], threads=v["threads"], backend=v["backend"],
         lease=LeaseConfig(v["lease_ttl_s"], v["keepalive_s"]),
         restart_backoff_s=v["restart_backoff_s"], metrics_port=v["metrics_port"],

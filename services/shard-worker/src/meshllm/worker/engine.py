@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from meshllm.common import telemetry
-from meshllm.common.errors import EngineCrashed, EngineUnavailable, InvalidGenerateRequest
+from meshllm.common.errors import (
+    EngineBusy,
+    EngineCrashed,
+    EngineUnavailable,
+    InvalidGenerateRequest,
+    MeshError,
+)
 from meshllm.common.types import Finished, GenerateEvent, GenerateRequest, TokenDelta, Usage
 
 log = logging.getLogger(__name__)
@@ -34,6 +40,9 @@ class EngineSettings:
     n_gpu_layers: int = 0                 # layers on the stages (the last ones)
     weight_repack: bool = False           # faster CPU kernels, but split != whole output
     on_progress: Callable[[float], None] | None = None  # weights loaded so far, 0..1
+    slots: int = 1                        # requests decoded together
+    max_queue: int = 16                   # requests waiting for a slot before "busy"
+    speculative: str = "none"             # none | ngram | draft:<path>
     load_timeout_s: float = 600.0
 
 
@@ -55,8 +64,18 @@ def _request_command(request: GenerateRequest) -> dict[str, Any]:
 def _event(ev: dict[str, Any]) -> GenerateEvent:
     if ev["ev"] == "delta":
         return TokenDelta(ev["text"], int(ev["tokens"]))
-    return Finished(ev["finish_reason"],
-                    Usage(int(ev["prompt_tokens"]), int(ev["completion_tokens"])))
+    return Finished(ev["finish_reason"], Usage(int(ev["prompt_tokens"]),
+                                               int(ev["completion_tokens"]),
+                                               int(ev.get("cached_tokens", 0))))
+
+
+def _error(ev: dict[str, Any]) -> MeshError:
+    """The engine's refusal as the service's typed error."""
+    if ev.get("kind") == "QueueFull":
+        return EngineBusy(ev["message"])
+    if ev.get("kind") in ("PromptTooLong", "InvalidGenerateRequest"):
+        return InvalidGenerateRequest(ev["message"])
+    return EngineUnavailable(f"{ev.get('kind')}: {ev['message']}")
 
 
 class ProcessEngine:
@@ -69,6 +88,7 @@ class ProcessEngine:
         self._proc: asyncio.subprocess.Process | None = None
         self._streams: dict[str, asyncio.Queue[dict[str, Any]]] = {}
         self._reader: asyncio.Task[None] | None = None
+        self.stats: dict[str, Any] = {}  # the engine's last report: running, queued, ...
 
     async def start(self) -> None:
         env = {**os.environ, "GGML_NO_BACKTRACE": "1"}  # ggml would attach gdb on abort: slow
@@ -81,7 +101,8 @@ class ProcessEngine:
                           "n_ctx": s.context_length_tokens, "n_threads": s.threads,
                           "rpc_endpoints": list(s.rpc_endpoints),
                           "tensor_split": list(s.tensor_split), "n_gpu_layers": s.n_gpu_layers,
-                          "weight_repack": s.weight_repack})
+                          "weight_repack": s.weight_repack, "slots": s.slots,
+                          "max_queue": s.max_queue, "speculative": s.speculative})
         first = await self._first_event()
         if first.get("ev") != "loaded":
             await self.stop()
@@ -116,6 +137,9 @@ class ProcessEngine:
         assert self._proc is not None and self._proc.stdout is not None
         while line := await self._proc.stdout.readline():
             event = json.loads(line)
+            if event.get("ev") == "stats":
+                self.stats = event
+                continue
             stream = self._streams.get(event.get("id", ""))
             if stream is not None:
                 stream.put_nowait(event)
@@ -137,7 +161,7 @@ class ProcessEngine:
                     code = await self.wait_exited()
                     raise EngineCrashed(f"the engine process died (exit code {code})")
                 if event["ev"] == "error":
-                    raise InvalidGenerateRequest(event["message"])
+                    raise _error(event)
                 done = event["ev"] == "finished"
                 if done:
                     self._trace_phases(request, submitted_ns, event)

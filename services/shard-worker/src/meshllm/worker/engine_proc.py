@@ -1,33 +1,42 @@
-"""The engine process: one llama.cpp model, driven over stdin/stdout with JSON lines.
+"""The engine process: one llama.cpp model serving many requests at once (continuous
+batching), driven over stdin/stdout with JSON lines.
 
 It runs apart from the service so that a native crash or abort (llama.cpp aborts on a
 lost RPC peer, for one) kills only this process; the service reports it and restarts it.
 
-Commands in:  {"op": "load", "path", "n_ctx", "n_threads"}
+Commands in:  {"op": "load", "path", "n_ctx", "n_threads", "slots", "max_queue", ...}
               {"op": "generate", "id", "text" | "chat", "sampling"}
               {"op": "cancel", "id"}
-Events out:   {"ev": "loaded", "n_ctx"} | {"ev": "load_failed", "error"}
+Events out:   {"ev": "progress", "fraction"} ... then {"ev": "loaded"} | {"ev": "load_failed"}
               {"ev": "delta", "id", "text", "tokens"}
-              {"ev": "finished", "id", "finish_reason", "prompt_tokens", "completion_tokens"}
+              {"ev": "finished", "id", "finish_reason", "prompt_tokens", "cached_tokens",
+               "completion_tokens", "started_ns", "first_token_ns"}
               {"ev": "error", "id", "kind", "message"}
+              {"ev": "stats", "running", "queued", "drafted", "accepted", "steps", ...}
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import os
-import queue
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from typing import IO, Any
 
-from meshllm.common.errors import InvalidGenerateRequest, PromptTooLong
+from meshllm.common.errors import MeshError
 from meshllm.common.types import ChatMessage, SamplingParams
-from meshllm.worker.generation import Generator
+from meshllm.worker.batch import BatchConfig, BatchEngine
+from meshllm.worker.batch.config import SpecMode
+from meshllm.worker.batch.events import Delta, Event, Finished
+from meshllm.worker.load_params import (
+    HEAD_TENSORS,
+    offload_params,
+    progress_reporter,
+    weight_repacking,
+)
+
+STATS_PERIOD_S = 1.0
 
 
 class Channel:
@@ -59,157 +68,113 @@ def sampling_from(d: dict[str, Any]) -> SamplingParams:
     )
 
 
-# The head of a split keeps the embeddings and the output layer (tied to the embeddings
-# in many models): llama.cpp would otherwise put the output on the last stage, which then
-# sends the whole logits vector (vocabulary x 4 bytes, 1 MB for gemma3) back every token.
-HEAD_TENSORS = r"^(token_embd|output|output_norm)\.weight$"
+def batch_config(cmd: dict[str, Any]) -> BatchConfig:
+    slots = int(cmd.get("slots", 1))
+    speculative = str(cmd.get("speculative", "none"))
+    mode, _, draft = speculative.partition(":")
+    return BatchConfig(
+        model_path=cmd["path"], n_ctx=int(cmd["n_ctx"]) * slots, n_slots=slots,
+        n_threads=int(cmd["n_threads"]), max_queue=int(cmd.get("max_queue", 16)),
+        spec_mode=SpecMode(mode), draft_model_path=draft or None,
+    )
 
 
-ProgressCallback = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_float, ctypes.c_void_p)
-
-
-def progress_reporter(out: Channel) -> Any:
-    """A llama.cpp load-progress callback that sends a "progress" event every 5%."""
-    last = [-1.0]
-
-    def report(fraction: float, _: Any) -> bool:
-        if fraction - last[0] >= 0.05 or fraction >= 1.0:
-            last[0] = fraction
-            out.send(ev="progress", fraction=round(float(fraction), 3))
-        return True  # keep loading
-
-    return ProgressCallback(report)
-
-
-@contextlib.contextmanager
-def weight_repacking(enabled: bool, keep_on_cpu: str = "", progress: Any = None
-                     ) -> Iterator[None]:
-    """Set model parameters llama-cpp-python does not expose while a model loads.
-
-    CPU weight repacking re-lays quantized weights for faster CPU kernels, but a ggml RPC
-    server cannot repack the layers it receives, so a split model would compute its layers
-    with other kernels than a whole one and greedy outputs would drift apart after a few
-    dozen tokens. Off, a model answers the same whole or split. `keep_on_cpu` names
-    tensors (a regular expression) that stay in this process when layers are offloaded.
-    """
-    import llama_cpp.llama_cpp as native
-
-    original = native.llama_model_default_params
-    overrides = None
-    if keep_on_cpu:
-        from meshllm.native import rpc
-
-        overrides = rpc.cpu_overrides(keep_on_cpu)
-
-    def adjusted() -> Any:
-        params = original()
-        params.use_extra_bufts = enabled
-        if overrides is not None:
-            params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
-        if progress is not None:
-            params.progress_callback = progress
-        return params
-
-    native.llama_model_default_params = adjusted
-    try:
-        yield
-    finally:
-        native.llama_model_default_params = original
-
-
-def offload_params(stage_layers: list[int]) -> dict[str, Any]:
-    """llama.cpp arguments that put `stage_layers[i]` of the last layers on RPC device i.
-
-    llama.cpp counts the output layer as the last offloadable layer and shares layers out
-    by their position among all offloaded ones: one more layer, given to the last device,
-    lands the output there on paper; HEAD_TENSORS keeps its weights (and so its work) here.
-    """
-    split = [float(n) for n in stage_layers]
-    split[-1] += 1
-    return {"n_gpu_layers": sum(stage_layers) + 1, "tensor_split": split}
-
-
-def load(cmd: dict[str, Any], out: Channel | None = None) -> Generator:
-    from llama_cpp import Llama  # imported here: only the engine process needs llama.cpp
-    from meshllm.native import rpc
+def load(cmd: dict[str, Any], out: Channel | None = None) -> BatchEngine:
+    from meshllm.native import rpc  # imported here: only the engine process needs llama.cpp
 
     rpc.ensure_backends()
-    split: dict[str, Any] = {}
+    offload = None
     if cmd.get("rpc_endpoints"):
         # Registered RPC devices come first in llama.cpp's device list and take the last
         # layers in order; the embeddings, output and first layers stay here: the head.
         rpc.add_rpc_servers(list(cmd["rpc_endpoints"]))
-        split = offload_params([int(x) for x in cmd["tensor_split"]])
-    keep = HEAD_TENSORS if split else ""
-    progress = progress_reporter(out) if out is not None else None
-    with weight_repacking(bool(cmd.get("weight_repack", False)), keep, progress):
-        llm = Llama(model_path=cmd["path"], n_ctx=int(cmd["n_ctx"]),
-                    n_threads=int(cmd["n_threads"]), n_threads_batch=int(cmd["n_threads"]),
-                    verbose=False, **split)
-    return Generator(llm)
+        offload = offload_params([int(x) for x in cmd["tensor_split"]])
+    progress = None
+    if out is not None:
+        progress = progress_reporter(lambda f: out.send(ev="progress", fraction=f))
+    keep = HEAD_TENSORS if offload else ""
+    with weight_repacking(bool(cmd.get("weight_repack", False)), keep, progress, offload):
+        return BatchEngine(batch_config(cmd))
 
 
-def serve_one(gen: Generator, cmd: dict[str, Any], out: Channel,
-              cancelled: set[str], lock: threading.Lock) -> None:
-    rid = cmd["id"]
-    started_ns, first_token_ns = time.time_ns(), 0  # for the service's trace of this request
-    chat = None
-    if cmd.get("chat") is not None:
-        chat = tuple(ChatMessage(m["role"], m["content"]) for m in cmd["chat"])
-    try:
-        tokens, stops = gen.prompt_tokens(cmd.get("text"), chat)
-    except (PromptTooLong, InvalidGenerateRequest) as exc:
-        out.send(ev="error", id=rid, kind=type(exc).__name__, message=str(exc))
-        return
+class Session:
+    """Turns commands into engine submissions and engine events into JSON lines."""
 
-    def is_cancelled() -> bool:
-        with lock:
-            return rid in cancelled
+    def __init__(self, engine: BatchEngine, out: Channel) -> None:
+        self._engine = engine
+        self._out = out
+        self._times: dict[str, list[int]] = {}  # request id -> [started_ns, first_token_ns]
+        self._lock = threading.Lock()
 
-    def emit(text: str, n: int) -> None:
-        nonlocal first_token_ns
-        first_token_ns = first_token_ns or time.time_ns()
-        out.send(ev="delta", id=rid, text=text, tokens=n)
+    def generate(self, cmd: dict[str, Any]) -> None:
+        rid = cmd["id"]
+        chat = None
+        if cmd.get("chat") is not None:
+            chat = tuple(ChatMessage(m["role"], m["content"]) for m in cmd["chat"])
+        with self._lock:
+            self._times[rid] = [time.time_ns(), 0]
+        try:
+            tokens, stops = self._engine.prompt_tokens(cmd.get("text"), chat)
+            self._engine.submit(rid, tokens, sampling_from(cmd.get("sampling", {})),
+                                self.on_event, stops=stops)
+        except MeshError as exc:  # too long, invalid, queue full: the service maps the kind
+            with self._lock:
+                self._times.pop(rid, None)
+            self._out.send(ev="error", id=rid, kind=type(exc).__name__, message=str(exc))
 
-    outcome = gen.run(tokens, stops, sampling_from(cmd.get("sampling", {})), emit, is_cancelled)
-    out.send(ev="finished", id=rid, finish_reason=outcome.finish_reason,
-             prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens,
-             started_ns=started_ns, first_token_ns=first_token_ns)
-
-
-def read_commands(jobs: queue.Queue[dict[str, Any] | None], cancelled: set[str],
-                  lock: threading.Lock) -> None:
-    """Reader thread: queues work and marks cancellations while generation runs."""
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        if cmd["op"] == "cancel":
-            with lock:
-                cancelled.add(cmd["id"])
+    def on_event(self, event: Event) -> None:
+        rid = event.request_id
+        if isinstance(event, Delta):
+            with self._lock:
+                times = self._times.get(rid)
+                if times is not None and not times[1]:
+                    times[1] = time.time_ns()
+            self._out.send(ev="delta", id=rid, text=event.text, tokens=event.tokens)
+            return
+        with self._lock:
+            started, first = self._times.pop(rid, [0, 0])
+        if isinstance(event, Finished):
+            self._out.send(ev="finished", id=rid, finish_reason=event.reason,
+                           prompt_tokens=event.prompt_tokens,
+                           cached_tokens=event.cached_prompt_tokens,
+                           completion_tokens=event.completion_tokens,
+                           started_ns=started, first_token_ns=first)
         else:
-            jobs.put(cmd)
-    jobs.put(None)  # the service closed our stdin: exit
+            self._out.send(ev="error", id=rid, kind=event.kind, message=event.message)
+
+    def report_stats(self) -> None:
+        last: dict[str, Any] = {}
+        while True:
+            s = self._engine.stats()
+            now = {"running": s.running, "queued": s.queued, "steps": s.steps,
+                   "drafted": s.drafted_tokens, "accepted": s.accepted_tokens,
+                   "tokens_per_step": round(s.tokens_per_step, 3),
+                   "cached_prompt_tokens": s.prompt_tokens_cached}
+            if now != last:
+                self._out.send(ev="stats", **now)
+                last = now
+            time.sleep(STATS_PERIOD_S)
 
 
 def main() -> int:
     out = Channel()
     first = json.loads(sys.stdin.readline() or "{}")
     try:
-        gen = load(first, out)
+        engine = load(first, out)
     except Exception as exc:  # any load failure is reported to the service, which decides
         out.send(ev="load_failed", error=f"{type(exc).__name__}: {exc}")
         return 1
-    out.send(ev="loaded", n_ctx=gen.n_ctx)
-    jobs: queue.Queue[dict[str, Any] | None] = queue.Queue()
-    cancelled: set[str] = set()
-    lock = threading.Lock()
-    threading.Thread(target=read_commands, args=(jobs, cancelled, lock), daemon=True).start()
-    while (cmd := jobs.get()) is not None:
-        with lock:
-            skip = cmd["id"] in cancelled
-        if not skip:
-            serve_one(gen, cmd, out, cancelled, lock)
-        with lock:
-            cancelled.discard(cmd["id"])
+    engine.start()
+    out.send(ev="loaded", n_ctx=engine.config.n_ctx_slot)
+    session = Session(engine, out)
+    threading.Thread(target=session.report_stats, daemon=True).start()
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["op"] == "cancel":
+            engine.cancel(cmd["id"])
+        elif cmd["op"] == "generate":
+            session.generate(cmd)
+    engine.stop()  # the service closed our stdin: finish and exit
     return 0
 
 

@@ -43,8 +43,9 @@ class HostDeps:
     stage_host: str          # where stage RPC servers listen: 127.0.0.1 unless direct
     stage_cache_dir: Path
     direct_rpc: bool         # heads dial stages' RPC servers directly when they allow it
-    weight_repack: bool      # llama.cpp CPU weight repacking (see engine_proc)
+    weight_repack: bool      # llama.cpp CPU weight repacking (see load_params)
     restart_backoff_s: float
+    max_queue: int = 16      # requests waiting for a slot before the engine says busy
 
 
 class ModelHost:
@@ -83,6 +84,13 @@ class ModelHost:
         self._publishing.add(task)
         task.add_done_callback(self._publishing.discard)
 
+    def _speculative(self) -> str:
+        """The model's speculative setting, with a draft model resolved to a local file."""
+        mode, _, draft = self.spec.speculative.partition(":")
+        if mode == "draft":
+            return f"draft:{models.materialize(draft)}"
+        return mode or "none"
+
     async def _stage_endpoints(self) -> list[str]:
         endpoints = []
         for peer in self.plan.peers:
@@ -112,6 +120,8 @@ class ModelHost:
             tensor_split=tuple(float(p.n_layers) for p in self.plan.peers),
             n_gpu_layers=sum(p.n_layers for p in self.plan.peers),
             weight_repack=self._deps.weight_repack, on_progress=self._loading_progress,
+            slots=self.spec.slots, max_queue=self._deps.max_queue,
+            speculative=self._speculative(),
         ))
         await engine.start()
         self.engine = engine

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import grpc
 from grpc_health.v1 import health
 from meshllm.common import convert, grpcutil, telemetry
-from meshllm.common.errors import EngineUnavailable, InvalidGenerateRequest
+from meshllm.common.errors import EngineBusy, EngineUnavailable, InvalidGenerateRequest
 from meshllm.common.membership import Registration
 from meshllm.common.types import (
     Finished,
@@ -90,8 +90,9 @@ class Worker:
         return host.stage.port
 
     def stats(self) -> WorkerStats:
-        running = sum(min(h.in_flight, 1) for h in self.hosts.values())
-        queued = sum(max(h.in_flight - 1, 0) for h in self.hosts.values())
+        # Counted here, not from the engine's once-a-second reports, so they are current.
+        running = sum(min(h.in_flight, h.spec.slots) for h in self.hosts.values())
+        queued = sum(max(h.in_flight - h.spec.slots, 0) for h in self.hosts.values())
         return WorkerStats(self.worker_id, running, queued, self.generated_tokens,
                            self.prompt_tokens, tuple(h.state for h in self.hosts.values()))
 
@@ -131,6 +132,8 @@ class ShardWorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
                 yield convert.event_to_pb(event)
         except InvalidGenerateRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except EngineBusy as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except EngineUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         finally:

@@ -1,0 +1,93 @@
+"""A scripted model for engine tests: logits are a pure function of the sequence's own
+tokens, so every output is known in advance, and the KV bookkeeping is checked strictly."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+from meshllm.worker.batch.sampling import Logits
+
+V = 32
+EOG = V - 1
+
+
+def target_rule(prefix: Sequence[int]) -> int:
+    """The target model's greedy choice after `prefix` (never EOG)."""
+    return (sum(prefix) * 7 + len(prefix) * 3) % (V - 1)
+
+
+def draft_rule(prefix: Sequence[int]) -> int:
+    """A draft model that agrees with the target two times out of three."""
+    t = target_rule(prefix)
+    return (t + 1) % (V - 1) if len(prefix) % 3 == 0 else t
+
+
+class ScriptedBackend:
+    def __init__(self, rule: Callable[[Sequence[int]], int] = target_rule) -> None:
+        self.n_vocab = V
+        self.rule = rule
+        self.kv: dict[int, dict[int, int]] = {}
+        self.decoded = 0
+
+    def decode(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int],
+               outputs: Sequence[bool]) -> list[Logits]:
+        rows: list[Logits] = []
+        for t, p, s, out in zip(tokens, positions, seqs, outputs, strict=True):
+            cells = self.kv.setdefault(s, {})
+            assert p not in cells, f"seq {s} position {p} written twice: a stale KV cell"
+            assert p == len(cells), f"seq {s}: position {p} leaves a gap after {len(cells)}"
+            cells[p] = t
+            if out:
+                rows.append(self.logits([cells[q] for q in range(p + 1)]))
+        self.decoded += len(tokens)
+        return rows
+
+    def logits(self, prefix: Sequence[int]) -> Logits:
+        """Peaked at the rule's choice with a spread, so that sampling has choices too."""
+        row = np.zeros(V, dtype=np.float32)
+        choice = self.rule(prefix)
+        row[choice] = 3.0
+        row[(choice + 5) % (V - 1)] = 2.0
+        return row
+
+    def seq_rm(self, seq: int, p0: int) -> bool:
+        cells = self.kv.setdefault(seq, {})
+        for p in [p for p in cells if p >= max(p0, 0)]:
+            del cells[p]
+        return True
+
+    def piece(self, token: int) -> bytes:
+        return bytes([97 + token % 26])
+
+    def is_eog(self, token: int) -> bool:
+        return token == EOG
+
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        return [ord(c) % (V - 1) for c in text]
+
+
+def solo_greedy(prompt: Sequence[int], n: int) -> list[int]:
+    hist = list(prompt)
+    for _ in range(n):
+        hist.append(target_rule(hist))
+    return hist[len(prompt):]
+
+
+class CorruptingDrafter:
+    """Proposes the target's continuation with every third token wrong."""
+
+    def __init__(self) -> None:
+        self.proposed = 0
+
+    def propose(self, wants: Mapping[int, tuple[Sequence[int], int]]) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for slot, (hist, k) in wants.items():
+            h, d = list(hist), []
+            for _ in range(k):
+                token = draft_rule(h)
+                d.append(token)
+                h.append(token)
+            out[slot] = d
+            self.proposed += len(d)
+        return out
