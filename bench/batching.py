@@ -24,6 +24,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -46,7 +47,7 @@ REPEATING = ("Here is a list of fruits: apple, banana, cherry, date, elderberry,
              "honeydew, kiwi, lemon, mango, nectarine, orange, papaya, quince, raspberry. "
              "Repeat the list exactly five times.\n") * 3 + "apple, banana, cherry,"
 N_CTX = 4096
-ENGINES = ("engine", "lcp", "lcp-noint", "llama-server")
+ENGINES = ("gateway", "engine", "lcp", "lcp-noint", "llama-server")
 # One request: (prompt, max_tokens) -> (ttft seconds or None, completion tokens, completed)
 Issue = Callable[[str, int], Awaitable[tuple[float | None, int, bool]]]
 
@@ -141,7 +142,8 @@ def engine_issuer(engine: BatchEngine) -> Issue:
 
 def http_issuer(base: str, timeout: float) -> Issue:
     async def issue(prompt: str, max_tokens: int) -> tuple[float | None, int, bool]:
-        body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True}
+        body = {"model": "gemma3-270m", "prompt": prompt, "max_tokens": max_tokens,
+                "temperature": 0.0, "stream": True}
         started, ttft, tokens = time.perf_counter(), None, 0
         try:
             async with httpx.AsyncClient(timeout=timeout) as client, client.stream(
@@ -210,6 +212,8 @@ def start_all(model: str, threads: int, only: set[str],
               stack: contextlib.ExitStack) -> dict[str, Issue]:
     """Every engine up at once, so that rounds can alternate between them."""
     issuers: dict[str, Issue] = {}
+    if "gateway" in only:
+        issuers["gateway"] = start_mesh(threads, stack)
     if "engine" in only:
         engine = BatchEngine(BatchConfig(model_path=model, n_ctx=N_CTX, n_slots=8,
                                          n_threads=threads))
@@ -222,6 +226,21 @@ def start_all(model: str, threads: int, only: set[str],
             stack.callback(stop_server, start_server(cmd_for(port), port))
             issuers[name] = http_issuer(f"http://127.0.0.1:{port}", timeout=120)
     return issuers
+
+
+def start_mesh(threads: int, stack: contextlib.ExitStack) -> Issue:
+    """The whole path a user takes: gateway -> gRPC -> worker -> engine process, with the
+    engine's 8 slots sharing the same {N_CTX}-token KV cache as the in-process engine."""
+    sys.path.insert(0, str(ROOT))
+    from tests.support.mesh import LocalMesh, MeshOptions
+
+    root = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+    mesh = LocalMesh(root, MeshOptions(workers=1, threads=threads, worker_memory="4GiB",
+                                       context_length=N_CTX // 8,
+                                       planner_args=("--slots", "8")))
+    mesh.start()
+    stack.callback(mesh.stop)
+    return http_issuer(mesh.base_url, timeout=120)
 
 
 def measure(issuers: dict[str, Issue], streams: list[int], rounds: int,
@@ -274,9 +293,10 @@ def print_table(results: list[Result]) -> None:
 
 def ratios(results: list[Result], streams: int) -> None:
     at = {r.engine: r.tok_s for r in results if r.streams == streams}
-    for base in ("lcp", "lcp-noint", "llama-server"):
-        if base in at and at[base] > 0:
-            print(f"engine / {base} at {streams} streams: {at['engine'] / at[base]:.2f}x")
+    for ours in ("gateway", "engine"):
+        for base in ("lcp", "lcp-noint", "llama-server"):
+            if ours in at and base in at and at[base] > 0:
+                print(f"{ours} / {base} at {streams} streams: {at[ours] / at[base]:.2f}x")
 
 
 def speculative(model: str, threads: int, max_tokens: int) -> None:
@@ -300,7 +320,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--streams", default="1,4,8")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--only", default="engine,lcp,lcp-noint,llama-server,spec")
+    ap.add_argument("--only", default="gateway,engine,lcp,lcp-noint,llama-server,spec")
     args = ap.parse_args()
     model, streams = str(materialize("gemma3-270m")), [int(s) for s in args.streams.split(",")]
     only = set(args.only.split(","))

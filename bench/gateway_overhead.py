@@ -47,16 +47,22 @@ def measure(stream: Any, started: float) -> Run:
     return Run(first - started, (tokens - 1) / (last - first), tokens)
 
 
-def direct_run(llm: Any, max_tokens: int) -> Run:
-    llm.reset()  # the mesh's engine starts each request from a clean cache too
+def prompt(i: int) -> str:
+    """A new prompt for every run, so that neither side reuses a cached prefix."""
+    return f"Essay {i}. {PROMPT}"
+
+
+def direct_run(llm: Any, max_tokens: int, i: int) -> Run:
+    llm.reset()
     started = time.perf_counter()
-    stream = llm.create_completion(PROMPT, max_tokens=max_tokens, temperature=0, stream=True)
+    stream = llm.create_completion(prompt(i), max_tokens=max_tokens, temperature=0,
+                                   stream=True)
     return measure((c for c in stream if c["choices"][0]["text"]), started)
 
 
-def mesh_run(client: openai.OpenAI, max_tokens: int) -> Run:
+def mesh_run(client: openai.OpenAI, max_tokens: int, i: int) -> Run:
     started = time.perf_counter()
-    stream = client.completions.create(model="gemma3-270m", prompt=PROMPT,
+    stream = client.completions.create(model="gemma3-270m", prompt=prompt(i),
                                        max_tokens=max_tokens, temperature=0, stream=True)
     return measure((c for c in stream if c.choices and c.choices[0].text), started)
 
@@ -85,12 +91,12 @@ def main() -> int:
         mesh.start()
         try:
             client = openai.OpenAI(base_url=mesh.base_url + "/v1", api_key="x")
-            mesh_run(client, 8)  # warm up both paths
-            direct_run(llm, 8)
+            mesh_run(client, 8, -1)  # warm up both paths
+            direct_run(llm, 8, -1)
             direct, through = [], []
-            for _ in range(args.rounds):
-                direct.append(direct_run(llm, args.max_tokens))
-                through.append(mesh_run(client, args.max_tokens))
+            for i in range(args.rounds):
+                direct.append(direct_run(llm, args.max_tokens, 1000 + i))
+                through.append(mesh_run(client, args.max_tokens, 2000 + i))
         finally:
             mesh.stop()
     print(f"gemma3-270m Q4_K_M, {args.threads} thread(s), {args.max_tokens} tokens, greedy")

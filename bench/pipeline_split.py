@@ -54,7 +54,7 @@ def measure_topology(name: str, rounds: int, max_tokens: int) -> tuple[float, fl
     with tempfile.TemporaryDirectory() as tmp:
         mesh = LocalMesh(Path(tmp), MeshOptions(
             workers=len(budgets), worker_memories=budgets, expect_replicas=1,
-            worker_args=flags))
+            worker_args=flags, planner_args=("--slots", "1")))
         mesh.start()
         try:
             replica = mesh.status()["models"][0]["replicas"][0]
