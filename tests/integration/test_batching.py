@@ -6,10 +6,12 @@ import asyncio
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
 from tests.support.mesh import LocalMesh, MeshOptions
+from tests.support.procs import free_port
 
 MODEL = "gemma3-270m"
 
@@ -92,5 +94,30 @@ async def test_eight_concurrent_streams_complete(tmp_path_factory: pytest.TempPa
         assert all(0 < c <= 24 for c in counts)
         status = mesh.status()
         assert status["models"][0]["status"] == "serving"
+    finally:
+        mesh.stop()
+
+
+async def test_ngram_speculation_is_exported(tmp_path_factory: pytest.TempPathFactory) -> None:
+    metrics_port = free_port()
+    mesh = LocalMesh(tmp_path_factory.mktemp("spec"), MeshOptions(
+        workers=1, worker_memory="2GiB", planner_args=("--slots", "2", "--speculative", "ngram"),
+        worker_args=("--metrics-port", str(metrics_port))))
+    mesh.start()
+    try:
+        client = aclient(mesh)
+        text = "one two three four five six seven eight nine ten. " * 6
+        for _ in range(2):  # the engine reports once a second; the second call sees it
+            r = await client.completions.create(model=MODEL, prompt=text, max_tokens=40,
+                                                temperature=0)
+            assert r.choices[0].text
+            await asyncio.sleep(1.2)
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+        per_step = [float(line.split()[-1]) for line in metrics.splitlines()
+                    if line.startswith('meshllm_worker_tokens_per_step{model="gemma3-270m"}')]
+        accepted = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(
+            'meshllm_worker_speculative_acceptance_ratio{model="gemma3-270m"}')]
+        assert per_step and per_step[0] > 1.0, metrics
+        assert accepted and 0 < accepted[0] <= 1
     finally:
         mesh.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from typing import Any
 
 from meshllm.common.types import Finished, GenerateEvent, LoadState, ModelState
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -54,6 +55,15 @@ class WorkerMetrics:
                                       buckets=LOAD_BUCKETS_S, registry=r)
         self.model_state = Gauge("meshllm_worker_model_state", "1 for the model's state",
                                  ["model", "state"], registry=r)
+        self.acceptance = Gauge("meshllm_worker_speculative_acceptance_ratio",
+                                "Drafted tokens the target accepted", ["model"],
+                                registry=self.registry)
+        self.tokens_per_step = Gauge("meshllm_worker_tokens_per_step",
+                                     "Tokens per sequence per target decode (1 without "
+                                     "speculation)", ["model"], registry=self.registry)
+        self.cached_prompt_tokens = Gauge("meshllm_worker_cached_prompt_tokens",
+                                          "Prompt tokens served from a reused prefix, in all",
+                                          ["model"], registry=self.registry)
         self.lease_ok = Gauge("meshllm_worker_etcd_lease_ok",
                               "1 while the worker's etcd lease is held", registry=r)
         self._loading_since: dict[str, float] = {}
@@ -61,10 +71,19 @@ class WorkerMetrics:
     def watch_lease(self, lease_ok: Callable[[], bool]) -> None:
         self.lease_ok.set_function(lambda: float(lease_ok()))
 
-    def set_load(self, model: str, in_flight: int) -> None:
-        """One request runs at a time per engine; the rest wait for it."""
-        self.running.labels(model).set(min(in_flight, 1))
-        self.waiting.labels(model).set(max(in_flight - 1, 0))
+    def set_engine(self, model: str, stats: Mapping[str, Any]) -> None:
+        """The batched engine's own report: speculative decoding and prefix reuse."""
+        drafted = float(stats.get("drafted", 0))
+        if drafted:
+            self.acceptance.labels(model).set(float(stats.get("accepted", 0)) / drafted)
+        if "tokens_per_step" in stats:
+            self.tokens_per_step.labels(model).set(float(stats["tokens_per_step"]))
+        self.cached_prompt_tokens.labels(model).set(float(stats.get("cached_prompt_tokens", 0)))
+
+    def set_load(self, model: str, in_flight: int, slots: int = 1) -> None:
+        """`slots` requests run at once per engine; the rest wait for a free slot."""
+        self.running.labels(model).set(min(in_flight, slots))
+        self.waiting.labels(model).set(max(in_flight - slots, 0))
 
     def observe_states(self, states: Sequence[ModelState]) -> None:
         self._loading_since, done = load_times(self._loading_since, states, time.monotonic())

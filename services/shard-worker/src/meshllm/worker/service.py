@@ -22,6 +22,7 @@ from meshllm.common.types import (
 )
 from meshllm.v1 import worker_pb2, worker_pb2_grpc
 from meshllm.worker.config import WorkerConfig
+from meshllm.worker.engine import ProcessEngine
 from meshllm.worker.hosts import HostDeps, ModelHost
 from meshllm.worker.links import LinkMonitor
 from meshllm.worker.metrics import WorkerMetrics
@@ -120,7 +121,7 @@ class ShardWorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
         assert host is not None
         host.in_flight += 1
         metrics = self._worker.metrics
-        metrics.set_load(req.model_id, host.in_flight)
+        metrics.set_load(req.model_id, host.in_flight, host.spec.slots)
         try:
             events = telemetry.traced_generation(
                 self._tracer, telemetry.worker_call(req, self._worker.worker_id),
@@ -138,7 +139,9 @@ class ShardWorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         finally:
             host.in_flight -= 1
-            metrics.set_load(req.model_id, host.in_flight)
+            metrics.set_load(req.model_id, host.in_flight, host.spec.slots)
+            if isinstance(host.engine, ProcessEngine):
+                metrics.set_engine(req.model_id, host.engine.stats)
 
     async def GetStats(
         self, request: worker_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
