@@ -13,7 +13,7 @@ SOURCES := $(wildcard */pyproject.toml native/pyproject.toml services/*/pyprojec
 
 .PHONY: install proto up test lint bench clean browser llama-server
 
-install: $(STAMP) browser
+install: $(STAMP)
 
 # Headless Chromium for the console test (Debian package; skipped when present).
 browser:
@@ -36,7 +36,7 @@ proto: install
 up: install
 	$(BIN)/mesh-llm up $(ARGS)
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install
