@@ -21,11 +21,12 @@ PROMPT = "Write a detailed essay about the history of the printing press."
 def main() -> int:
     endpoints = sys.argv[1].split(",")
     layers = [int(x) for x in sys.argv[2].split(",")]
+    model = sys.argv[3] if len(sys.argv) > 3 else str(materialize("gemma3-270m"))
     from llama_cpp import Llama
 
     rpc.add_rpc_servers(endpoints)
     with weight_repacking(False, HEAD_TENSORS):
-        llm: Any = Llama(model_path=str(materialize("gemma3-270m")), n_ctx=2048, n_threads=1,
+        llm: Any = Llama(model_path=model, n_ctx=512, n_threads=1,
                          verbose=False, **offload_params(layers))
     print("loaded", flush=True)
     for line in sys.stdin:
