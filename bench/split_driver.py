@@ -19,15 +19,17 @@ PROMPT = "Write a detailed essay about the history of the printing press."
 
 
 def main() -> int:
-    endpoints = sys.argv[1].split(",")
-    layers = [int(x) for x in sys.argv[2].split(",")]
+    endpoints = [e for e in sys.argv[1].split(",") if e]
+    layers = [int(x) for x in sys.argv[2].split(",") if x]
     model = sys.argv[3] if len(sys.argv) > 3 else str(materialize("gemma3-270m"))
     from llama_cpp import Llama
 
-    rpc.add_rpc_servers(endpoints)
-    with weight_repacking(False, HEAD_TENSORS):
-        llm: Any = Llama(model_path=model, n_ctx=512, n_threads=1,
-                         verbose=False, **offload_params(layers))
+    offload: dict[str, Any] = {}
+    if endpoints:  # without stages: the same model whole, as the baseline
+        rpc.add_rpc_servers(endpoints)
+        offload = offload_params(layers)
+    with weight_repacking(False, HEAD_TENSORS if endpoints else ""):
+        llm: Any = Llama(model_path=model, n_ctx=512, n_threads=1, verbose=False, **offload)
     print("loaded", flush=True)
     for line in sys.stdin:
         n = int(line)
