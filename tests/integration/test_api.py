@@ -6,7 +6,6 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
 import urllib.request
 from typing import Any
 
@@ -206,4 +205,3 @@ def test_unknown_path_is_404_in_openai_shape(mesh: LocalMesh) -> None:
         urllib.request.urlopen(mesh.base_url + "/v1/nothing", timeout=5)
     assert info.value.code == 404
     assert json.load(info.value)["error"]["code"] == "not_found"
-    time.sleep(0)

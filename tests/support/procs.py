@@ -12,8 +12,6 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def free_port() -> int:
     with socket.socket() as sock:

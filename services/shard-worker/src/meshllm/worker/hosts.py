@@ -14,7 +14,7 @@ from meshllm.common import models
 from meshllm.common.errors import EngineUnavailable, MeshError
 from meshllm.common.types import LoadState, ModelState
 from meshllm.worker.engine import Engine, EngineSettings
-from meshllm.worker.plans import HostPlan, Role, StagePeer
+from meshllm.worker.plans import HostPlan, Role
 from meshllm.worker.stage import StageServer, StageSettings
 
 log = logging.getLogger(__name__)
@@ -84,11 +84,11 @@ class ModelHost:
         self._publishing.add(task)
         task.add_done_callback(self._publishing.discard)
 
-    def _speculative(self) -> str:
+    async def _speculative(self) -> str:
         """The model's speculative setting, with a draft model resolved to a local file."""
         mode, _, draft = self.spec.speculative.partition(":")
         if mode == "draft":
-            return f"draft:{models.materialize(draft)}"
+            return f"draft:{await asyncio.to_thread(models.materialize, draft)}"
         return mode or "none"
 
     async def _stage_endpoints(self) -> list[str]:
@@ -121,7 +121,7 @@ class ModelHost:
             n_gpu_layers=sum(p.n_layers for p in self.plan.peers),
             weight_repack=self._deps.weight_repack, on_progress=self._loading_progress,
             slots=self.spec.slots, max_queue=self._deps.max_queue,
-            speculative=self._speculative(),
+            speculative=await self._speculative(),
         ))
         await engine.start()
         self.engine = engine
@@ -176,6 +176,3 @@ class ModelHost:
                 await runner.stop()
         await self._close_tunnels()
 
-
-def describe_peers(peers: tuple[StagePeer, ...]) -> str:
-    return ", ".join(f"{p.worker_id}[{p.layer_start}-{p.layer_end - 1}]" for p in peers)

@@ -32,23 +32,31 @@ class LinkMonitor:
         self.published: dict[str, float] = {}
         self.peers: dict[str, str] = {}  # worker id -> gRPC address, from the mesh snapshot
         self._interval_s = interval_s
+        self._channels: dict[str, grpc.aio.Channel] = {}  # kept between rounds: no reconnects
 
     async def _round_trip_ms(self, address: str) -> float | None:
-        async with grpc.aio.insecure_channel(address) as channel:
-            stub = worker_pb2_grpc.ShardWorkerStub(channel)
-            best = None
-            for _ in range(PINGS_PER_ROUND):
-                started = time.perf_counter()
-                try:
-                    await stub.Ping(worker_pb2.PingRequest(from_worker_id=self.worker_id),
-                                    timeout=PING_TIMEOUT_S)
-                except grpc.aio.AioRpcError:
-                    return None
-                elapsed = (time.perf_counter() - started) * 1000
-                best = elapsed if best is None else min(best, elapsed)
-            return best
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(address)
+        stub = worker_pb2_grpc.ShardWorkerStub(self._channels[address])
+        best = None
+        for _ in range(PINGS_PER_ROUND):
+            started = time.perf_counter()
+            try:
+                await stub.Ping(worker_pb2.PingRequest(from_worker_id=self.worker_id),
+                                timeout=PING_TIMEOUT_S)
+            except grpc.aio.AioRpcError:
+                return None
+            elapsed = (time.perf_counter() - started) * 1000
+            best = elapsed if best is None else min(best, elapsed)
+        return best
+
+    async def _drop_gone(self) -> None:
+        live = set(self.peers.values())
+        for address in list(self._channels.keys() - live):
+            await self._channels.pop(address).close()
 
     async def measure(self) -> dict[str, float]:
+        await self._drop_gone()
         measured = {}
         for peer, address in sorted(self.peers.items()):
             rtt = await self._round_trip_ms(address)

@@ -68,7 +68,7 @@ class BatchEngine:
 
     def prompt_tokens(self, text: str | None, chat: tuple[ChatMessage, ...] | None
                       ) -> tuple[list[int], tuple[str, ...]]:
-        """As generation.Generator.prompt_tokens: (tokens, the template's stop strings).
+        """(tokens, the chat template's stop strings) for a text prompt or chat messages.
         Too long prompts are refused by submit(), against the slot's context."""
         if not isinstance(self._backend, LlamaBackend):
             raise InvalidGenerateRequest("prompt rendering needs the llama.cpp backend")

@@ -1,7 +1,7 @@
 """Text or chat messages -> prompt tokens and template stop strings, without a `Llama`.
 
-Same rules as generation.Generator.prompt_tokens (whose chat rendering it reuses), on the
-low-level model that the batching engine loads.
+Chat messages go through the model's (or its family's) template from `chat`; the BOS token
+is added unless the rendered prompt already starts with it.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ class Active:
         self._piece, self._is_eog = piece, is_eog
         self._matcher = StopMatcher(sub.stops)
         self._stop_hit = False
-        # Same approach as generation.Generator: a token may end inside a UTF-8 sequence.
+        # A token may end inside a UTF-8 sequence: decode incrementally.
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     @property
@@ -74,7 +74,7 @@ class Active:
 
     def finish(self, reason: str, out: list[Event]) -> None:
         self.reason = reason
-        # As generation.Generator: nothing follows a stop string, not even held-back bytes.
+        # Nothing follows a stop string, not even held-back bytes.
         tail = "" if self._stop_hit else (
             self._matcher.flush() + self._decoder.decode(b"", final=True))
         if tail:
