@@ -9,7 +9,7 @@ PACKAGES := -e common -e native -e services/planner -e services/gateway -e servi
             -e services/blackboard -e launcher
 STAMP := $(VENV)/.installed
 SOURCES := $(wildcard */pyproject.toml native/pyproject.toml services/*/pyproject.toml protos/meshllm/v1/*.proto) \
-           requirements-dev.txt Makefile
+           requirements-dev.txt Makefile $(wildcard native/src/meshllm/native/*.py)
 
 .PHONY: install proto up test lint bench clean browser llama-server
 
@@ -28,6 +28,8 @@ $(STAMP): $(SOURCES)
 		$(BIN)/pip install llama-cpp-python==0.3.36
 	$(BIN)/python scripts/gen_protos.py
 	$(BIN)/pip install --quiet --config-settings editable_mode=compat $(PACKAGES)
+	@# mesh-llm's ggml-rpc (native/: fewer thread hand-offs per token of a split model)
+	$(BIN)/python -m meshllm.native.build --work-dir build/native
 	touch $(STAMP)
 
 proto: install

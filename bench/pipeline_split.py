@@ -2,7 +2,8 @@
 
 Part 1, through the whole mesh (gateway -> head worker -> stages): decode tok/s and time to
 first token for gemma3-270m solo, split over 2 and 3 workers, with ggml RPC tunnelled
-through gRPC and direct. Target: 2 stages through the tunnel >= 0.9 of solo.
+through gRPC and direct, with mesh-llm's ggml-rpc build (native/) and, for comparison,
+llama-cpp-python's stock one. Target: 2 stages through the tunnel >= 0.9 of solo.
 
 Part 2, at the engine (a head process with RPC servers behind a counting, delaying proxy):
 bytes sent per generated token, round trips per token per stage measured with 10 and 20 ms
@@ -35,12 +36,16 @@ from tests.support.mesh import LocalMesh, MeshOptions
 from tests.support.procs import free_port, port_open, wait_until
 
 PROMPT = "Write a detailed essay about the history of the printing press."
+STOCK = ("--rpc-library", "stock")  # llama-cpp-python's own ggml-rpc, for comparison
+DIRECT = ("--rpc-transport", "direct")
 TOPOLOGIES = {  # name: (worker budgets, workers expected in the replica, worker flags)
     "solo": (("2GiB",), 1, ()),
     "2 stages, tunnel": (("300MiB", "300MiB"), 2, ()),
     "3 stages, tunnel": (("300MiB", "120MiB", "120MiB"), 3, ()),
-    "2 stages, direct": (("300MiB", "300MiB"), 2, ("--rpc-transport", "direct")),
-    "3 stages, direct": (("300MiB", "120MiB", "120MiB"), 3, ("--rpc-transport", "direct")),
+    "2 stages, direct": (("300MiB", "300MiB"), 2, DIRECT),
+    "3 stages, direct": (("300MiB", "120MiB", "120MiB"), 3, DIRECT),
+    "2 stages, tunnel, stock ggml-rpc": (("300MiB", "300MiB"), 2, STOCK),
+    "2 stages, direct, stock ggml-rpc": (("300MiB", "300MiB"), 2, (*DIRECT, *STOCK)),
 }
 
 
@@ -75,7 +80,7 @@ def part_one(rounds: int, max_tokens: int) -> None:
     results = {name: measure_topology(name, rounds, max_tokens) for name in TOPOLOGIES}
     solo_ttft, solo_speed = results["solo"]
     for name, (ttft, speed) in results.items():
-        print(f"  {name:<18} decode {speed:6.1f} tok/s  ratio {speed / solo_speed:5.3f}   "
+        print(f"  {name:<32} decode {speed:6.1f} tok/s  ratio {speed / solo_speed:5.3f}   "
               f"first token {ttft * 1000:6.1f} ms  ({(ttft - solo_ttft) * 1000:+6.1f} ms)")
     ratio = results["2 stages, tunnel"][1] / solo_speed
     print(f"RESULT 2-stage tunnel decode ratio: {ratio:.3f}   target >= 0.9")
@@ -84,10 +89,12 @@ def part_one(rounds: int, max_tokens: int) -> None:
 class Head:
     """bench/split_driver.py in a child process."""
 
-    def __init__(self, endpoints: list[str], layers: list[int], model: str = "") -> None:
+    def __init__(self, endpoints: list[str], layers: list[int], model: str = "",
+                 library: str = "meshllm") -> None:
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).parent / "split_driver.py"),
-             ",".join(endpoints), ",".join(map(str, layers)), *([model] if model else [])],
+             ",".join(endpoints), ",".join(map(str, layers)), *([model] if model else []),
+             "--library", library],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -104,13 +111,15 @@ class Head:
         self.proc.wait()
 
 
-def start_rpc_servers(count: int, cache_root: Path) -> list[tuple[subprocess.Popen[bytes], int]]:
+def start_rpc_servers(count: int, cache_root: Path, library: str = "meshllm"
+                      ) -> list[tuple[subprocess.Popen[bytes], int]]:
     servers = []
     for i in range(count):
         port = free_port()
         proc = subprocess.Popen(
             [sys.executable, "-m", "meshllm.worker.rpc_server", "--endpoint",
-             f"127.0.0.1:{port}", "--cache-dir", str(cache_root / f"stage{i}")],
+             f"127.0.0.1:{port}", "--cache-dir", str(cache_root / f"stage{i}"),
+             "--library", library],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(lambda p=port: port_open(p), 30, "RPC server")  # type: ignore[misc]
         servers.append((proc, port))

@@ -116,10 +116,11 @@ def test_killing_a_stage_ends_the_stream_and_replans(split_mesh: LocalMesh,
 
 
 def test_direct_transport_and_forced_split(tmp_path: Path, solo: dict[str, str]) -> None:
-    """Two workers that could each hold the model, told to split it, over direct RPC."""
+    """Two workers that could each hold the model, told to split it, over direct RPC with
+    llama-cpp-python's own ggml-rpc library (the other tests use mesh-llm's)."""
     mesh = LocalMesh(tmp_path, MeshOptions(
-        workers=2, worker_memory="1GiB", expect_replicas=1,
-        planner_args=("--split", MODEL), worker_args=("--rpc-transport", "direct")))
+        workers=2, worker_memory="1GiB", expect_replicas=1, planner_args=("--split", MODEL),
+        worker_args=("--rpc-transport", "direct", "--rpc-library", "stock")))
     try:
         mesh.start()
         (replica,) = gemma(mesh)["replicas"]

@@ -10,6 +10,7 @@ So everything here loads the `.so.0` files.
 from __future__ import annotations
 
 import ctypes
+import enum
 import functools
 from pathlib import Path
 
@@ -26,16 +27,25 @@ def lib_dir() -> Path:
     return Path(llama_cpp.__file__).resolve().parent / "lib"
 
 
+class RpcLibrary(enum.Enum):
+    """Which ggml-rpc implementation serves and drives split models."""
+
+    MESHLLM = "meshllm"  # ours, built by `python -m meshllm.native.build`; see rpc_patch.py
+    STOCK = "stock"  # the libggml-rpc.so.0 shipped in llama-cpp-python
+
+
+MESHLLM_LIBRARY = Path(__file__).resolve().parent / "lib" / "libmeshllm-ggml-rpc.so"
+
+
 @functools.cache
-def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
-    """(libggml, libggml-rpc), loaded by their .so.0 names, globally visible."""
+def _ggml() -> ctypes.CDLL:
+    """libggml by its .so.0 name, with ggml-base, globally visible."""
     import llama_cpp  # noqa: F401  loads libllama and with it the .so.0 ggml libraries
 
     base = lib_dir()
     mode = ctypes.RTLD_GLOBAL
     ctypes.CDLL(str(base / "libggml-base.so.0"), mode=mode)
     ggml = ctypes.CDLL(str(base / "libggml.so.0"), mode=mode)
-    rpc = ctypes.CDLL(str(base / "libggml-rpc.so.0"), mode=mode)
     ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
     ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
     ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
@@ -49,6 +59,25 @@ def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
     ggml.ggml_backend_cpu_buffer_type.argtypes = []
     ggml.ggml_backend_register.argtypes = [ctypes.c_void_p]
     ggml.ggml_backend_register.restype = None
+    return ggml
+
+
+def library_path(library: RpcLibrary) -> Path:
+    if library is RpcLibrary.STOCK:
+        return lib_dir() / "libggml-rpc.so.0"
+    if not MESHLLM_LIBRARY.exists():
+        raise NativeError(f"{MESHLLM_LIBRARY.name} is not built: run `python -m "
+                          "meshllm.native.build` (make install does), or use the stock library")
+    return MESHLLM_LIBRARY
+
+
+@functools.cache
+def _rpc(library: RpcLibrary) -> ctypes.CDLL:
+    """A ggml-rpc library. Ours is loaded privately (its symbols are hidden and bound to
+    itself), so it coexists with the stock one that libggml may also have loaded."""
+    _ggml()
+    mode = ctypes.RTLD_GLOBAL if library is RpcLibrary.STOCK else ctypes.RTLD_LOCAL
+    rpc = ctypes.CDLL(str(library_path(library)), mode=mode)
     rpc.ggml_backend_rpc_add_server.restype = ctypes.c_void_p
     rpc.ggml_backend_rpc_add_server.argtypes = [ctypes.c_char_p]
     rpc.ggml_backend_rpc_start_server.restype = None
@@ -56,7 +85,7 @@ def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
         ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t,
         ctypes.POINTER(ctypes.c_void_p),
     ]
-    return ggml, rpc
+    return rpc
 
 
 GGML_BACKEND_DEVICE_TYPE_CPU = 0
@@ -74,7 +103,7 @@ def cpu_overrides(pattern: str) -> ctypes.Array[TensorBuftOverride]:
 
     The caller must keep the returned array alive until the model is loaded.
     """
-    ggml, _ = _libs()
+    ggml = _ggml()
     entries = (TensorBuftOverride * 2)()
     entries[0].pattern = pattern.encode()
     entries[0].buft = ggml.ggml_backend_cpu_buffer_type()
@@ -88,7 +117,7 @@ def ensure_backends() -> None:
     chosen at run time); llama-cpp-python never loads them, so there would be no device at
     all. A build with the backends linked in already has its devices and is left alone.
     """
-    ggml, _ = _libs()
+    ggml = _ggml()
     if ggml.ggml_backend_dev_count() == 0:
         ggml.ggml_backend_load_all_from_path(str(lib_dir()).encode())
     if ggml.ggml_backend_dev_count() == 0:
@@ -96,7 +125,7 @@ def ensure_backends() -> None:
 
 
 def device_names() -> list[str]:
-    ggml, _ = _libs()
+    ggml = _ggml()
     names = []
     for i in range(ggml.ggml_backend_dev_count()):
         name = ggml.ggml_backend_dev_name(ggml.ggml_backend_dev_get(i))
@@ -104,12 +133,13 @@ def device_names() -> list[str]:
     return names
 
 
-def add_rpc_servers(endpoints: list[str]) -> list[str]:
+def add_rpc_servers(endpoints: list[str],
+                    library: RpcLibrary = RpcLibrary.MESHLLM) -> list[str]:
     """Register remote RPC servers (host:port) as devices; call before loading a model.
 
     Returns the device names llama.cpp will list for them, in registration order.
     """
-    ggml, rpc = _libs()
+    ggml, rpc = _ggml(), _rpc(library)
     before = set(device_names())
     for endpoint in endpoints:
         reg = rpc.ggml_backend_rpc_add_server(endpoint.encode())
@@ -119,14 +149,15 @@ def add_rpc_servers(endpoints: list[str]) -> list[str]:
     return [n for n in device_names() if n not in before]
 
 
-def serve_cpu(endpoint: str, cache_dir: Path | None, threads: int) -> None:
+def serve_cpu(endpoint: str, cache_dir: Path | None, threads: int,
+              library: RpcLibrary = RpcLibrary.MESHLLM) -> None:
     """Serve this process's CPU device over ggml RPC at `endpoint`. Blocks forever.
 
     With a cache directory, a client re-sending tensors the server has seen sends only
     their hashes, so reloading a split model moves almost no weight bytes.
     """
     ensure_backends()
-    ggml, rpc = _libs()
+    ggml, rpc = _ggml(), _rpc(library)
     cpu = ggml.ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU)
     if not cpu:
         raise NativeError("no CPU backend device found")

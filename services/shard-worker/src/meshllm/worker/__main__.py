@@ -42,6 +42,7 @@ def host_deps(config: WorkerConfig, tel: telemetry.Telemetry) -> HostDeps:
         threads=config.threads, stage_host=advertised_host if direct else "127.0.0.1",
         stage_cache_dir=config.cache_dir, direct_rpc=direct, weight_repack=config.weight_repack,
         restart_backoff_s=config.restart_backoff_s, max_queue=config.max_queue,
+        rpc_library=config.rpc_library,
     )
 
 

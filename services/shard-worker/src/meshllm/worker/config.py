@@ -33,6 +33,7 @@ class WorkerConfig:
     lease: LeaseConfig
     restart_backoff_s: float    # pause before restarting a crashed engine
     rpc_transport: str          # tunnel: ggml RPC inside gRPC streams; direct: plain TCP
+    rpc_library: str            # meshllm: our ggml-rpc build (fewer thread hand-offs); stock
     cache_dir: Path             # RPC tensor cache of this worker's stages
     ping_interval_s: float      # how often round trips to the other workers are measured
     weight_repack: bool         # llama.cpp's CPU weight repacking: faster, but split != whole
@@ -82,6 +83,9 @@ OPTIONS = (
            "seconds before restarting a crashed engine"),
     Option("--rpc-transport", "MESHLLM_RPC_TRANSPORT", str, "tunnel",
            "tunnel (ggml RPC inside the mesh's gRPC) | direct (trusted networks only)"),
+    Option("--rpc-library", "MESHLLM_RPC_LIBRARY", str, "meshllm",
+           "ggml RPC implementation for split models: meshllm (built by make install; "
+           "faster) | stock (llama-cpp-python's own)"),
     Option("--cache-dir", "MESHLLM_CACHE_DIR", str, "", "RPC tensor cache directory "
            "(default ~/.cache/mesh-llm/rpc-<worker id>)"),
     Option("--ping-interval-s", "MESHLLM_PING_INTERVAL_S", positive_float, "5",
@@ -105,6 +109,9 @@ def load_config(argv: Sequence[str], env: Mapping[str, str]) -> WorkerConfig:
     if v["rpc_transport"] not in ("tunnel", "direct"):
         raise ConfigError("--rpc-transport / MESHLLM_RPC_TRANSPORT",
                           f"expected tunnel or direct, got {v['rpc_transport']!r}")
+    if v["rpc_library"] not in ("meshllm", "stock"):
+        raise ConfigError("--rpc-library / MESHLLM_RPC_LIBRARY",
+                          f"expected meshllm or stock, got {v['rpc_library']!r}")
     if v["backend"] not in ("cpu", "cuda", "rocm", "vulkan"):
         raise ConfigError("--backend / MESHLLM_BACKEND", f"unknown backend {v['backend']!r}")
     worker_id = v["worker_id"] or f"{socket.gethostname()}-{port}"
@@ -112,7 +119,8 @@ def load_config(argv: Sequence[str], env: Mapping[str, str]) -> WorkerConfig:
     return WorkerConfig(
         etcd_url=v["etcd"], listen=v["listen"],
         advertise_address=v["advertise_address"] or f"127.0.0.1:{port}",
-        worker_id=worker_id, rpc_transport=v["rpc_transport"], cache_dir=cache.expanduser(),
+        worker_id=worker_id, rpc_transport=v["rpc_transport"], rpc_library=v["rpc_library"],
+        cache_dir=cache.expanduser(),
         ping_interval_s=v["ping_interval_s"], weight_repack=v["weight_repack"],
         max_queue=v["max_queue"],
         memory_budget_bytes=v["worker_memory"], threads=v["threads"], backend=v["backend"],

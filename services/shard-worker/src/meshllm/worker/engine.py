@@ -43,6 +43,7 @@ class EngineSettings:
     slots: int = 1                        # requests decoded together
     max_queue: int = 16                   # requests waiting for a slot before "busy"
     speculative: str = "none"             # none | ngram | draft:<path>
+    rpc_library: str = "meshllm"          # meshllm | stock ggml-rpc build for the stages
     load_timeout_s: float = 600.0
 
 
@@ -102,7 +103,8 @@ class ProcessEngine:
                           "rpc_endpoints": list(s.rpc_endpoints),
                           "tensor_split": list(s.tensor_split), "n_gpu_layers": s.n_gpu_layers,
                           "weight_repack": s.weight_repack, "slots": s.slots,
-                          "max_queue": s.max_queue, "speculative": s.speculative})
+                          "max_queue": s.max_queue, "speculative": s.speculative,
+                          "rpc_library": s.rpc_library})
         first = await self._first_event()
         if first.get("ev") != "loaded":
             await self.stop()

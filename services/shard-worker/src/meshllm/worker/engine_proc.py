@@ -87,7 +87,8 @@ def load(cmd: dict[str, Any], out: Channel | None = None) -> BatchEngine:
     if cmd.get("rpc_endpoints"):
         # Registered RPC devices come first in llama.cpp's device list and take the last
         # layers in order; the embeddings, output and first layers stay here: the head.
-        rpc.add_rpc_servers(list(cmd["rpc_endpoints"]))
+        library = rpc.RpcLibrary(cmd.get("rpc_library", rpc.RpcLibrary.MESHLLM.value))
+        rpc.add_rpc_servers(list(cmd["rpc_endpoints"]), library)
         offload = offload_params([int(x) for x in cmd["tensor_split"]])
     progress = None
     if out is not None:

@@ -46,6 +46,7 @@ class HostDeps:
     weight_repack: bool      # llama.cpp CPU weight repacking (see load_params)
     restart_backoff_s: float
     max_queue: int = 16      # requests waiting for a slot before the engine says busy
+    rpc_library: str = "meshllm"  # which ggml-rpc build heads and stages use
 
 
 class ModelHost:
@@ -106,7 +107,8 @@ class ModelHost:
         started = asyncio.get_running_loop().time()
         if self.plan.role is Role.STAGE:
             stage = self._deps.stage_factory(StageSettings(
-                self._deps.stage_host, self._deps.stage_cache_dir, self._deps.threads))
+                self._deps.stage_host, self._deps.stage_cache_dir, self._deps.threads,
+                self._deps.rpc_library))
             await stage.start()
             self.stage = stage
             return stage
@@ -121,7 +123,7 @@ class ModelHost:
             n_gpu_layers=sum(p.n_layers for p in self.plan.peers),
             weight_repack=self._deps.weight_repack, on_progress=self._loading_progress,
             slots=self.spec.slots, max_queue=self._deps.max_queue,
-            speculative=await self._speculative(),
+            speculative=await self._speculative(), rpc_library=self._deps.rpc_library,
         ))
         await engine.start()
         self.engine = engine

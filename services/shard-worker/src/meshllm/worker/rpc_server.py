@@ -19,9 +19,11 @@ def main() -> int:
     parser.add_argument("--endpoint", required=True, help="host:port to listen on")
     parser.add_argument("--cache-dir", default="", help="tensor cache (reloads send hashes)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--library", choices=[x.value for x in rpc.RpcLibrary],
+                        default=rpc.RpcLibrary.MESHLLM.value, help="ggml-rpc build to serve with")
     args = parser.parse_args()
     cache = Path(args.cache_dir) if args.cache_dir else None
-    rpc.serve_cpu(args.endpoint, cache, args.threads)
+    rpc.serve_cpu(args.endpoint, cache, args.threads, rpc.RpcLibrary(args.library))
     return 1  # serve_cpu returns only if the server could not start
 
 

@@ -19,6 +19,7 @@ class StageSettings:
     host: str            # 127.0.0.1 behind the tunnel; the advertised host in direct mode
     cache_dir: Path
     threads: int
+    library: str = "meshllm"  # meshllm | stock ggml-rpc build
 
 
 def free_port(host: str) -> int:
@@ -41,7 +42,7 @@ class StageServer:
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "meshllm.worker.rpc_server",
             "--endpoint", f"{s.host}:{self.port}", "--cache-dir", str(s.cache_dir),
-            "--threads", str(s.threads),
+            "--threads", str(s.threads), "--library", s.library,
             stdout=asyncio.subprocess.DEVNULL, env={**os.environ, "GGML_NO_BACKTRACE": "1"},
         )
         deadline = asyncio.get_running_loop().time() + START_TIMEOUT_S
