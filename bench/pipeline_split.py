@@ -13,7 +13,7 @@ stage's tensor cache warm (target: under 5% of the remote layers' size).
 Part 3: the same warm reload on a synthetic model whose tensors exceed the 10 MB above which
 ggml's RPC client sends hashes instead of bytes (gemma3-270m's are all smaller).
 
-    .venv/bin/python bench/pipeline_split.py [--rounds 3] [--max-tokens 96] [--part 1|2]
+    .venv/bin/python bench/pipeline_split.py [--rounds 7] [--max-tokens 96] [--part 1|2]
 """
 
 from __future__ import annotations
@@ -57,33 +57,48 @@ def stream_once(client: openai.OpenAI, max_tokens: int) -> tuple[float, float]:
     return stamps[0] - started, (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
-def measure_topology(name: str, rounds: int, max_tokens: int) -> tuple[float, float]:
+def start_mesh(tmp: Path, name: str) -> tuple[LocalMesh, openai.OpenAI]:
     budgets, stages, flags = TOPOLOGIES[name]
-    with tempfile.TemporaryDirectory() as tmp:
-        mesh = LocalMesh(Path(tmp), MeshOptions(
-            workers=len(budgets), worker_memories=budgets, expect_replicas=1,
-            worker_args=flags, planner_args=("--slots", "1")))
-        mesh.start()
-        try:
-            replica = mesh.status()["models"][0]["replicas"][0]
-            assert len(replica["stages"]) == stages, replica
-            client = openai.OpenAI(base_url=mesh.base_url + "/v1", api_key="x")
-            stream_once(client, 8)
-            runs = [stream_once(client, max_tokens) for _ in range(rounds)]
-        finally:
-            mesh.stop()
-    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+    mesh = LocalMesh(tmp, MeshOptions(
+        workers=len(budgets), worker_memories=budgets, expect_replicas=1,
+        worker_args=flags, planner_args=("--slots", "1")))
+    mesh.start()
+    replica = mesh.status()["models"][0]["replicas"][0]
+    assert len(replica["stages"]) == stages, replica
+    client = openai.OpenAI(base_url=mesh.base_url + "/v1", api_key="x")
+    stream_once(client, 8)
+    return mesh, client
+
+
+def paired_runs(solo: openai.OpenAI, other: openai.OpenAI, rounds: int, max_tokens: int
+                ) -> list[tuple[tuple[float, float], tuple[float, float]]]:
+    """Alternating runs on the solo mesh and another one (the machine's noise drifts)."""
+    return [(stream_once(solo, max_tokens), stream_once(other, max_tokens))
+            for _ in range(rounds)]
 
 
 def part_one(rounds: int, max_tokens: int) -> None:
-    print(f"Part 1: through the mesh, gemma3-270m, 1 thread per worker, {max_tokens} tokens")
-    results = {name: measure_topology(name, rounds, max_tokens) for name in TOPOLOGIES}
-    solo_ttft, solo_speed = results["solo"]
-    for name, (ttft, speed) in results.items():
-        print(f"  {name:<32} decode {speed:6.1f} tok/s  ratio {speed / solo_speed:5.3f}   "
-              f"first token {ttft * 1000:6.1f} ms  ({(ttft - solo_ttft) * 1000:+6.1f} ms)")
-    ratio = results["2 stages, tunnel"][1] / solo_speed
-    print(f"RESULT 2-stage tunnel decode ratio: {ratio:.3f}   target >= 0.9")
+    print(f"Part 1: through the mesh, gemma3-270m, 1 thread per worker, {max_tokens} tokens;"
+          f" each split alternates {rounds} runs with the solo mesh, medians")
+    with tempfile.TemporaryDirectory() as root:
+        solo_mesh, solo = start_mesh(Path(root) / "solo", "solo")
+        try:
+            ratios = {}
+            for name in [n for n in TOPOLOGIES if n != "solo"]:
+                mesh, client = start_mesh(Path(root) / name.replace(" ", "_"), name)
+                try:
+                    runs = paired_runs(solo, client, rounds, max_tokens)
+                finally:
+                    mesh.stop()
+                s_ttft, s_speed = (statistics.median(r[0][i] for r in runs) for i in (0, 1))
+                ttft, speed = (statistics.median(r[1][i] for r in runs) for i in (0, 1))
+                ratios[name] = speed / s_speed
+                print(f"  {name:<32} decode {speed:6.1f} tok/s vs solo {s_speed:6.1f}  ratio "
+                      f"{speed / s_speed:5.3f}   first token {ttft * 1000:5.1f} ms "
+                      f"({(ttft - s_ttft) * 1000:+5.1f} ms)", flush=True)
+        finally:
+            solo_mesh.stop()
+    print(f"RESULT 2-stage tunnel decode ratio: {ratios['2 stages, tunnel']:.3f}   target >= 0.9")
 
 
 class Head:
@@ -215,7 +230,7 @@ def part_three() -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--part", choices=("1", "2", "3", "all"), default="all")
     args = parser.parse_args()

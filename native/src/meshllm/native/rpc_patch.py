@@ -44,7 +44,7 @@ EDITS: tuple[Edit, ...] = (
 const size_t RPC_INLINE_MAX_SIZE = 256 * 1024;""",
     ),
     Edit(
-        "messages without a reply wait in the write buffer for the next compute or request",
+        "messages without a reply wait in the write buffer for the next request",
         """    if (!sock->send_data(input, input_size)) {
         return false;
     }
@@ -53,25 +53,12 @@ const size_t RPC_INLINE_MAX_SIZE = 256 * 1024;""",
         """    if (!sock->send_data(input, input_size)) {
         return false;
     }
-    if (rpc_cmd_deferrable(cmd)) {
-        return true;  // sent with the next graph compute, request or synchronize
-    }
-    return sock->flush();
+    // mesh-llm: a message without a reply (tensor writes, graph compute) leaves with the
+    // next request that waits for one: the server handles a connection's messages in
+    // order and the client learns nothing before it reads a reply, which flushes first.
+    // A decode step then crosses the link as one write and one reply.
+    return true;
 }""",
-    ),
-    Edit(
-        "which messages may wait in the write buffer",
-        "// RPC request : | rpc_cmd (1 byte) | request_size (8 bytes) | "
-        "request_data (request_size bytes) |\n// No response",
-        """// mesh-llm: small state changes are only observable through later messages on the same
-// connection, so they can travel with the next one that needs to go out now.
-static bool rpc_cmd_deferrable(enum rpc_cmd cmd) {
-    return cmd == RPC_CMD_SET_TENSOR || cmd == RPC_CMD_MEMSET_TENSOR ||
-           cmd == RPC_CMD_BUFFER_CLEAR || cmd == RPC_CMD_INIT_TENSOR;
-}
-
-// RPC request : | rpc_cmd (1 byte) | request_size (8 bytes) | request_data (request_size bytes) |
-// No response""",
     ),
     Edit(
         "dispatcher state: an I/O mutex and a count of queued messages",
@@ -200,11 +187,7 @@ ggml_backend_event_t rpc_dispatcher::event_new(""",
     GGML_ASSERT(queue.push(msg));
     msg->completion.get_future().wait();""",
         """    if (in_flight.load(std::memory_order_acquire) == 0) {
-        std::lock_guard<std::mutex> io(io_mutex);
-        if (in_flight.load(std::memory_order_acquire) == 0) {
-            RPC_STATUS_ASSERT(sock->flush());
-            return;
-        }
+        return;
     }
     auto msg = std::make_shared<rpc_msg>();
     msg->cmd = RPC_CMD_NONE;
