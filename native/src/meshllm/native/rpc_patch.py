@@ -35,9 +35,12 @@ class PatchError(Exception):
 
 EDITS: tuple[Edit, ...] = (
     Edit(
-        "size limit for writing asynchronous messages on the caller's thread",
+        "weights from 64 KiB up are sent by hash first; a size limit for inline writes",
         "const size_t HASH_THRESHOLD = 10 * 1024 * 1024;",
-        """const size_t HASH_THRESHOLD = 10 * 1024 * 1024;
+        """// mesh-llm: stock ggml sends weights below 10 MB in full on every load, which for a
+// small model is all of them. A hash first costs one round trip per tensor on a cold load
+// and saves the tensor's bytes on every reload once the stage's cache has it.
+const size_t HASH_THRESHOLD = 64 * 1024;
 
 // mesh-llm: asynchronous messages up to this size are written by the caller when nothing
 // is queued; bigger ones (weights while loading) stay on the dispatcher thread.
