@@ -28,10 +28,15 @@ async def test_a_post_on_one_node_reaches_the_others(mesh: list[BlackboardNode])
         await eventually(arrived, 10, f"the post on {node.name}")
     async with c.client() as client:
         feed = await client.feed(FeedQuery(author="alice", tag="ops"))
-        info = await client.info()
+
+        async def knows_both_peers() -> bool:
+            # a's push can reach c before c's etcd watch has shown it b
+            info = await client.info()
+            return sorted(p.node_id for p in info.peers) == ["a", "b"]
+
+        await eventually(knows_both_peers, 10, "c's peer list")
     assert feed == [accepted.post]
     assert accepted.post.origin_node == "a"
-    assert sorted(p.node_id for p in info.peers) == ["a", "b"]
 
 
 async def test_a_subscriber_sees_posts_made_on_other_nodes(mesh: list[BlackboardNode]) -> None:

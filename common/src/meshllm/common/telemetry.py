@@ -194,10 +194,18 @@ def setup_telemetry(service: str, env: Mapping[str, str], instance: str = "",
 # --- instrumentation: gRPC metadata and HTTP headers carry the trace context -------------
 
 
-def _not_health(details: Any) -> bool:
+# Untraced calls: health probes (noise), and the tunnel that carries a split model's ggml
+# RPC bytes: one stream for the model's whole life, where a span says nothing and the
+# interceptor's per-message wrapping sits on every decode step's path.
+UNTRACED_METHODS = ("/meshllm.v1.ShardWorker/Tunnel",)
+
+
+def _traced(details: Any) -> bool:
     from opentelemetry.instrumentation.grpc import filters
 
-    return bool(filters.negate(filters.service_name(HEALTH_SERVICE))(details))
+    untraced = filters.any_of(filters.service_name(HEALTH_SERVICE),
+                              *(filters.full_method_name(m) for m in UNTRACED_METHODS))
+    return bool(filters.negate(untraced)(details))
 
 
 def server_interceptors(tel: Telemetry) -> list[Any]:
@@ -207,7 +215,7 @@ def server_interceptors(tel: Telemetry) -> list[Any]:
 
     # The instrumentation package ships no type hints; its factories return interceptors.
     return [aio_server_interceptor(  # type: ignore[no-untyped-call]
-        tracer_provider=tel.provider, filter_=_not_health)]
+        tracer_provider=tel.provider, filter_=_traced)]
 
 
 def client_interceptors(tel: Telemetry) -> list[Any]:
@@ -216,7 +224,7 @@ def client_interceptors(tel: Telemetry) -> list[Any]:
     from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
     return list(aio_client_interceptors(  # type: ignore[no-untyped-call]
-        tracer_provider=tel.provider, filter_=_not_health))
+        tracer_provider=tel.provider, filter_=_traced))
 
 
 def instrument_asgi(app: ASGIApp, tel: Telemetry, untraced: str = UNTRACED_URLS) -> ASGIApp:
