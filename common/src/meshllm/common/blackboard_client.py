@@ -27,6 +27,7 @@ from meshllm.common.blackboard_types import (
     SearchHit,
     SubscribeFilter,
 )
+from meshllm.common.tls import PLAINTEXT, GrpcSecurity
 from meshllm.v1 import blackboard_pb2 as pb
 from meshllm.v1 import blackboard_pb2_grpc as pb_grpc
 
@@ -52,10 +53,11 @@ def error_from_rpc(exc: grpc.aio.AioRpcError, address: str) -> BlackboardError:
 
 
 class BlackboardClient:
-    def __init__(self, address: str, timeout_s: float = 10.0) -> None:
+    def __init__(self, address: str, timeout_s: float = 10.0,
+                 security: GrpcSecurity = PLAINTEXT) -> None:
         self.address = address
         self._timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(address)
+        self._channel = security.channel(address)
         self._stub = pb_grpc.BlackboardStub(self._channel)
 
     async def __aenter__(self) -> BlackboardClient:

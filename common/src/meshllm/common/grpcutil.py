@@ -10,12 +10,16 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from meshllm.common.config import process_env, read_options
+from meshllm.common.errors import ConfigError
+from meshllm.common.tls import PLAINTEXT, TLS_OPTIONS, GrpcSecurity, security_from
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def new_server(listen: str, interceptors: Sequence[Any] = ()
+def new_server(listen: str, interceptors: Sequence[Any] = (),
+               security: GrpcSecurity = PLAINTEXT
                ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     """A grpc.aio server bound to `listen` with the standard health service attached.
 
@@ -26,14 +30,15 @@ def new_server(listen: str, interceptors: Sequence[Any] = ()
                              options=[("grpc.so_reuseport", 0)])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(listen)
+    port = security.add_port(server, listen)
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
     return server, health_servicer, port
 
 
-async def check_health(address: str, service: str = "", timeout_s: float = 3.0) -> bool:
-    async with grpc.aio.insecure_channel(address) as channel:
+async def check_health(address: str, service: str = "", timeout_s: float = 3.0,
+                       security: GrpcSecurity = PLAINTEXT) -> bool:
+    async with security.channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = await stub.Check(
@@ -52,8 +57,14 @@ def probe_main() -> int:
     parser = argparse.ArgumentParser(prog="meshllm-health-probe")
     parser.add_argument("address")
     parser.add_argument("--service", default="")
-    args = parser.parse_args()
-    ok = asyncio.run(check_health(args.address, args.service))
+    args, rest = parser.parse_known_args()
+    try:  # the same --tls-* flags and MESHLLM_TLS_* variables as the service probed
+        security = security_from(read_options("meshllm-health-probe", TLS_OPTIONS, rest,
+                                              process_env()))
+    except ConfigError as exc:
+        print(f"meshllm-health-probe: {exc}", file=sys.stderr)
+        return 2
+    ok = asyncio.run(check_health(args.address, args.service, security=security))
     print("SERVING" if ok else "NOT SERVING")
     return 0 if ok else 1
 

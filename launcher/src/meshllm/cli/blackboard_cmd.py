@@ -16,6 +16,9 @@ from meshllm.common.blackboard_client import BlackboardClient
 from meshllm.common.blackboard_errors import BlackboardError, BlackboardUnavailable, PostRejected
 from meshllm.common.blackboard_types import Draft, FeedQuery, Post, PostId, SubscribeFilter
 from meshllm.common.blackboard_wire import hit_to_json, parse_since, post_to_json
+from meshllm.common.config import process_env
+from meshllm.common.errors import ConfigError
+from meshllm.common.tls import security_from_env
 
 DEFAULT_ADDRESS = "127.0.0.1:9339"
 EXIT_REJECTED = 1
@@ -72,12 +75,13 @@ async def run_blackboard(args: argparse.Namespace) -> int:
         await serve_stdio(args.blackboard, default_author())
         return 0
     try:
-        async with BlackboardClient(args.blackboard) as client:
+        security = security_from_env("mesh-llm blackboard", process_env())
+        async with BlackboardClient(args.blackboard, security=security) as client:
             return await _COMMANDS[args.blackboard_command](client, args)
     except PostRejected as exc:
         print(f"mesh-llm blackboard: {exc}", file=sys.stderr)
         return EXIT_REJECTED
-    except ValueError as exc:
+    except (ValueError, ConfigError) as exc:
         print(f"mesh-llm blackboard: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except BlackboardUnavailable as exc:

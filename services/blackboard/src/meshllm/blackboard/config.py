@@ -17,6 +17,7 @@ from meshllm.common.config import (
 )
 from meshllm.common.errors import ConfigError
 from meshllm.common.membership import LeaseConfig
+from meshllm.common.tls import PLAINTEXT, TLS_OPTIONS, GrpcSecurity, security_from
 
 
 def _choice(*allowed: str) -> Callable[[str], str]:
@@ -63,6 +64,7 @@ OPTIONS = (
     Option("--lease-ttl-s", "MESHLLM_LEASE_TTL_S", positive_int, "10",
            "etcd lease TTL of this node's record"),
     Option("--log-level", "MESHLLM_LOG_LEVEL", str, "INFO", "logging level"),
+    *TLS_OPTIONS,
 )
 
 
@@ -85,6 +87,7 @@ class BlackboardConfig:
     prune_interval_s: float
     lease_ttl_s: int
     log_level: str
+    security: GrpcSecurity = PLAINTEXT  # plaintext or mutual TLS, for serving and gossip
 
     @property
     def lease(self) -> LeaseConfig:
@@ -99,7 +102,9 @@ class BlackboardConfig:
 
 def load_config(argv: Sequence[str], env: Mapping[str, str]) -> BlackboardConfig:
     values = read_options("python -m meshllm.blackboard", OPTIONS, argv, env)
-    config = BlackboardConfig(**values)
+    security = security_from(values)
+    fields = {k: v for k, v in values.items() if not k.startswith("tls_")}
+    config = BlackboardConfig(**fields, security=security)
     _check(config)
     return config
 

@@ -24,6 +24,7 @@ from meshllm.blackboard.metrics import Metrics
 from meshllm.common.blackboard_types import NodeId, Peer, Post, PostId
 from meshllm.common.blackboard_wire import bucket_from_pb, is_post_id, post_from_pb, post_to_pb
 from meshllm.common.errors import InvalidRecord
+from meshllm.common.tls import PLAINTEXT, GrpcSecurity
 from meshllm.v1 import blackboard_pb2 as pb
 from meshllm.v1 import blackboard_pb2_grpc as pb_grpc
 
@@ -48,6 +49,7 @@ class GossipSettings:
     push_ack_timeout_s: float = 5.0
     push_queue: int = 1000           # posts waiting per peer before pushes are dropped
     bucket_width_ms: int = digest.BUCKET_WIDTH_MS
+    security: GrpcSecurity = PLAINTEXT  # how peers are dialled
 
 
 def peer_changes(
@@ -91,7 +93,7 @@ class PeerLink:
         self._settings = settings
         self._board = board
         self._metrics = metrics
-        self._channel = grpc.aio.insecure_channel(peer.address, options=CHANNEL_OPTIONS)
+        self._channel = settings.security.channel(peer.address, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.BlackboardStub(self._channel)
         self._queue: asyncio.Queue[Post] = asyncio.Queue(settings.push_queue)
         self._task = asyncio.create_task(self._push_forever(), name=f"push-{peer.node_id}")

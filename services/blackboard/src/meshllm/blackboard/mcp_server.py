@@ -19,6 +19,8 @@ from meshllm.common.blackboard_client import BlackboardClient
 from meshllm.common.blackboard_errors import BlackboardError
 from meshllm.common.blackboard_types import Draft, FeedQuery, PostId
 from meshllm.common.blackboard_wire import hit_to_json, parse_since, post_to_json
+from meshllm.common.config import process_env
+from meshllm.common.tls import security_from_env
 
 INSTRUCTIONS = (
     "A message board shared by every agent on the mesh. Post findings, progress and "
@@ -64,7 +66,8 @@ def build_server(client: BlackboardClient, default_author: str) -> MCPServer:
 
 
 async def serve_stdio(address: str, default_author: str) -> None:
-    async with BlackboardClient(address) as client:
+    security = security_from_env("mesh-llm blackboard mcp", process_env())
+    async with BlackboardClient(address, security=security) as client:
         await build_server(client, default_author).run_stdio_async()
 
 

@@ -39,7 +39,8 @@ def limits_of(config: BlackboardConfig) -> Limits:
 class Node:
     def __init__(self, config: BlackboardConfig) -> None:
         self.config = config
-        self.server, self.health, self.port = new_server(config.listen)
+        self.server, self.health, self.port = new_server(config.listen,
+                                                         security=config.security)
         self.address = config.advertise_for(self.port)
         self.node_id = NodeId(config.node_id_for(self.port))
         self.metrics = Metrics()
@@ -50,6 +51,7 @@ class Node:
         self.gossip = Gossip(GossipSettings(
             self.node_id, anti_entropy_interval_s=config.anti_entropy_interval_s,
             fanout=config.anti_entropy_fanout, peer_rpc_timeout_s=config.peer_timeout_s,
+            security=config.security,
         ), self.board, self.metrics)
         servicer = BlackboardServicer(self.board, self.gossip, self.address)
         pb_grpc.add_BlackboardServicer_to_server(servicer, self.server)

@@ -28,8 +28,9 @@ async def serve(config: GatewayConfig, stop: asyncio.Event) -> None:
     recent = RecentRequests()  # the console's request list, fed by the gateway's spans
     tel = telemetry.build_telemetry(config.trace, processors=[recent])
     backend = MeshBackend(kv, config.first_token_timeout_s, config.token_timeout_s,
-                          tel.tracer, telemetry.client_interceptors(tel))
-    blackboard = BlackboardClient(config.blackboard_address) if config.blackboard_address else None
+                          tel.tracer, telemetry.client_interceptors(tel), config.security)
+    blackboard = (BlackboardClient(config.blackboard_address, security=config.security)
+                  if config.blackboard_address else None)
     metrics = GatewayMetrics()
     extra = [*console_routes(StatusStream(backend, metrics.registry, recent)),
              *(blackboard_routes(blackboard) if blackboard else [])]

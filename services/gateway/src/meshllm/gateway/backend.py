@@ -15,6 +15,7 @@ import grpc
 from meshllm.common import convert, telemetry
 from meshllm.common.meshview import MeshSnapshot, follow_mesh
 from meshllm.common.store import KeyValueStore
+from meshllm.common.tls import PLAINTEXT, GrpcSecurity
 from meshllm.common.types import (
     GenerateEvent,
     GenerateRequest,
@@ -45,8 +46,9 @@ class StreamBroken(Exception):
 class MeshBackend:
     def __init__(self, kv: KeyValueStore, first_token_timeout_s: float,
                  token_timeout_s: float, tracer: telemetry.Tracer = telemetry.NO_TRACER,
-                 interceptors: Sequence[Any] = ()) -> None:
+                 interceptors: Sequence[Any] = (), security: GrpcSecurity = PLAINTEXT) -> None:
         self.snapshot = MeshSnapshot()
+        self._security = security
         self.synced = asyncio.Event()
         self.loads: dict[WorkerId, WorkerLoad] = {}
         self._kv = kv
@@ -69,7 +71,7 @@ class MeshBackend:
 
     def _stub(self, address: str) -> worker_pb2_grpc.ShardWorkerStub:
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(
+            self._channels[address] = self._security.channel(
                 address, interceptors=self._interceptors)
         return worker_pb2_grpc.ShardWorkerStub(self._channels[address])
 

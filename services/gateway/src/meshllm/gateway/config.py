@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from meshllm.common.config import Option, parse_host_port, positive_float, read_options
 from meshllm.common.errors import ConfigError
 from meshllm.common.telemetry import TraceSettings, trace_settings
+from meshllm.common.tls import TLS_OPTIONS, GrpcSecurity, security_from
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,7 @@ class GatewayConfig:
     token_timeout_s: float        # longest silence between two tokens
     log_level: str
     trace: TraceSettings        # what the OTEL_* variables ask for
+    security: GrpcSecurity      # plaintext or mutual TLS towards workers and blackboard
 
 
 OPTIONS = (
@@ -32,6 +34,7 @@ OPTIONS = (
     Option("--token-timeout-s", "MESHLLM_TOKEN_TIMEOUT_S", positive_float, "60",
            "seconds to wait between tokens"),
     Option("--log-level", "MESHLLM_LOG_LEVEL", str, "INFO", "log level"),
+    *TLS_OPTIONS,
 )
 
 
@@ -45,5 +48,5 @@ def load_config(argv: Sequence[str], env: Mapping[str, str]) -> GatewayConfig:
         etcd_url=v["etcd"], host=host, port=port, blackboard_address=v["blackboard"],
         first_token_timeout_s=v["first_token_timeout_s"],
         token_timeout_s=v["token_timeout_s"], log_level=v["log_level"],
-        trace=trace_settings("gateway", env),
+        trace=trace_settings("gateway", env), security=security_from(v),
     )

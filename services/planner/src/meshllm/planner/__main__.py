@@ -39,7 +39,8 @@ async def serve(config: PlannerConfig, stop: asyncio.Event) -> None:
     specs = await describe_models(config)
     board = PlacementBoard()
     tel = telemetry.build_telemetry(config.trace)
-    server, health, port = grpcutil.new_server(config.listen, telemetry.server_interceptors(tel))
+    server, health, port = grpcutil.new_server(config.listen, telemetry.server_interceptors(tel),
+                                                config.security)
     planner_pb2_grpc.add_PlannerServicer_to_server(PlannerServicer(board), server)
     await server.start()
     lifecycle.start_metrics(config.metrics_port)

@@ -15,6 +15,7 @@ from meshllm.common.config import (
 )
 from meshllm.common.errors import ConfigError
 from meshllm.common.telemetry import TraceSettings, trace_settings
+from meshllm.common.tls import TLS_OPTIONS, GrpcSecurity, security_from
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class PlannerConfig:
     metrics_port: int               # 0: no metrics endpoint
     log_level: str
     trace: TraceSettings        # what the OTEL_* variables ask for
+    security: GrpcSecurity      # plaintext or mutual TLS for the Planner service
 
 
 OPTIONS = (
@@ -58,6 +60,7 @@ OPTIONS = (
            "seconds to let membership settle before re-planning"),
     Option("--metrics-port", "MESHLLM_METRICS_PORT", int, "0", "Prometheus port (0: off)"),
     Option("--log-level", "MESHLLM_LOG_LEVEL", str, "INFO", "log level"),
+    *TLS_OPTIONS,
 )
 
 
@@ -87,5 +90,5 @@ def load_config(argv: Sequence[str], env: Mapping[str, str]) -> PlannerConfig:
         context_length_tokens=v["context_length"], engine_overhead_bytes=v["engine_overhead"],
         max_replicas=v["max_replicas"], debounce_s=v["debounce_s"],
         metrics_port=v["metrics_port"], log_level=v["log_level"],
-        trace=trace_settings("planner", env),
+        trace=trace_settings("planner", env), security=security_from(v),
     )

@@ -38,7 +38,8 @@ def host_deps(config: WorkerConfig, tel: telemetry.Telemetry) -> HostDeps:
     advertised_host = config.advertise_address.rpartition(":")[0]
     return HostDeps(
         engine_factory=functools.partial(ProcessEngine, tracer=tel.tracer),
-        tunnel_factory=TunnelListener, stage_factory=StageServer,
+        tunnel_factory=functools.partial(TunnelListener, security=config.security),
+        stage_factory=StageServer,
         threads=config.threads, stage_host=advertised_host if direct else "127.0.0.1",
         stage_cache_dir=config.cache_dir, direct_rpc=direct, weight_repack=config.weight_repack,
         restart_backoff_s=config.restart_backoff_s, max_queue=config.max_queue,
@@ -50,11 +51,12 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
     kv = EtcdStore(config.etcd_url)
     await kv.connect()
     tel = telemetry.build_telemetry(config.trace, instance=config.worker_id)
-    server, health, port = grpcutil.new_server(config.listen, telemetry.server_interceptors(tel))
+    server, health, port = grpcutil.new_server(config.listen, telemetry.server_interceptors(tel),
+                                                config.security)
     registration = Registration(kv, store.WORKERS + config.worker_id, config.lease)
     metrics = WorkerMetrics()
     metrics.watch_lease(lambda: registration.lease_ok)
-    links = LinkMonitor(config.worker_id, config.ping_interval_s)
+    links = LinkMonitor(config.worker_id, config.ping_interval_s, config.security)
     worker = Worker(config, registration, health, host_deps(config, tel), links, metrics)
     worker_pb2_grpc.add_ShardWorkerServicer_to_server(ShardWorkerServicer(worker, tel.tracer),
                                                   server)

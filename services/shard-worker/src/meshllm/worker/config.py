@@ -19,6 +19,7 @@ from meshllm.common.config import (
 from meshllm.common.errors import ConfigError
 from meshllm.common.membership import LeaseConfig
 from meshllm.common.telemetry import TraceSettings, trace_settings
+from meshllm.common.tls import TLS_OPTIONS, GrpcSecurity, security_from
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class WorkerConfig:
     metrics_port: int
     log_level: str
     trace: TraceSettings        # what the OTEL_* variables ask for
+    security: GrpcSecurity      # plaintext or mutual TLS for all of this worker's gRPC
 
 
 def spare_memory_bytes() -> int:
@@ -97,6 +99,7 @@ OPTIONS = (
            "requests waiting for a free slot per model before answering busy (429)"),
     Option("--metrics-port", "MESHLLM_METRICS_PORT", int, "0", "Prometheus port (0: off)"),
     Option("--log-level", "MESHLLM_LOG_LEVEL", str, "INFO", "log level"),
+    *TLS_OPTIONS,
 )
 
 
@@ -127,5 +130,5 @@ def load_config(argv: Sequence[str], env: Mapping[str, str]) -> WorkerConfig:
         lease=LeaseConfig(v["lease_ttl_s"], v["keepalive_s"]),
         restart_backoff_s=v["restart_backoff_s"], metrics_port=v["metrics_port"],
         log_level=v["log_level"],
-        trace=trace_settings("worker", env),
+        trace=trace_settings("worker", env), security=security_from(v),
     )

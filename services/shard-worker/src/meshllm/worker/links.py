@@ -9,6 +9,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 
 import grpc
+from meshllm.common.tls import PLAINTEXT, GrpcSecurity
 from meshllm.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -27,16 +28,18 @@ def should_publish(published: Mapping[str, float], measured: Mapping[str, float]
 
 
 class LinkMonitor:
-    def __init__(self, worker_id: str, interval_s: float) -> None:
+    def __init__(self, worker_id: str, interval_s: float,
+                 security: GrpcSecurity = PLAINTEXT) -> None:
         self.worker_id = worker_id
         self.published: dict[str, float] = {}
         self.peers: dict[str, str] = {}  # worker id -> gRPC address, from the mesh snapshot
         self._interval_s = interval_s
+        self._security = security
         self._channels: dict[str, grpc.aio.Channel] = {}  # kept between rounds: no reconnects
 
     async def _round_trip_ms(self, address: str) -> float | None:
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address)
+            self._channels[address] = self._security.channel(address)
         stub = worker_pb2_grpc.ShardWorkerStub(self._channels[address])
         best = None
         for _ in range(PINGS_PER_ROUND):

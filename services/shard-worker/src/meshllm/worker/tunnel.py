@@ -14,6 +14,7 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
+from meshllm.common.tls import PLAINTEXT, GrpcSecurity
 from meshllm.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -40,10 +41,11 @@ async def _close(writer: asyncio.StreamWriter) -> None:
 class TunnelListener:
     """Head side: a loopback port whose connections are tunnelled to one stage."""
 
-    def __init__(self, stage_address: str, model_id: str) -> None:
+    def __init__(self, stage_address: str, model_id: str,
+                 security: GrpcSecurity = PLAINTEXT) -> None:
         self._stage_address = stage_address
         self._model_id = model_id
-        self._channel = grpc.aio.insecure_channel(stage_address, options=CHANNEL_OPTIONS)
+        self._channel = security.channel(stage_address, options=CHANNEL_OPTIONS)
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
 
