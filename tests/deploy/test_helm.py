@@ -34,6 +34,7 @@ EVERYTHING: dict[str, Any] = {
     },
     "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
     "otel": {"endpoint": "http://otel-collector.observability:4317"},
+    "tls": {"secretName": "mesh-llm-tls", "serverName": "mesh-llm"},
     "networkPolicy": {
         "metricsFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}],
         "gatewayFrom": [{"namespaceSelector": {"matchLabels": {"name": "ingress-nginx"}}}],
@@ -119,6 +120,8 @@ def test_manifests_match_kubernetes_schemas(chart: helm_python.Chart, case: str)
 
 BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("even etcd cluster", {"etcd": {"replicas": 2}}, "/etcd/replicas"),
+    ("tls secret not a name", {"tls": {"secretName": "My Secret"}}, "/tls/secretName"),
+    ("tls unknown key", {"tls": {"cert": "x"}}, "/tls"),
     ("no etcd at all", {"etcd": {"enabled": False}}, "/etcd/externalEndpoint"),
     ("unknown backend", {"workers": [{"name": "m", "backend": "metal", "replicas": 1,
                                       "memory": "4GiB"}]}, "/workers/0/backend"),
@@ -189,6 +192,35 @@ def test_services_use_native_grpc_probes(chart: helm_python.Chart) -> None:
         c = container(find(docs, kind, f"{RELEASE}-mesh-llm-{name}"), name.split("-")[0])
         assert c["startupProbe"]["grpc"]["port"] == port
         assert c["readinessProbe"]["grpc"]["port"] == port
+
+
+def test_tls_reaches_every_grpc_service(chart: helm_python.Chart) -> None:
+    """With a TLS secret every service gets the files and the variables, and the gRPC
+    probes switch to the image's probe command (the kubelet's cannot speak TLS)."""
+    docs = manifests(render(chart, {"tls": {"secretName": "mesh-tls", "serverName": "mesh"}}))
+    for kind, name, port in [
+        ("Deployment", "planner", 9338),
+        ("StatefulSet", "blackboard", 9339),
+        ("StatefulSet", "worker-cpu", 9340),
+        ("Deployment", "gateway", 0),
+    ]:
+        workload = find(docs, kind, f"{RELEASE}-mesh-llm-{name}")
+        c = container(workload, name.split("-")[0])
+        env = env_of(c)
+        assert env["MESHLLM_TLS_CERT"] == "/etc/mesh-llm/tls/tls.crt", name
+        assert env["MESHLLM_TLS_CA"] == "/etc/mesh-llm/tls/ca.crt", name
+        assert env["MESHLLM_TLS_SERVER_NAME"] == "mesh", name
+        assert {"name": "tls", "mountPath": "/etc/mesh-llm/tls", "readOnly": True} in c[
+            "volumeMounts"]
+        volumes = workload["spec"]["template"]["spec"]["volumes"]
+        assert {"name": "tls", "secret": {"secretName": "mesh-tls"}} in volumes
+        if port:
+            command = ["python", "-m", "meshllm.common.grpcutil", f"127.0.0.1:{port}"]
+            assert c["readinessProbe"] == {**c["readinessProbe"], "exec": {"command": command}}
+            assert "grpc" not in c["startupProbe"]
+    plain = manifests(render(chart, {}))
+    assert "MESHLLM_TLS_CERT" not in env_of(
+        container(find(plain, "StatefulSet", f"{RELEASE}-mesh-llm-worker-cpu"), "worker"))
 
 
 def test_worker_startup_allows_slow_model_loading(chart: helm_python.Chart) -> None:

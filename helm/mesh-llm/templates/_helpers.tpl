@@ -67,6 +67,18 @@ helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version }}
       fieldPath: metadata.namespace
 - name: MESHLLM_ETCD
   value: {{ include "mesh-llm.etcdEndpoint" .ctx | quote }}
+{{- with .ctx.Values.tls }}{{ if .secretName }}
+- name: MESHLLM_TLS_CERT
+  value: /etc/mesh-llm/tls/tls.crt
+- name: MESHLLM_TLS_KEY
+  value: /etc/mesh-llm/tls/tls.key
+- name: MESHLLM_TLS_CA
+  value: /etc/mesh-llm/tls/ca.crt
+{{- with .serverName }}
+- name: MESHLLM_TLS_SERVER_NAME
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}{{ end }}
 {{- with .ctx.Values.otel.endpoint }}
 - name: OTEL_EXPORTER_OTLP_ENDPOINT
   value: {{ . | quote }}
@@ -140,5 +152,35 @@ tolerations:
 {{- with .affinity }}
 affinity:
   {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* The mesh's TLS secret (tls.crt, tls.key, ca.crt: cert-manager's layout), when set. */}}
+{{- define "mesh-llm.tlsMount" -}}
+{{- if .Values.tls.secretName }}
+- name: tls
+  mountPath: /etc/mesh-llm/tls
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "mesh-llm.tlsVolume" -}}
+{{- if .Values.tls.secretName }}
+- name: tls
+  secret:
+    secretName: {{ .Values.tls.secretName }}
+{{- end }}
+{{- end -}}
+
+{{/* A gRPC health probe on `port`. The kubelet's own gRPC probe speaks plaintext only, so
+with TLS the image's probe command runs instead (it reads the same MESHLLM_TLS_* files).
+Call with (dict "ctx" $ "port" 9340). */}}
+{{- define "mesh-llm.grpcProbe" -}}
+{{- if .ctx.Values.tls.secretName }}
+exec:
+  command: ["python", "-m", "meshllm.common.grpcutil", "127.0.0.1:{{ .port }}"]
+{{- else }}
+grpc:
+  port: {{ .port }}
 {{- end }}
 {{- end -}}
