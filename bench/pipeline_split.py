@@ -219,13 +219,19 @@ def part_three() -> None:
             head = Head(endpoint, [2], str(model))
             warm = proxy.counters.to_server
             head.generate(4)  # the reloaded split still computes
+            split_s = head.generate(16)["s_per_token"]
             head.close()
         finally:
             servers[0][0].kill()
+        whole = Head([], [], str(model))  # the same model in one process, same threads
+        whole_s = whole.generate(16)["s_per_token"]
+        whole.close()
     print("Part 3: synthetic llama (3 layers, 13-35 MB F16 matrices), 2 layers on 1 stage "
           f"({remote / 1e6:.0f} MB)")
     print(f"    load bytes cold {cold / 1e6:.1f} MB, warm-cache reload {warm / 1e6:.2f} MB "
           f"= {100 * warm / remote:.2f}% of the remote layers   target < 5%")
+    print(f"    decode split {split_s * 1000:.1f} ms/token vs whole {whole_s * 1000:.1f} ms/token"
+          f" = {whole_s / split_s:.3f} of whole (engine level, loopback, 1 thread each)")
 
 
 def main() -> int:
