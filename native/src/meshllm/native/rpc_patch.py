@@ -1,20 +1,26 @@
-"""Our change to ggml's RPC client: talk to the socket on the caller's thread when it can.
+"""Our changes to ggml's RPC client and its TCP transport, as edits to the vendored source.
 
 Stock ggml-rpc hands every message to a dispatcher thread and, for synchronous calls,
-waits on a future until that thread has written it. A decode step of a split model makes
-about eight such calls per stage (one per graph input copied to the stage, a synchronize
-before each, the output read back), so each token pays some 50 thread hand-offs on the head
-and as many blocking reads on the stage. On a small model on a busy machine that is over a
-millisecond a token, most of the gap between a split and the same model served whole.
+waits on a future until that thread has written it; and it writes each message as three
+TCP segments. A decode step of a split model makes about ten calls per stage (a graph
+input copied to the stage, a synchronize before each, the graph compute, the output read
+back), so each token paid some 50 thread hand-offs on the head, ~30 segments per stage
+(each one a frame through the gRPC tunnel) and as many blocking reads on the stage: on a
+small model over a millisecond a token, most of the gap between a split and the whole.
 
-The change: when nothing is queued, the calling thread writes the message (and reads the
-reply) itself, under a mutex the dispatcher thread also takes; `synchronize` and
-`event_record` return at once when nothing is queued. Large asynchronous writes (weights
-while loading) still go through the dispatcher thread so loading keeps overlapping. The wire
-protocol is unchanged, so a patched client talks to stock servers and the reverse.
+The changes:
+- with nothing queued, the calling thread writes the message (and reads the reply) itself,
+  under a mutex the dispatcher thread also takes; `synchronize` and `event_record` return
+  at once when nothing is queued; large asynchronous writes (weights while loading) still
+  go through the dispatcher thread so loading keeps overlapping;
+- messages without a reply wait in a write buffer until the next request that waits for
+  one, and reads are buffered: a decode step crosses each link as one write and one reply;
+- weight tensors from 64 KiB up are offered by hash before their bytes (stock: over 10 MB
+  only), so a warm reload of a small model sends almost nothing.
+The wire protocol is unchanged, so a patched client talks to stock servers and the reverse.
 
-Each edit names text that must occur exactly once in the vendored ggml-rpc.cpp; when
-llama.cpp changes under us the build stops and says which anchor moved.
+Each edit names text that must occur exactly once in the vendored source; when llama.cpp
+changes under us the build stops and says which anchor moved.
 """
 
 from __future__ import annotations
