@@ -177,3 +177,43 @@ def test_etcd_image_is_pinned() -> None:
     repo, _, tag = image.rpartition(":")
     assert repo == "quay.io/coreos/etcd"
     assert tag.startswith("v3.5.") and tag != "latest"
+
+
+TLS_FILE = COMPOSE_FILE.parent / "docker-compose.tls.yml"
+GRPC_SERVICES = {"planner", "blackboard", "gateway"}  # and every worker
+
+
+def with_tls(profile: str | None) -> dict[str, Any]:
+    """`docker compose -f docker-compose.yml -f docker-compose.tls.yml`: environment maps
+    merge by key, volume lists by container path."""
+    doc = effective_file(profile)
+    for name, extra in load_yaml(TLS_FILE)["services"].items():
+        if name not in doc["services"]:
+            continue
+        svc = doc["services"][name]
+        svc["environment"] = {**svc.get("environment", {}), **extra["environment"]}
+        svc["volumes"] = [*svc.get("volumes", []), *extra["volumes"]]
+    return doc
+
+
+def test_tls_override_covers_every_grpc_service() -> None:
+    from meshllm.common.tls import TLS_OPTIONS
+
+    services = compose()["services"]
+    overridden = load_yaml(TLS_FILE)["services"]
+    assert set(overridden) <= set(services)
+    assert set(overridden) == GRPC_SERVICES | {n for n in services if n.startswith("worker-")}
+    wanted = {opt.env for opt in TLS_OPTIONS}
+    for name, svc in overridden.items():
+        assert set(svc["environment"]) == wanted, name
+
+
+def test_tls_override_matches_compose_spec(tmp_path: Path) -> None:
+    files = []
+    for profile in PROFILES:
+        path = tmp_path / f"compose-tls-{profile or 'default'}.yml"
+        path.write_text(yaml.safe_dump(with_tls(profile), sort_keys=False))
+        files.append(str(path))
+    result = run(python_module("check_jsonschema", "--builtin-schema", "vendor.compose-spec",
+                               *files))
+    assert result.returncode == 0, result.stdout + result.stderr
