@@ -24,6 +24,7 @@ from meshllm.common.errors import (
     MeshError,
 )
 from meshllm.common.types import Finished, GenerateEvent, GenerateRequest, TokenDelta, Usage
+from meshllm.worker.child import ChildProcess
 
 log = logging.getLogger(__name__)
 
@@ -86,17 +87,15 @@ class ProcessEngine:
                  tracer: telemetry.Tracer = telemetry.NO_TRACER) -> None:
         self._settings = settings
         self._tracer = tracer
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: ChildProcess | None = None
         self._streams: dict[str, asyncio.Queue[dict[str, Any]]] = {}
         self._reader: asyncio.Task[None] | None = None
         self.stats: dict[str, Any] = {}  # the engine's last report: running, queued, ...
 
     async def start(self) -> None:
         env = {**os.environ, "GGML_NO_BACKTRACE": "1"}  # ggml would attach gdb on abort: slow
-        self._proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "meshllm.worker.engine_proc",
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
-        )
+        self._proc = await ChildProcess.start(
+            [sys.executable, "-m", "meshllm.worker.engine_proc"], env, pipes=True)
         s = self._settings
         await self._send({"op": "load", "path": str(s.model_path),
                           "n_ctx": s.context_length_tokens, "n_threads": s.threads,
@@ -114,12 +113,12 @@ class ProcessEngine:
 
     async def _first_event(self) -> dict[str, Any]:
         """The engine's answer to the load command, reporting progress on the way."""
-        assert self._proc is not None and self._proc.stdout is not None
+        assert self._proc is not None
         deadline = asyncio.get_running_loop().time() + self._settings.load_timeout_s
         while True:
             left = deadline - asyncio.get_running_loop().time()
             try:
-                line = await asyncio.wait_for(self._proc.stdout.readline(), max(0.0, left))
+                line = await asyncio.wait_for(self._proc.read_line(), max(0.0, left))
             except TimeoutError:
                 return {"error": f"no answer within {self._settings.load_timeout_s:.0f}s"}
             event = dict(json.loads(line)) if line else {}
@@ -129,15 +128,13 @@ class ProcessEngine:
                 self._settings.on_progress(float(event["fraction"]))
 
     async def _send(self, command: dict[str, Any]) -> None:
-        if self._proc is None or self._proc.stdin is None or self._proc.returncode is not None:
+        if self._proc is None or self._proc.returncode is not None:
             raise EngineCrashed("the engine process is not running")
-        self._proc.stdin.write((json.dumps(command) + "\n").encode())
-        with contextlib.suppress(ConnectionError):
-            await self._proc.stdin.drain()
+        self._proc.write_line((json.dumps(command) + "\n").encode())
 
     async def _read_events(self) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
-        while line := await self._proc.stdout.readline():
+        assert self._proc is not None
+        while line := await self._proc.read_line():
             event = json.loads(line)
             if event.get("ev") == "stats":
                 self.stats = event
@@ -191,8 +188,7 @@ class ProcessEngine:
     async def stop(self) -> None:
         if self._proc is None or self._proc.returncode is not None:
             return
-        if self._proc.stdin is not None:
-            self._proc.stdin.close()  # the engine exits when its input ends
+        self._proc.close_stdin()  # the engine exits when its input ends
         try:
             await asyncio.wait_for(self._proc.wait(), 5.0)
         except TimeoutError:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshllm.common.errors import EngineUnavailable
+from meshllm.worker.child import ChildProcess
 
 START_TIMEOUT_S = 30.0
 
@@ -33,18 +34,17 @@ class StageServer:
 
     def __init__(self, settings: StageSettings) -> None:
         self._settings = settings
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: ChildProcess | None = None
         self.port = 0
 
     async def start(self) -> None:
         s = self._settings
         self.port = free_port(s.host)
-        self._proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "meshllm.worker.rpc_server",
-            "--endpoint", f"{s.host}:{self.port}", "--cache-dir", str(s.cache_dir),
-            "--threads", str(s.threads), "--library", s.library,
-            stdout=asyncio.subprocess.DEVNULL, env={**os.environ, "GGML_NO_BACKTRACE": "1"},
-        )
+        self._proc = await ChildProcess.start(
+            [sys.executable, "-m", "meshllm.worker.rpc_server",
+             "--endpoint", f"{s.host}:{self.port}", "--cache-dir", str(s.cache_dir),
+             "--threads", str(s.threads), "--library", s.library],
+            {**os.environ, "GGML_NO_BACKTRACE": "1"}, pipes=False)
         deadline = asyncio.get_running_loop().time() + START_TIMEOUT_S
         while asyncio.get_running_loop().time() < deadline:
             if self._proc.returncode is not None:
