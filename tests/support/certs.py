@@ -12,7 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from meshllm.common.tls import GrpcSecurity
+from meshllm.common.tls import GrpcSecurity, security_from_env
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class NodeFiles:
                 "MESHLLM_TLS_CA": str(self.ca)}
 
     def security(self) -> GrpcSecurity:
-        return GrpcSecurity(self.cert.read_bytes(), self.key.read_bytes(), self.ca.read_bytes())
+        return security_from_env("test client", self.env())
 
 
 def _name(common_name: str) -> x509.Name:

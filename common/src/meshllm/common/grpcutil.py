@@ -10,9 +10,9 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from meshllm.common.config import process_env, read_options
+from meshllm.common.config import process_env
 from meshllm.common.errors import ConfigError
-from meshllm.common.tls import PLAINTEXT, TLS_OPTIONS, GrpcSecurity, security_from
+from meshllm.common.tls import PLAINTEXT, GrpcSecurity, security_from_env
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -59,8 +59,7 @@ def probe_main() -> int:
     parser.add_argument("--service", default="")
     args, rest = parser.parse_known_args()
     try:  # the same --tls-* flags and MESHLLM_TLS_* variables as the service probed
-        security = security_from(read_options("meshllm-health-probe", TLS_OPTIONS, rest,
-                                              process_env()))
+        security = security_from_env("meshllm-health-probe", process_env(), rest)
     except ConfigError as exc:
         print(f"meshllm-health-probe: {exc}", file=sys.stderr)
         return 2

@@ -92,6 +92,8 @@ def security_from(values: Mapping[str, Any]) -> GrpcSecurity:
                         str(values.get("tls_server_name") or ""))
 
 
-def security_from_env(prog: str, env: Mapping[str, str]) -> GrpcSecurity:
-    """For clients without flags of their own (CLI, MCP server): the MESHLLM_TLS_* variables."""
-    return security_from(read_options(prog, TLS_OPTIONS, [], env))
+def security_from_env(prog: str, env: Mapping[str, str], argv: Sequence[str] = ()
+                      ) -> GrpcSecurity:
+    """For programs that are not services (CLI, MCP server, health probe): the --tls-*
+    flags in `argv`, else the MESHLLM_TLS_* variables."""
+    return security_from(read_options(prog, TLS_OPTIONS, argv, env))

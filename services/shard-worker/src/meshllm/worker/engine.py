@@ -97,7 +97,7 @@ class ProcessEngine:
         self._proc = await ChildProcess.start(
             [sys.executable, "-m", "meshllm.worker.engine_proc"], env, pipes=True)
         s = self._settings
-        await self._send({"op": "load", "path": str(s.model_path),
+        self._send({"op": "load", "path": str(s.model_path),
                           "n_ctx": s.context_length_tokens, "n_threads": s.threads,
                           "rpc_endpoints": list(s.rpc_endpoints),
                           "tensor_split": list(s.tensor_split), "n_gpu_layers": s.n_gpu_layers,
@@ -127,7 +127,7 @@ class ProcessEngine:
             if self._settings.on_progress is not None:
                 self._settings.on_progress(float(event["fraction"]))
 
-    async def _send(self, command: dict[str, Any]) -> None:
+    def _send(self, command: dict[str, Any]) -> None:
         if self._proc is None or self._proc.returncode is not None:
             raise EngineCrashed("the engine process is not running")
         self._proc.write_line((json.dumps(command) + "\n").encode())
@@ -153,7 +153,7 @@ class ProcessEngine:
             if self._reader is None or self._reader.done():
                 raise EngineCrashed("the engine process is not running")
             submitted_ns = time.time_ns()
-            await self._send(_request_command(request))
+            self._send(_request_command(request))
             while not done:
                 event = await stream.get()
                 if event is _EXITED:
@@ -169,7 +169,7 @@ class ProcessEngine:
             del self._streams[request.request_id]
             if not done and self._proc is not None and self._proc.returncode is None:
                 with contextlib.suppress(EngineCrashed):
-                    await self._send({"op": "cancel", "id": request.request_id})
+                    self._send({"op": "cancel", "id": request.request_id})
 
     def _trace_phases(self, request: GenerateRequest, submitted_ns: int,
                       finished: dict[str, Any]) -> None:
