@@ -37,8 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "common/src"), str(ROOT / "services/shard-worker/src")]
 from meshllm.common.models import materialize  # noqa: E402
 from meshllm.common.types import SamplingParams  # noqa: E402
-from meshllm.worker.batch import BatchConfig, BatchEngine, Delta, Event, Failed, SpecMode  # noqa: E402
-from meshllm.worker.batch.backend import requantize  # noqa: E402
+from meshllm.worker.engine.batch import BatchConfig, BatchEngine, Delta, Event, Failed, SpecMode  # noqa: E402
+from meshllm.worker.engine.batch.backend import requantize  # noqa: E402
 
 LLAMA_SERVER = ROOT / "build/llama-server/bin/llama-server"
 TOPICS = ["the ocean", "a mountain town", "the printing press", "bees", "a lighthouse keeper",

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from meshllm.common.blackboard_client import BlackboardClient
-from meshllm.common.blackboard_types import Draft, PostId
+from meshllm.common.blackboard.client import BlackboardClient
+from meshllm.common.blackboard.types import Draft, PostId
 
 from tests.support.blackboard import BlackboardNode, eventually, start_nodes
 from tests.support.procs import start_etcd

@@ -155,6 +155,21 @@ def decode_cost(head: Head, proxies: list[DelayProxy], n: int) -> tuple[float, i
     return run["s_per_token"], (bytes_n - bytes_one) // (n - 1)
 
 
+def delayed_costs(head: Head, proxies: list[DelayProxy], stages: int, base_s: float,
+                  max_tokens: int) -> list[tuple[int, float, float]]:
+    """(delay ms, seconds per token, round trips per token per stage) at +10 and +20 ms."""
+    rows = []
+    for delay_ms in (10, 20):
+        for p in proxies:
+            p.delay_s = delay_ms / 1000
+        delayed_s, _ = decode_cost(head, proxies, max(8, max_tokens // 8))
+        round_trips = (delayed_s - base_s) / (2 * delay_ms / 1000) / stages
+        rows.append((delay_ms, delayed_s, round_trips))
+        for p in proxies:
+            p.delay_s = 0.0
+    return rows
+
+
 def part_two(max_tokens: int) -> None:
     from meshllm.common.models import describe
 
@@ -169,15 +184,7 @@ def part_two(max_tokens: int) -> None:
                 head = Head(endpoints, layers)
                 cold = sum(p.counters.to_server for p in proxies)
                 base_s, per_token = decode_cost(head, proxies, max_tokens)
-                rows = []
-                for delay_ms in (10, 20):
-                    for p in proxies:
-                        p.delay_s = delay_ms / 1000
-                    delayed_s, _ = decode_cost(head, proxies, max(8, max_tokens // 8))
-                    round_trips = (delayed_s - base_s) / (2 * delay_ms / 1000) / stages
-                    rows.append((delay_ms, delayed_s, round_trips))
-                    for p in proxies:
-                        p.delay_s = 0.0
+                rows = delayed_costs(head, proxies, stages, base_s, max_tokens)
                 head.close()
                 for p in proxies:
                     p.reset()

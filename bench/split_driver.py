@@ -1,8 +1,9 @@
 """A split model's head, driven over stdin by bench/pipeline_split.py.
 
-Loads gemma3-270m with its last layers on the given ggml RPC servers, says "loaded", then
-for each line "N" generates N tokens greedily and prints a JSON line with the timings and
-the text.
+Loads gemma3-270m with its last layers on the given ggml RPC servers (as the engine
+process loads a head: weight repacking off, the head's tensors kept here), says "loaded",
+then for each line "N" generates N tokens greedily and prints a JSON line with the timings
+and the text.
 
     split_driver.py ENDPOINTS LAYERS [MODEL] [--library meshllm|stock]
 """
@@ -11,15 +12,52 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any
 
 from meshllm.common.models import materialize
+from meshllm.common.types import SamplingParams
 from meshllm.native import rpc
-from meshllm.worker.load_params import HEAD_TENSORS, offload_params, weight_repacking
+from meshllm.worker.engine.batch import BatchConfig, BatchEngine, Delta, Event, Failed, LoadOptions
 
 PROMPT = "Write a detailed essay about the history of the printing press."
+
+
+def load(model: str, endpoints: list[str], layers: list[int], library: str) -> BatchEngine:
+    rpc.ensure_backends()
+    options = LoadOptions(repack=False)
+    if endpoints:  # without stages: the same model whole, as the baseline
+        rpc.add_rpc_servers(endpoints, rpc.RpcLibrary(library))
+        options = LoadOptions.split_head(layers, repack=False)
+    # Every run processes the whole prompt again, as the first one did.
+    return BatchEngine(BatchConfig(model_path=model, n_ctx=512, n_slots=1, n_threads=1,
+                                   prefix_reuse=False, load=options))
+
+
+def generate(engine: BatchEngine, run: int, n: int) -> dict[str, Any]:
+    stamps: list[float] = []
+    text: list[str] = []
+    failed: list[Failed] = []
+
+    def on_event(event: Event) -> None:
+        if isinstance(event, Delta):
+            stamps.extend([time.perf_counter()] if event.tokens else [])
+            text.append(event.text)
+        elif isinstance(event, Failed):
+            failed.append(event)
+
+    started = time.perf_counter()
+    engine.submit(f"run{run}", engine.tokenize(PROMPT),
+                  SamplingParams(max_tokens=n, temperature=0.0), on_event)
+    while engine.step():
+        pass
+    if failed:
+        raise failed[0].error
+    decode = (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1)
+    return {"ttft_s": stamps[0] - started, "s_per_token": decode, "tokens": len(stamps),
+            "text": "".join(text)}
 
 
 def main() -> int:
@@ -31,27 +69,13 @@ def main() -> int:
     args = parser.parse_args()
     endpoints = [e for e in args.endpoints.split(",") if e]
     layers = [int(x) for x in args.layers.split(",") if x]
-    model = args.model or str(materialize("gemma3-270m"))
-    from llama_cpp import Llama
-
-    offload: dict[str, Any] = {}
-    if endpoints:  # without stages: the same model whole, as the baseline
-        rpc.add_rpc_servers(endpoints, rpc.RpcLibrary(args.library))
-        offload = offload_params(layers)
-    with weight_repacking(False, HEAD_TENSORS if endpoints else ""):
-        llm: Any = Llama(model_path=model, n_ctx=512, n_threads=1, verbose=False, **offload)
-    print("loaded", flush=True)
-    for line in sys.stdin:
-        n = int(line)
-        llm.reset()
-        started = time.perf_counter()
-        stamps, text = [], []
-        for chunk in llm.create_completion(PROMPT, max_tokens=n, temperature=0, stream=True):
-            stamps.append(time.perf_counter())
-            text.append(chunk["choices"][0]["text"])
-        decode = (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1)
-        print(json.dumps({"ttft_s": stamps[0] - started, "s_per_token": decode,
-                          "tokens": len(stamps), "text": "".join(text)}), flush=True)
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # as in the engine process: whatever llama.cpp prints stays off `out`
+    engine = load(args.model or str(materialize("gemma3-270m")), endpoints, layers,
+                  args.library)
+    print("loaded", file=out, flush=True)
+    for run, line in enumerate(sys.stdin):
+        print(json.dumps(generate(engine, run, int(line))), file=out, flush=True)
     return 0
 
 

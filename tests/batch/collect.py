@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from meshllm.worker.batch import BatchEngine, Delta, Event, Failed, Finished
+from meshllm.worker.engine.batch import BatchEngine, Delta, Event, Failed, Finished
 
 
 @dataclass

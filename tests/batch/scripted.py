@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
-from meshllm.worker.batch.sampling import Logits
+from meshllm.worker.engine.batch.sampling import Logits
 
 V = 32
 EOG = V - 1

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from meshllm.worker.batch.sampling import Dist
-from meshllm.worker.batch.speculative import (
+from meshllm.worker.engine.batch.sampling import Dist
+from meshllm.worker.engine.batch.speculative import (
     Verdict,
     accept_greedy,
     accept_probability,

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from meshllm.worker.batch.ngram import propose_ngram
-from meshllm.worker.batch.prefix import FreeSlot, Placement, common_prefix, place
-from meshllm.worker.batch.sampling import SamplerSpec, adjust, distribution, draw
-from meshllm.worker.batch.scheduler import SlotState, StepPlan, draft_budget, plan_step
+from meshllm.worker.engine.batch.ngram import propose_ngram
+from meshllm.worker.engine.batch.prefix import FreeSlot, Placement, common_prefix, place
+from meshllm.worker.engine.batch.sampling import SamplerSpec, adjust, distribution, draw
+from meshllm.worker.engine.batch.scheduler import SlotState, StepPlan, draft_budget, plan_step
 
 
 @pytest.mark.parametrize(("slots", "n_batch", "chunk", "plan"), [
@@ -113,6 +113,6 @@ def test_penalties(spec: SamplerSpec, history: list[int], want: list[float]) -> 
 
 @pytest.mark.parametrize(("u", "token"), [(0.0, 7), (0.19, 7), (0.2, 8), (0.99, 9)])
 def test_draw(u: float, token: int) -> None:
-    from meshllm.worker.batch.sampling import Dist
+    from meshllm.worker.engine.batch.sampling import Dist
 
     assert draw(Dist(np.array([7, 8, 9]), np.array([0.2, 0.5, 0.3])), u) == token

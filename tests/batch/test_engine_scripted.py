@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from meshllm.common.errors import PromptTooLong
 from meshllm.common.types import SamplingParams
-from meshllm.worker.batch import BatchConfig, BatchEngine, QueueFull, SpecMode
-from meshllm.worker.batch.draft import Drafter, ModelDrafter, NgramDrafter
+from meshllm.worker.engine.batch import BatchConfig, BatchEngine, QueueFull, SpecMode
+from meshllm.worker.engine.batch.draft import Drafter, ModelDrafter, NgramDrafter
 
 from .collect import Collector, drain
 from .scripted import CorruptingDrafter, ScriptedBackend, draft_rule, solo_greedy, target_rule

@@ -9,9 +9,11 @@ from collections.abc import Iterator, Sequence
 import pytest
 from meshllm.common.models import materialize
 from meshllm.common.types import ChatMessage, SamplingParams
-from meshllm.worker.batch import BatchConfig, BatchEngine, SpecMode
+from meshllm.worker.engine.batch import BatchConfig, BatchEngine, SpecMode
 
 from .collect import Collector, drain
+
+pytestmark = pytest.mark.integration
 
 PROMPTS = [
     "The capital of France is", "Once upon a time", "def fibonacci(n):", "List three colors:",

@@ -6,14 +6,14 @@ import random
 
 import pytest
 from meshllm.blackboard.config import load_config
-from meshllm.blackboard.digest import differing_buckets, make_buckets, missing_ids
+from meshllm.blackboard.digest import Bucket, differing_buckets, make_buckets, missing_ids
 from meshllm.blackboard.gossip import choose_peers, peer_changes
-from meshllm.blackboard.ids import IdGenerator, encode_ulid
+from meshllm.blackboard.ids import IdGenerator, encode_ulid, is_post_id, ulid_time_ms
 from meshllm.blackboard.ranking import query_words, rank
 from meshllm.blackboard.rules import Limits, horizon_ms, normalise_draft, rate_limit_retry_after_s
-from meshllm.common.blackboard_errors import PostRejected, TextTooLarge
-from meshllm.common.blackboard_types import Bucket, Draft, NodeId, Peer, Post, PostId
-from meshllm.common.blackboard_wire import is_post_id, parse_since, ulid_time_ms
+from meshllm.common.blackboard.errors import PostRejected, TextTooLarge
+from meshllm.common.blackboard.types import Draft, NodeId, Peer, Post, PostId
+from meshllm.common.blackboard.wire import parse_since
 from meshllm.common.errors import ConfigError
 
 MIN = 60_000

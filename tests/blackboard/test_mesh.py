@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from meshllm.common.blackboard_client import BlackboardClient
-from meshllm.common.blackboard_errors import RateLimited, SecretDetected, TextTooLarge
-from meshllm.common.blackboard_types import Draft, FeedQuery, Post, SubscribeFilter
+from meshllm.common.blackboard.client import BlackboardClient
+from meshllm.common.blackboard.errors import RateLimited, SecretDetected, TextTooLarge
+from meshllm.common.blackboard.types import Draft, FeedQuery, Post, SubscribeFilter
 
 from tests.support.blackboard import BlackboardNode, converged, eventually, start_nodes
 
@@ -138,7 +138,7 @@ async def test_search_ranks_by_hits_then_recency(mesh: list[BlackboardNode]) -> 
 
 
 async def test_unreachable_node_is_a_clear_error() -> None:
-    from meshllm.common.blackboard_errors import BlackboardUnavailable
+    from meshllm.common.blackboard.errors import BlackboardUnavailable
 
     async with BlackboardClient("127.0.0.1:1", timeout_s=2) as client:
         with pytest.raises(BlackboardUnavailable, match="cannot reach the blackboard"):

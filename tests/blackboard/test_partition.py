@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from meshllm.common.blackboard_types import Draft
+from meshllm.common.blackboard.types import Draft
 
 from tests.blackboard.conftest import NODE_ARGS
 from tests.support.blackboard import BlackboardNode, TcpProxy, converged, eventually, start_nodes

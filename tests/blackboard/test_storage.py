@@ -11,7 +11,7 @@ from meshllm.blackboard.ids import encode_ulid
 from meshllm.blackboard.metrics import Metrics
 from meshllm.blackboard.rules import Limits
 from meshllm.blackboard.storage import PostStore
-from meshllm.common.blackboard_types import Draft, FeedQuery, NodeId, Post
+from meshllm.common.blackboard.types import Draft, FeedQuery, NodeId, Post
 from meshllm.common.errors import ConfigError
 
 NOW = 1_800_000_000_000

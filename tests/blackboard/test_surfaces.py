@@ -15,8 +15,8 @@ import pytest_asyncio
 import uvicorn
 from mcp import Client, StdioServerParameters
 from meshllm.cli.blackboard_cmd import add_blackboard_parser, run_blackboard
-from meshllm.common.blackboard_client import BlackboardClient
-from meshllm.common.blackboard_types import Draft
+from meshllm.common.blackboard.client import BlackboardClient
+from meshllm.common.blackboard.types import Draft
 from meshllm.gateway.blackboard_api import blackboard_routes
 from starlette.applications import Starlette
 

@@ -17,6 +17,8 @@ from meshllm.v1 import worker_pb2, worker_pb2_grpc
 
 from tests.support.mesh import LocalMesh, wait_for
 
+pytestmark = pytest.mark.integration
+
 MODEL = "gemma3-270m"
 MESSAGES: Any = [{"role": "user", "content": "Name three colours of the rainbow."}]
 PROMPT = "The three primary colours are"
@@ -129,6 +131,19 @@ def test_prompt_longer_than_context_is_400(client: openai.OpenAI) -> None:
     assert "maximum context length is 4096" in str(info.value)
     body: Any = info.value.body
     assert body["code"] == "context_length_exceeded"
+    assert info.value.status_code == 400 and body["param"] == "messages"
+
+
+def test_chat_longer_than_context_is_400_naming_messages(client: openai.OpenAI) -> None:
+    """The worker's PromptTooLong reaches the client by its reason code, not its text."""
+    long_chat: Any = [{"role": "user", "content": "hello " * 5000}]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=long_chat, max_tokens=4)
+    body: Any = info.value.body
+    assert info.value.status_code == 400
+    assert (body["type"], body["param"], body["code"]) == (
+        "invalid_request_error", "messages", "context_length_exceeded")
+    assert "maximum context length is 4096 tokens, but the prompt is" in body["message"]
 
 
 def test_model_that_fits_nowhere_is_503_with_reason(client: openai.OpenAI,

@@ -13,6 +13,8 @@ import pytest
 from tests.support.mesh import LocalMesh, MeshOptions
 from tests.support.procs import free_port
 
+pytestmark = pytest.mark.integration
+
 MODEL = "gemma3-270m"
 
 

@@ -16,6 +16,8 @@ from meshllm.v1 import worker_pb2, worker_pb2_grpc
 
 from tests.support.mesh import LocalMesh, MeshOptions, wait_for
 
+pytestmark = pytest.mark.integration
+
 MODEL = "gemma3-270m"
 
 
@@ -40,7 +42,7 @@ def busy_worker(mesh: LocalMesh) -> str:
 
 
 def engine_pid(worker_pid: int) -> int:
-    out = subprocess.run(["pgrep", "-P", str(worker_pid), "-f", "meshllm.worker.engine_proc"],
+    out = subprocess.run(["pgrep", "-P", str(worker_pid), "-f", "meshllm.worker.engine"],
                          capture_output=True, text=True, check=True)
     return int(out.stdout.split()[0])
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -12,8 +13,20 @@ from pathlib import Path
 
 import httpx
 import openai
+import pytest
 
 from tests.support.procs import free_port
+
+pytestmark = pytest.mark.integration
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def children_of(pid: int) -> set[int]:
@@ -41,16 +54,21 @@ def read_until(proc: subprocess.Popen[str], marker: str, timeout_s: float) -> st
 
 
 def test_up_serves_and_ctrl_c_stops_every_process(tmp_path: Path) -> None:
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
+    # Some options from the environment; and a per-process variable that, handed on to
+    # every service, would make them fight over one metrics port.
+    env = {**os.environ, "MESHLLM_UP_WORKERS": "2", "MESHLLM_UP_DATA_DIR": str(tmp_path),
+           "MESHLLM_METRICS_PORT": str(metrics_port)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "meshllm.cli.main", "up", "--workers", "2", "--port", str(port),
-         "--worker-memory", "1GiB", "--data-dir", str(tmp_path),
-         "--blackboard-port", str(free_port())],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, "-m", "meshllm.cli.main", "up", "--port", str(port),
+         "--worker-memory", "1GiB", "--blackboard-port", str(free_port())],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     try:
         output = read_until(proc, "Ready: http://localhost", 300)
         assert f"http://localhost:{port}/v1" in output
+        assert f"data in {tmp_path.resolve()}" in output
+        assert port_is_free(metrics_port)  # no child took up's MESHLLM_METRICS_PORT
         children = children_of(proc.pid)
         assert len(children) == 6  # etcd, planner, blackboard, 2 workers, gateway
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")

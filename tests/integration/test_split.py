@@ -15,6 +15,8 @@ import pytest
 
 from tests.support.mesh import LocalMesh, MeshOptions, wait_for
 
+pytestmark = pytest.mark.integration
+
 MODEL = "gemma3-270m"
 PROMPTS = ["The history of the printing press", "def fibonacci(n):",
            "Three facts about the moon:"]

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from meshllm.common.status import MeshStatus, ModelStatus, ServingState
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.observability.cdp import Browser
+from tests.observability.cdp import Browser, Page
 from tests.observability.collector import CollectedSpan, Collector
 from tests.observability.conftest import ObservedMesh
 from tests.support.procs import wait_until
@@ -153,28 +154,68 @@ def test_metrics_move_when_requests_run(observed_mesh: ObservedMesh) -> None:
     assert total(planner, "process_cpu_seconds_total") > 0
 
 
+def _row_cells(page: Page, request_id: str) -> list[str]:
+    return list(page.evaluate(f"[...document.querySelector('#recent tbody "
+                              f"tr[data-request=\"{request_id}\"]').cells]"
+                              ".map(c => c.textContent)"))
+
+
+def _assert_nodes_shown(page: Page, status: MeshStatus) -> None:
+    page.wait_for("document.querySelectorAll('[data-node]').length === 2")
+    nodes = page.evaluate("[...document.querySelectorAll('[data-node]')]"
+                          ".map(n => n.dataset.node).sort()")
+    assert nodes == ["worker-1", "worker-2"]
+    for node in status.nodes:
+        card = page.evaluate(f"document.querySelector('[data-node=\"{node.worker_id}\"]')"
+                             ".textContent")
+        assert node.worker_id in card and node.address in card and MODEL in card
+
+
+def _assert_model_shown(page: Page, model: ModelStatus) -> None:
+    badge = f"document.querySelector('[data-model=\"{MODEL}\"] .status')"
+    assert page.evaluate(badge + ".textContent") == model.status_text == "serving"
+    assert page.evaluate(badge + ".dataset.state") == ServingState.SERVING.value
+    segments = page.evaluate(f"[...document.querySelectorAll('[data-placement=\"{MODEL}\"]"
+                             " .segment')].map(s => [s.dataset.worker, s.dataset.layers])")
+    expected = [[s.worker_id, f"{s.layer_start}-{s.layer_end}"]
+                for r in model.replicas for s in r.stages]
+    assert sorted(segments) == sorted(expected) and segments
+
+
+def _assert_request_listed(page: Page, collector: Collector, answer: Mapping[str, Any]
+                           ) -> None:
+    """The console's row for the request the test made: its id, model, outcome, finish
+    reason and token counts as the client got them, and its trace as the collector has it."""
+    request_id = answer["id"]
+    row = f"document.querySelector('#recent tbody tr[data-request=\"{request_id}\"]')"
+    page.wait_for(f"{row} !== null")
+    _, model, outcome, finish, tokens_in, tokens_out, ttft, total, _ = _row_cells(
+        page, request_id)
+    assert (model, outcome, finish) == (MODEL, "ok", answer["choices"][0]["finish_reason"])
+    usage = answer["usage"]
+    assert (int(tokens_in), int(tokens_out)) == (usage["prompt_tokens"],
+                                                 usage["completion_tokens"])
+    assert ttft and total
+    trace_id = page.evaluate(f"{row}.dataset.trace")
+    assert len(trace_id) == 32
+    wait_until(lambda: any(s.trace_id == trace_id and s.name == f"chat {MODEL}"
+                           for s in collector.snapshot()), 20, "the request's trace")
+
+
 def test_console_shows_the_mesh_and_updates_live(observed_mesh: ObservedMesh,
-                                                 tmp_path: Path) -> None:
-    status = observed_mesh.status()
-    model = next(m for m in status["models"] if m["model_id"] == MODEL)
+                                                 collector: Collector, tmp_path: Path) -> None:
+    status = MeshStatus.from_json(observed_mesh.status())
+    model = next(m for m in status.models if m.model_id == MODEL)
     browser = Browser(tmp_path / "chromium-profile")
     try:
         page = browser.open(observed_mesh.base_url + "/console")
-        page.wait_for("document.querySelectorAll('[data-node]').length === 2")
-        nodes = page.evaluate("[...document.querySelectorAll('[data-node]')]"
-                              ".map(n => n.dataset.node).sort()")
-        assert nodes == ["worker-1", "worker-2"]
-        segments = page.evaluate(f"[...document.querySelectorAll('[data-placement=\"{MODEL}\"]"
-                                 " .segment')].map(s => [s.dataset.worker, s.dataset.layers])")
-        expected = [[s["worker_id"], f"{s['layers'][0]}-{s['layers'][1]}"]
-                    for r in model["replicas"] for s in r.get("stages", [r])]
-        assert sorted(segments) == sorted(expected) and segments
+        _assert_nodes_shown(page, status)
+        _assert_model_shown(page, model)
         assert page.evaluate("document.getElementById('connection').textContent") == "live"
-        rows = page.evaluate("document.querySelectorAll('#recent tbody tr').length")
-        chat(observed_mesh.base_url, max_tokens=8)
-        page.wait_for(f"document.querySelectorAll('#recent tbody tr').length > {rows}")
-        row = page.evaluate("document.querySelector('#recent tbody tr').textContent")
-        assert MODEL in row and "ok" in row
+        answer = json.loads(chat(observed_mesh.base_url, max_tokens=8))
+        _assert_request_listed(page, collector, answer)
+        assert page.evaluate("document.querySelector('#recent tbody tr').dataset.request"
+                             ) == answer["id"]  # newest first
         page.wait_for(f"parseFloat(document.querySelector('[data-model=\"{MODEL}\"] .rate')"
                       ".textContent) > 0")
         time.sleep(1.5)  # a few more updates: the sparkline gets some history

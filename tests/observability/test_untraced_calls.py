@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
-from meshllm.common import telemetry
+from meshllm.common.telemetry import instrument
 
 
 @dataclass(frozen=True)
@@ -23,4 +23,4 @@ class CallDetails:  # what the interceptors hand the filter
     ("/grpc.health.v1.Health/Watch", False),
 ])
 def test_traced(method: str, traced: bool) -> None:
-    assert telemetry._traced(CallDetails(method)) is traced
+    assert instrument._traced(CallDetails(method)) is traced

@@ -8,8 +8,8 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
-from meshllm.common.blackboard_client import BlackboardClient
-from meshllm.common.blackboard_types import FeedQuery, PostId
+from meshllm.common.blackboard.client import BlackboardClient
+from meshllm.common.blackboard.types import FeedQuery, PostId
 from meshllm.common.grpcutil import check_health
 
 from tests.support.procs import Proc, free_port, python_module
@@ -30,7 +30,7 @@ class BlackboardNode:
     """One `python -m meshllm.blackboard` process; restartable on the same port and data."""
 
     def __init__(self, name: str, etcd_url: str, root: Path, *extra: str,
-                 advertise: str = "", port: int = 0) -> None:
+                 advertise: str = "", port: int = 0, env: dict[str, str] | None = None) -> None:
         self.name = name
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -40,10 +40,11 @@ class BlackboardNode:
             "--data-dir", str(self.data_dir), "--node-id", name,
             *(("--advertise-address", advertise) if advertise else ()), *extra)
         self._log_dir = root
+        self._env = env
         self.proc: Proc | None = None
 
     def start(self) -> None:
-        self.proc = Proc(f"blackboard-{self.name}", self._argv, self._log_dir)
+        self.proc = Proc(f"blackboard-{self.name}", self._argv, self._log_dir, self._env)
 
     async def wait_ready(self, timeout_s: float = 30.0) -> None:
         async def serving() -> bool:

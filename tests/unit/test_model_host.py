@@ -8,7 +8,7 @@ from pathlib import Path
 
 from meshllm.common.errors import EngineUnavailable
 from meshllm.common.types import GenerateEvent, GenerateRequest, LoadState, ModelId, ModelSpec
-from meshllm.worker.engine import EngineSettings
+from meshllm.worker.engines import EngineSettings
 from meshllm.worker.hosts import HostDeps, ModelHost
 from meshllm.worker.plans import HostPlan, Role
 from meshllm.worker.stage import StageServer

@@ -7,8 +7,8 @@ from meshllm.common import models
 from meshllm.common.errors import InvalidGenerateRequest, ModelSourceError
 from meshllm.common.gguf import read_header
 from meshllm.common.types import ChatMessage
-from meshllm.worker.chat import render_chat, template_for
-from meshllm.worker.stops import StopMatcher
+from meshllm.worker.engine.batch.chat import render_chat, template_for
+from meshllm.worker.engine.batch.stops import StopMatcher
 
 
 @pytest.mark.parametrize(("stops", "pieces", "sent", "stopped"), [

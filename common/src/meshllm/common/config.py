@@ -3,6 +3,13 @@
 Every service declares its options once (flag, environment variable, parser, default) and
 builds its frozen config dataclass from the result in one function. A missing or bad value
 fails at start-up with a `ConfigError` naming the flag and the variable.
+
+Options that several services have (etcd, log level, metrics port, lease TTL, advertise
+address; TLS in `meshllm.common.tls`) are declared here once and shared. An option is either
+mesh-wide (the same value suits every process of a mesh: etcd, TLS, log level) or
+`per_process` (it names or addresses one process: listen and advertise addresses, metrics
+port, ids, data directories); a launcher never hands a per-process variable of its own
+environment on to the processes it starts.
 """
 
 from __future__ import annotations
@@ -67,6 +74,31 @@ def csv_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def port_number(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 65536:
+        raise ValueError(f"not a port: {value}")
+    return value
+
+
+def choice(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}")
+        return text
+    return parse
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL")
+
+
+def log_level_name(text: str) -> str:
+    level = text.strip().upper()
+    if level not in _LOG_LEVELS:
+        raise ValueError(f"expected one of {', '.join(_LOG_LEVELS)}")
+    return level
+
+
 @dataclass(frozen=True)
 class Option:
     flag: str                    # --worker-memory
@@ -74,32 +106,67 @@ class Option:
     parse: Callable[[str], Any]
     default: str | None          # None: required
     help: str
+    repeat: bool = False         # flag given once per item; variable and default comma-separated
+    per_process: bool = False    # names or addresses one process: never inherited from a launcher
 
     @property
     def dest(self) -> str:
         return self.flag.lstrip("-").replace("-", "_")
 
+    @property
+    def key(self) -> str:
+        """How errors name the option: '--flag / MESHLLM_VARIABLE'."""
+        return f"{self.flag} / {self.env}"
+
 
 def read_options(
     prog: str, options: Sequence[Option], argv: Sequence[str], env: Mapping[str, str]
 ) -> dict[str, Any]:
-    """Parse flags, falling back to environment variables, then defaults."""
+    """Parse flags, falling back to environment variables, then defaults. A repeatable
+    option's value is the tuple of its parsed items."""
     parser = argparse.ArgumentParser(prog=prog)
     for opt in options:
-        parser.add_argument(opt.flag, dest=opt.dest, help=f"{opt.help} [env {opt.env}]")
+        if opt.repeat:
+            parser.add_argument(opt.flag, dest=opt.dest, action="append",
+                                help=f"{opt.help}; repeatable [env {opt.env}, comma-separated]")
+        else:
+            parser.add_argument(opt.flag, dest=opt.dest, help=f"{opt.help} [env {opt.env}]")
     namespace = parser.parse_args(list(argv))
-    values: dict[str, Any] = {}
-    for opt in options:
-        raw = getattr(namespace, opt.dest)
-        if raw is None:
-            raw = env.get(opt.env, opt.default)
-        if raw is None:
-            raise ConfigError(f"{opt.flag} / {opt.env}", "is required")
-        try:
-            values[opt.dest] = opt.parse(raw)
-        except ValueError as exc:
-            raise ConfigError(f"{opt.flag} / {opt.env}", f"bad value {raw!r}: {exc}") from exc
-    return values
+    return {opt.dest: _value(opt, getattr(namespace, opt.dest), env) for opt in options}
+
+
+def _value(opt: Option, given: str | list[str] | None, env: Mapping[str, str]) -> Any:
+    raw = env.get(opt.env, opt.default) if given is None else given
+    if raw is None:
+        raise ConfigError(opt.key, "is required")
+    try:
+        if isinstance(raw, list):  # a repeatable flag, given once per item
+            return tuple(opt.parse(item) for item in raw)
+        if opt.repeat:
+            return tuple(opt.parse(item) for item in csv_list(raw))
+        return opt.parse(raw)
+    except ValueError as exc:
+        raise ConfigError(opt.key, f"bad value {raw!r}: {exc}") from exc
+
+
+def listen_option(env: str, default: str, what: str) -> Option:
+    """A service's own listen address; each service has its own variable and default."""
+    return Option("--listen", env, str, default, f"{what} listen address (HOST:PORT)",
+                  per_process=True)
+
+
+ETCD_OPTION = Option("--etcd", "MESHLLM_ETCD", str, "http://127.0.0.1:2379", "etcd URL")
+LOG_LEVEL_OPTION = Option("--log-level", "MESHLLM_LOG_LEVEL", log_level_name, "INFO",
+                          "logging level: DEBUG, INFO, WARNING, ERROR")
+METRICS_PORT_OPTION = Option("--metrics-port", "MESHLLM_METRICS_PORT", port_number, "0",
+                             "Prometheus port (0: off)", per_process=True)
+LEASE_TTL_OPTION = Option("--lease-ttl-s", "MESHLLM_LEASE_TTL_S", positive_int, "10",
+                          "seconds after this node dies until it leaves the mesh "
+                          "(its etcd lease TTL)")
+ADVERTISE_ADDRESS_OPTION = Option(
+    "--advertise-address", "MESHLLM_ADVERTISE_ADDRESS", str, "",
+    "HOST:PORT the other nodes dial to reach this one (default 127.0.0.1:<listen port>)",
+    per_process=True)
 
 
 def process_env() -> Mapping[str, str]:

@@ -1,64 +1,330 @@
-"""The mesh status as plain data: served by the gateway, printed by `mesh-llm status`."""
+"""The mesh status: what the gateway serves at /api/status, what `mesh-llm status` prints
+and what `mesh-llm up` waits on.
+
+`mesh_status` builds it from a snapshot (pure); `MeshStatus.to_json` / `from_json` are its
+one JSON form. Fields that follow from others (a model's `status` text and
+`ready_replicas`, a replica's `worker_id`, `state` and `split`) are written for readers of
+the JSON and recomputed, not trusted, when a document is parsed.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import enum
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NoReturn, TypeVar
 
+from meshllm.common.errors import InvalidRecord
 from meshllm.common.meshview import MeshSnapshot
-from meshllm.common.types import LoadState, ModelId, Replica
+from meshllm.common.types import LoadState, ModelId, ModelSpec, Placement, Replica, WorkerId
+
+ABSENT = "absent"  # a stage's state when its worker is not in the mesh (JSON only)
 
 
-def mesh_status(snapshot: MeshSnapshot) -> dict[str, Any]:
-    nodes = [
-        {"worker_id": w.worker_id, "address": w.address, "backend": w.backend,
-         "memory_budget_bytes": w.memory_budget_bytes, "threads": w.threads,
-         "rtt_ms": dict(sorted(w.rtt_ms.items())),
-         "models": {m.model_id: {"state": m.state.value, "error": m.error,
-                                 "engine_restarts": m.engine_restarts, "phase": m.phase,
-                                 "progress": round(m.progress, 3)} for m in w.models}}
-        for w in sorted(snapshot.workers.values(), key=lambda w: w.worker_id)
-    ]
-    models = []
-    for model_id, spec in sorted(snapshot.models.items()):
-        placement = snapshot.placements.get(model_id)
-        replicas = [_replica(snapshot, model_id, r)
-                    for r in (placement.replicas if placement else ())]
-        models.append({
-            "model_id": model_id, "source": spec.source, "n_layers": spec.n_layers,
-            "context_length": spec.context_length, "weights_bytes": spec.weights_bytes,
-            "required_bytes": placement.required_bytes if placement else None,
-            "replicas": replicas,
-            "ready_replicas": sum(r["state"] == LoadState.READY.value for r in replicas),
-            "status": _model_status(placement.unplaced_reason if placement else None, replicas),
-        })
-    return {"nodes": nodes, "models": models}
+class ServingState(enum.Enum):
+    """Where a model stands, as a client sees it."""
+
+    WAITING = "waiting"        # the planner has not decided yet
+    NOT_SERVED = "not_served"  # the planner decided it cannot be placed (and said why)
+    LOADING = "loading"        # placed; no replica ready yet
+    SERVING = "serving"        # at least one replica answers requests
 
 
-def _replica(snapshot: MeshSnapshot, model_id: ModelId, replica: Replica) -> dict[str, Any]:
+@dataclass(frozen=True)
+class HostedModel:
+    """One model as a worker reports it."""
+
+    model_id: ModelId
+    state: LoadState
+    error: str = ""
+    engine_restarts: int = 0
+    phase: str = ""
+    progress: float = 0.0  # 0..1 through the phase
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    worker_id: WorkerId
+    address: str
+    backend: str
+    memory_budget_bytes: int
+    threads: int
+    rtt_ms: Mapping[WorkerId, float] = field(default_factory=dict)  # peer -> round trip
+    models: tuple[HostedModel, ...] = ()
+
+
+@dataclass(frozen=True)
+class StageStatus:
+    """One worker's share of a replica: layers [layer_start, layer_end)."""
+
+    worker_id: WorkerId
+    layer_start: int
+    layer_end: int
+    state: LoadState | None  # None: the worker is not in the mesh
+    error: str = ""
+    phase: str = ""
+    progress: float = 0.0
+
+
+@dataclass(frozen=True)
+class ReplicaStatus:
+    stages: tuple[StageStatus, ...]  # stages[0] is the head
+    # Round trip from the head to each later stage; None where not measured yet.
+    link_rtt_ms: Mapping[WorkerId, float | None] = field(default_factory=dict)
+
+    @property
+    def worker_id(self) -> WorkerId:
+        return self.stages[0].worker_id
+
+    @property
+    def state(self) -> LoadState | None:
+        return self.stages[0].state
+
+    @property
+    def split(self) -> bool:
+        return len(self.stages) > 1
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    model_id: ModelId
+    source: str
+    n_layers: int
+    context_length: int
+    weights_bytes: int
+    required_bytes: int | None  # None until the planner has looked at the model
+    state: ServingState
+    unplaced_reason: str = ""   # why the planner could not place it (NOT_SERVED)
+    replicas: tuple[ReplicaStatus, ...] = ()
+
+    @property
+    def ready_replicas(self) -> int:
+        return sum(r.state is LoadState.READY for r in self.replicas)
+
+    @property
+    def decided(self) -> bool:
+        """Serving somewhere, or the planner said plainly why it cannot be."""
+        return self.state in (ServingState.SERVING, ServingState.NOT_SERVED)
+
+    @property
+    def status_text(self) -> str:
+        if self.state is ServingState.WAITING:
+            return "waiting for the planner"
+        if self.state is ServingState.NOT_SERVED:
+            return f"not served: {self.unplaced_reason}"
+        return str(self.state.value)  # "loading", "serving"
+
+
+@dataclass(frozen=True)
+class MeshStatus:
+    nodes: tuple[NodeStatus, ...] = ()
+    models: tuple[ModelStatus, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"nodes": [_node_json(n) for n in self.nodes],
+                "models": [_model_json(m) for m in self.models]}
+
+    @staticmethod
+    def from_json(data: object) -> MeshStatus:
+        """The status in a JSON document; a malformed one raises InvalidRecord naming the
+        field."""
+        doc = _Fields(data, "")
+        return MeshStatus(tuple(_node_from(f) for f in doc.objects("nodes")),
+                          tuple(_model_from(f) for f in doc.objects("models")))
+
+
+def serving_state(placement: Placement | None, replicas: tuple[ReplicaStatus, ...]
+                  ) -> ServingState:
+    if placement is None:
+        return ServingState.WAITING
+    if placement.unplaced_reason:
+        return ServingState.NOT_SERVED
+    if any(r.state is LoadState.READY for r in replicas):
+        return ServingState.SERVING
+    return ServingState.LOADING
+
+
+def mesh_status(snapshot: MeshSnapshot) -> MeshStatus:
+    """The status of the mesh in `snapshot` (pure)."""
+    nodes = tuple(
+        NodeStatus(w.worker_id, w.address, w.backend, w.memory_budget_bytes, w.threads,
+                   {WorkerId(k): v for k, v in sorted(w.rtt_ms.items())},
+                   tuple(HostedModel(m.model_id, m.state, m.error, m.engine_restarts, m.phase,
+                                     round(m.progress, 3)) for m in w.models))
+        for w in sorted(snapshot.workers.values(), key=lambda w: w.worker_id))
+    models = tuple(_model(snapshot, spec, snapshot.placements.get(model_id))
+                   for model_id, spec in sorted(snapshot.models.items()))
+    return MeshStatus(nodes, models)
+
+
+def _model(snapshot: MeshSnapshot, spec: ModelSpec, placement: Placement | None
+           ) -> ModelStatus:
+    replicas = tuple(_replica(snapshot, spec.model_id, r)
+                     for r in (placement.replicas if placement else ()))
+    return ModelStatus(
+        model_id=spec.model_id, source=spec.source, n_layers=spec.n_layers,
+        context_length=spec.context_length, weights_bytes=spec.weights_bytes,
+        required_bytes=placement.required_bytes if placement else None,
+        state=serving_state(placement, replicas),
+        unplaced_reason=placement.unplaced_reason if placement else "", replicas=replicas)
+
+
+def _replica(snapshot: MeshSnapshot, model_id: ModelId, replica: Replica) -> ReplicaStatus:
     stages = []
     for a in replica.stages:
         worker = snapshot.workers.get(a.worker_id)
         state = worker.model_state(model_id) if worker else None
-        stages.append({"worker_id": a.worker_id, "layers": [a.layer_start, a.layer_end],
-                       "state": state.state.value if state else "absent",
-                       "error": state.error if state else "",
-                       "phase": state.phase if state else "",
-                       "progress": round(state.progress, 3) if state else 0.0})
-    head = replica.head.worker_id
-    links = {}
-    for stage in replica.stages[1:]:
-        worker = snapshot.workers.get(head)
-        rtt = worker.rtt_ms.get(stage.worker_id) if worker else None
-        links[stage.worker_id] = rtt
-    return {"worker_id": head, "state": stages[0]["state"], "split": replica.is_split,
-            "stages": stages, "link_rtt_ms": links}
+        stages.append(StageStatus(a.worker_id, a.layer_start, a.layer_end,
+                                  state.state if state else None,
+                                  state.error if state else "", state.phase if state else "",
+                                  round(state.progress, 3) if state else 0.0))
+    head = snapshot.workers.get(replica.head.worker_id)
+    links = {s.worker_id: head.rtt_ms.get(s.worker_id) if head else None
+             for s in replica.stages[1:]}
+    return ReplicaStatus(tuple(stages), links)
 
 
-def _model_status(unplaced_reason: str | None, replicas: list[dict[str, Any]]) -> str:
-    if unplaced_reason is None:
-        return "waiting for the planner"
-    if unplaced_reason:
-        return f"not served: {unplaced_reason}"
-    if any(r["state"] == LoadState.READY.value for r in replicas):
-        return "serving"
-    return "loading"
+# --- JSON ------------------------------------------------------------------------------
+
+
+def _node_json(n: NodeStatus) -> dict[str, Any]:
+    return {"worker_id": n.worker_id, "address": n.address, "backend": n.backend,
+            "memory_budget_bytes": n.memory_budget_bytes, "threads": n.threads,
+            "rtt_ms": dict(n.rtt_ms),
+            "models": {m.model_id: {"state": m.state.value, "error": m.error,
+                                    "engine_restarts": m.engine_restarts, "phase": m.phase,
+                                    "progress": m.progress} for m in n.models}}
+
+
+def _state_json(state: LoadState | None) -> str:
+    return state.value if state else ABSENT
+
+
+def _replica_json(r: ReplicaStatus) -> dict[str, Any]:
+    stages = [{"worker_id": s.worker_id, "layers": [s.layer_start, s.layer_end],
+               "state": _state_json(s.state), "error": s.error, "phase": s.phase,
+               "progress": s.progress} for s in r.stages]
+    return {"worker_id": r.worker_id, "state": _state_json(r.state), "split": r.split,
+            "stages": stages, "link_rtt_ms": dict(r.link_rtt_ms)}
+
+
+def _model_json(m: ModelStatus) -> dict[str, Any]:
+    return {"model_id": m.model_id, "source": m.source, "n_layers": m.n_layers,
+            "context_length": m.context_length, "weights_bytes": m.weights_bytes,
+            "required_bytes": m.required_bytes,
+            "replicas": [_replica_json(r) for r in m.replicas],
+            "ready_replicas": m.ready_replicas, "status": m.status_text,
+            "state": m.state.value, "unplaced_reason": m.unplaced_reason}
+
+
+E = TypeVar("E", bound=enum.Enum)
+
+
+class _Fields:
+    """One JSON object of a status document; every error names the field's path."""
+
+    def __init__(self, data: object, path: str) -> None:
+        if not isinstance(data, dict):
+            raise InvalidRecord(f"status {f'field {path}' if path else 'document'}: "
+                                "expected an object")
+        self._data: dict[str, object] = data
+        self._path = path
+
+    def path(self, key: str) -> str:
+        return f"{self._path}.{key}" if self._path else key
+
+    def fail(self, key: str, problem: str) -> NoReturn:
+        raise InvalidRecord(f"status field {self.path(key)}: {problem}")
+
+    def get(self, key: str) -> object:
+        if key not in self._data:
+            self.fail(key, "missing")
+        return self._data[key]
+
+    def text(self, key: str) -> str:
+        value = self.get(key)
+        if not isinstance(value, str):
+            self.fail(key, f"expected a string, got {value!r:.40}")
+        return value
+
+    def integer(self, key: str) -> int:
+        value = self.get(key)
+        if not isinstance(value, int) or isinstance(value, bool):
+            self.fail(key, f"expected an integer, got {value!r:.40}")
+        return value
+
+    def optional_integer(self, key: str) -> int | None:
+        return None if self.get(key) is None else self.integer(key)
+
+    def number(self, key: str) -> float:
+        value = self.get(key)
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            self.fail(key, f"expected a number, got {value!r:.40}")
+        return float(value)
+
+    def choice(self, key: str, kind: type[E]) -> E:
+        value = self.text(key)
+        try:
+            return kind(value)
+        except ValueError:
+            self.fail(key, f"unknown value {value!r:.40}")
+
+    def mapping(self, key: str) -> _Fields:
+        return _Fields(self.get(key), self.path(key))
+
+    def objects(self, key: str) -> Iterator[_Fields]:
+        value = self.get(key)
+        if not isinstance(value, list):
+            self.fail(key, "expected a list")
+        for i, item in enumerate(value):
+            yield _Fields(item, f"{self.path(key)}[{i}]")
+
+    def names(self) -> list[str]:
+        return list(self._data)
+
+
+def _hosted_from(f: _Fields, model_id: str) -> HostedModel:
+    return HostedModel(ModelId(model_id), f.choice("state", LoadState), f.text("error"),
+                       f.integer("engine_restarts"), f.text("phase"), f.number("progress"))
+
+
+def _node_from(f: _Fields) -> NodeStatus:
+    rtt, models = f.mapping("rtt_ms"), f.mapping("models")
+    return NodeStatus(
+        WorkerId(f.text("worker_id")), f.text("address"), f.text("backend"),
+        f.integer("memory_budget_bytes"), f.integer("threads"),
+        {WorkerId(peer): rtt.number(peer) for peer in rtt.names()},
+        tuple(_hosted_from(models.mapping(m), m) for m in models.names()))
+
+
+def _layers(f: _Fields) -> tuple[int, int]:
+    value = f.get("layers")
+    if (not isinstance(value, list) or len(value) != 2
+            or any(type(v) is not int for v in value) or not 0 <= value[0] <= value[1]):
+        f.fail("layers", f"expected [start, end] with 0 <= start <= end, got {value!r:.40}")
+    return value[0], value[1]
+
+
+def _stage_from(f: _Fields) -> StageStatus:
+    state = None if f.get("state") == ABSENT else f.choice("state", LoadState)
+    return StageStatus(WorkerId(f.text("worker_id")), *_layers(f), state, f.text("error"),
+                       f.text("phase"), f.number("progress"))
+
+
+def _replica_from(f: _Fields) -> ReplicaStatus:
+    stages = tuple(_stage_from(s) for s in f.objects("stages"))
+    if not stages:
+        f.fail("stages", "a replica has at least one stage")
+    links = f.mapping("link_rtt_ms")
+    return ReplicaStatus(stages, {
+        WorkerId(w): None if links.get(w) is None else links.number(w) for w in links.names()})
+
+
+def _model_from(f: _Fields) -> ModelStatus:
+    return ModelStatus(
+        model_id=ModelId(f.text("model_id")), source=f.text("source"),
+        n_layers=f.integer("n_layers"), context_length=f.integer("context_length"),
+        weights_bytes=f.integer("weights_bytes"),
+        required_bytes=f.optional_integer("required_bytes"),
+        state=f.choice("state", ServingState), unplaced_reason=f.text("unplaced_reason"),
+        replicas=tuple(_replica_from(r) for r in f.objects("replicas")))

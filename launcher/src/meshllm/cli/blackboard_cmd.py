@@ -6,24 +6,47 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
-import os
 import sys
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from meshllm.common.blackboard_client import BlackboardClient
-from meshllm.common.blackboard_errors import BlackboardError, BlackboardUnavailable, PostRejected
-from meshllm.common.blackboard_types import Draft, FeedQuery, Post, PostId, SubscribeFilter
-from meshllm.common.blackboard_wire import hit_to_json, parse_since, post_to_json
-from meshllm.common.config import process_env
+from meshllm.common.blackboard.client import BlackboardClient
+from meshllm.common.blackboard.errors import BlackboardError, BlackboardUnavailable, PostRejected
+from meshllm.common.blackboard.types import Draft, FeedQuery, Post, PostId, SubscribeFilter
+from meshllm.common.blackboard.wire import hit_to_json, parse_since, post_to_json
+from meshllm.common.config import Option, process_env, read_options
 from meshllm.common.errors import ConfigError
-from meshllm.common.tls import security_from_env
+from meshllm.common.tls import TLS_OPTIONS, GrpcSecurity, security_from
 
 DEFAULT_ADDRESS = "127.0.0.1:9339"
 EXIT_REJECTED = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
+AUTHOR_OPTION = Option("--author", "MESHLLM_AUTHOR", str, "",
+                       "author of posts that name none (default: the user name)")
+
+
+@dataclass(frozen=True)
+class BoardCliConfig:
+    default_author: str     # of posts without --author; "" when no user name is known
+    security: GrpcSecurity  # plaintext or mutual TLS towards the blackboard node
+
+
+def load_cli_config(env: Mapping[str, str]) -> BoardCliConfig:
+    """What the blackboard commands take from the environment (MESHLLM_AUTHOR, the
+    MESHLLM_TLS_* variables); their flags are the subcommands' own."""
+    values = read_options("mesh-llm blackboard", (AUTHOR_OPTION, *TLS_OPTIONS), [], env)
+    return BoardCliConfig(values["author"] or _user_name(), security_from(values))
+
+
+def _user_name() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no login name (a container's bare uid): posts need --author
+        return ""
 
 
 def add_blackboard_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -64,20 +87,18 @@ def render(post: Post, hits: int | None = None) -> str:
     return f"{head} {extra}".rstrip() + "\n  " + post.text.replace("\n", "\n  ")
 
 
-def default_author() -> str:
-    return os.environ.get("MESHLLM_AUTHOR") or getpass.getuser()
-
-
-async def run_blackboard(args: argparse.Namespace) -> int:
+async def run_blackboard(args: argparse.Namespace, env: Mapping[str, str] | None = None
+                         ) -> int:
+    env = process_env() if env is None else env
     if args.blackboard_command == "mcp":
         from meshllm.blackboard.mcp_server import serve_stdio
 
-        await serve_stdio(args.blackboard, default_author())
+        await serve_stdio(args.blackboard, load_cli_config(env).default_author)
         return 0
     try:
-        security = security_from_env("mesh-llm blackboard", process_env())
-        async with BlackboardClient(args.blackboard, security=security) as client:
-            return await _COMMANDS[args.blackboard_command](client, args)
+        config = load_cli_config(env)
+        async with BlackboardClient(args.blackboard, security=config.security) as client:
+            return await _COMMANDS[args.blackboard_command](client, args, config)
     except PostRejected as exc:
         print(f"mesh-llm blackboard: {exc}", file=sys.stderr)
         return EXIT_REJECTED
@@ -92,9 +113,10 @@ async def run_blackboard(args: argparse.Namespace) -> int:
         return EXIT_UNAVAILABLE
 
 
-async def _post(client: BlackboardClient, args: argparse.Namespace) -> int:
+async def _post(client: BlackboardClient, args: argparse.Namespace,
+                config: BoardCliConfig) -> int:
     text = sys.stdin.read() if args.text == "-" else args.text
-    draft = Draft(args.author or default_author(), text, tuple(args.tags), args.channel,
+    draft = Draft(args.author or config.default_author, text, tuple(args.tags), args.channel,
                   PostId(args.reply_to) if args.reply_to else None)
     accepted = await client.post(draft)
     if args.json:
@@ -107,7 +129,7 @@ async def _post(client: BlackboardClient, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _feed(client: BlackboardClient, args: argparse.Namespace) -> int:
+async def _feed(client: BlackboardClient, args: argparse.Namespace, _: BoardCliConfig) -> int:
     since = parse_since(args.since, time.time_ns() // 1_000_000)
     posts = await client.feed(FeedQuery(since, args.author, args.tag, args.channel, args.limit))
     for post in posts:
@@ -115,13 +137,15 @@ async def _feed(client: BlackboardClient, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _search(client: BlackboardClient, args: argparse.Namespace) -> int:
+async def _search(client: BlackboardClient, args: argparse.Namespace,
+                  _: BoardCliConfig) -> int:
     for hit in await client.search(" ".join(args.words), args.limit):
         print(json.dumps(hit_to_json(hit)) if args.json else render(hit.post, hit.hits))
     return 0
 
 
-async def _watch(client: BlackboardClient, args: argparse.Namespace) -> int:
+async def _watch(client: BlackboardClient, args: argparse.Namespace,
+                 _: BoardCliConfig) -> int:
     seen = 0
     async for post in client.subscribe(SubscribeFilter(args.author, args.tag, args.channel)):
         print(json.dumps(post_to_json(post)) if args.json else render(post), flush=True)

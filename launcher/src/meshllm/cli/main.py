@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 
 from meshllm.cli.blackboard_cmd import add_blackboard_parser, run_blackboard
 from meshllm.cli.status_cmd import add_status_parser, run_status
-from meshllm.cli.up import add_up_parser, run_up, up_config
+from meshllm.common.config import process_env
 from meshllm.common.errors import MeshError
 
 
@@ -26,10 +26,19 @@ def _service_mains() -> dict[str, Callable[[Sequence[str]], int]]:
 SERVICES = ("gateway", "planner", "worker", "blackboard")
 
 
+def _run_up(argv: Sequence[str]) -> int:
+    # Imported on use: loading `up` loads every service's options.
+    from meshllm.cli.up import run_up
+    from meshllm.cli.up_config import load_up_config
+
+    return run_up(load_up_config(argv, process_env()))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mesh-llm", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    add_up_parser(sub)
+    sub.add_parser("up", help="start a local mesh and serve the OpenAI API "
+                   "(flags: mesh-llm up --help)", add_help=False)
     add_status_parser(sub)
     add_blackboard_parser(sub)
     for name in ("gateway", "planner", "worker"):
@@ -58,15 +67,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     own_flags = service_argv(args_list)
     if own_flags is not None:
         return _service_mains()[args_list[0]](own_flags)
+    if args_list[:1] == ["up"]:
+        # up reads its own flags and variables, like a service (read_options)
+        return _report_errors("up", lambda: _run_up(args_list[1:]))
     args = parser().parse_args(args_list)
+    if args.command == "blackboard":
+        return _report_errors("blackboard",
+                              lambda: asyncio.run(run_blackboard(args, process_env())))
+    return _report_errors(args.command, lambda: run_status(args))
+
+
+def _report_errors(command: str, run: Callable[[], int]) -> int:
     try:
-        if args.command == "up":
-            return run_up(up_config(args))
-        if args.command == "blackboard":
-            return asyncio.run(run_blackboard(args))
-        return run_status(args)
+        return run()
     except MeshError as exc:
-        print(f"mesh-llm {args.command}: {exc}", file=sys.stderr)
+        print(f"mesh-llm {command}: {exc}", file=sys.stderr)
         return 1
 
 

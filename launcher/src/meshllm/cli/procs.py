@@ -1,5 +1,12 @@
 """Child processes of a local mesh: started with logs under the data directory, stopped
-in reverse order with SIGTERM, then SIGKILL for any that do not exit in time."""
+in reverse order with SIGTERM, then SIGKILL for any that do not exit in time.
+
+What a child inherits from `mesh-llm up`'s environment: every mesh-wide setting (etcd, TLS,
+log level, the OTEL_* tracing variables, PATH, HOME, ...), but no variable of a per-process
+option (listen and advertise addresses, metrics port, ids, data and cache directories): set
+once for `up`, those would reach every service and collide; `up` passes each child its own
+as flags instead (`child_environment`).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +14,26 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from meshllm.common.config import Option
+
 STOP_GRACE_S = 10.0
+# Set for every child whatever up's environment says: logs flushed line by line, and no gdb
+# attached by ggml to an aborting process (slow, and useless here).
+CHILD_SETTINGS = {"PYTHONUNBUFFERED": "1", "GGML_NO_BACKTRACE": "1"}
+# Per process, though no option declares them: each service names its own traces.
+PER_PROCESS_VARIABLES = frozenset({"OTEL_SERVICE_NAME"})
+
+
+def child_environment(parent: Mapping[str, str], options: Iterable[Option]) -> dict[str, str]:
+    """The environment a child of `up` starts with: `parent` (up's own) less the variables
+    of the per-process `options`, plus CHILD_SETTINGS."""
+    dropped = {opt.env for opt in options if opt.per_process} | PER_PROCESS_VARIABLES
+    kept = {name: value for name, value in parent.items() if name not in dropped}
+    return {**kept, **CHILD_SETTINGS}
 
 
 @dataclass
@@ -30,18 +53,18 @@ class Child:
 
 
 class ProcessGroup:
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, env: Mapping[str, str]) -> None:
         self.log_dir = log_dir
+        self.env = env  # what every child starts with (see child_environment)
         self.children: list[Child] = []
         log_dir.mkdir(parents=True, exist_ok=True)
 
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+    def start(self, name: str, argv: list[str], env: Mapping[str, str] | None = None) -> Child:
         log_path = self.log_dir / f"{name}.log"
         with log_path.open("ab") as log:
             popen = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", "GGML_NO_BACKTRACE": "1",
-                     **(env or {})},
+                env={**self.env, **(env or {})},
                 start_new_session=True,  # Ctrl-C reaches only us; we stop children in order
             )
         child = Child(name, popen, log_path)

@@ -13,14 +13,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.metadata
-import os
 import shutil
 import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from meshllm.common.config import process_env
 from meshllm.native import rpc_patch
 
 PACKAGE = "llama-cpp-python"
@@ -89,17 +90,16 @@ def extract(archive: Path, dest: Path) -> Path:
     return root
 
 
-def fingerprint(version: str, source: str) -> str:
+def fingerprint(version: str, source: str, compiler: str) -> str:
     digest = hashlib.sha256()
-    for part in (version, source, " ".join(CXX_FLAGS), os.environ.get("CXX", "g++")):
+    for part in (version, source, " ".join(CXX_FLAGS), compiler):
         digest.update(part.encode())
     return digest.hexdigest()[:16]
 
 
-def compile_library(root: Path, sources: list[Path], output: Path) -> None:
-    compiler = os.environ.get("CXX", "g++")
+def compile_library(root: Path, sources: list[Path], output: Path, compiler: str) -> None:
     if shutil.which(compiler) is None:
-        raise BuildError(f"no C++ compiler '{compiler}' on PATH: install g++ or set CXX")
+        raise BuildError(f"no C++ compiler '{compiler}' on PATH: install g++ or pass --cxx")
     lib_dir = llama_lib_dir()
     command = [compiler, *CXX_FLAGS, "-I", str(root / "ggml/include"), "-I", str(root / "ggml/src"),
                "-I", str(root / "ggml/src/ggml-rpc"), *map(str, sources), "-L", str(lib_dir),
@@ -107,7 +107,7 @@ def compile_library(root: Path, sources: list[Path], output: Path) -> None:
     subprocess.run(command, check=True)
 
 
-def build(work: Path, force: bool = False) -> Path:
+def build(work: Path, force: bool = False, compiler: str = "g++") -> Path:
     started = time.monotonic()
     version = installed_version()
     root = extract(sdist(version, work), work / "src")
@@ -117,7 +117,7 @@ def build(work: Path, force: bool = False) -> Path:
                                    ("transport.cpp", rpc_patch.TRANSPORT_EDITS))}
     output = OUTPUT_DIR / LIB_NAME
     stamp = OUTPUT_DIR / f"{LIB_NAME}.fingerprint"
-    key = fingerprint(version, "".join(patched.values()))
+    key = fingerprint(version, "".join(patched.values()), compiler)
     if not force and output.exists() and stamp.exists() and stamp.read_text() == key:
         say(f"{output.name} is up to date ({PACKAGE} {version})")
         return output
@@ -128,20 +128,27 @@ def build(work: Path, force: bool = False) -> Path:
     edits = len(rpc_patch.EDITS) + len(rpc_patch.TRANSPORT_EDITS)
     say(f"compiling {output.name} from {PACKAGE} {version}'s ggml-rpc with {edits} edits")
     OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
-    compile_library(root, sources, output)
+    compile_library(root, sources, output, compiler)
     stamp.write_text(key)
     say(f"built {output} in {time.monotonic() - started:.1f} s")
     return output
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: Sequence[str], env: Mapping[str, str]) -> argparse.Namespace:
+    """The build's options from flags; the compiler defaults to $CXX as make's does."""
     parser = argparse.ArgumentParser(prog="python -m meshllm.native.build")
     parser.add_argument("--work-dir", default="build/native",
                         help="where the sdist is downloaded and unpacked")
     parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
-    args = parser.parse_args(argv)
+    parser.add_argument("--cxx", default=env.get("CXX") or "g++",
+                        help="C++ compiler (default: $CXX, else g++)")
+    return parser.parse_args(list(argv))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv, process_env())
     try:
-        build(Path(args.work_dir), args.force)
+        build(Path(args.work_dir), args.force, args.cxx)
     except (BuildError, rpc_patch.PatchError, subprocess.CalledProcessError) as exc:
         print(f"[native] build failed: {exc}", file=sys.stderr)
         return 1

@@ -3,43 +3,29 @@
 from __future__ import annotations
 
 import asyncio
-import logging
-import signal
 import sys
 from collections.abc import Sequence
 
-from meshllm.blackboard.config import load_config
+from meshllm.blackboard.config import BlackboardConfig, load_config
 from meshllm.blackboard.service import Node
-from meshllm.common.config import process_env
-from meshllm.common.errors import MeshError
-from meshllm.common.logs import setup_logging
-
-log = logging.getLogger("meshllm.blackboard")
+from meshllm.common import lifecycle, telemetry
 
 
-async def _serve(argv: Sequence[str]) -> None:
-    config = load_config(argv, process_env())
-    setup_logging("blackboard", config.log_level)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    node = Node(config)
+async def serve(config: BlackboardConfig, stop: asyncio.Event) -> None:
+    # The instance is the configured node id; a derived one (HOSTNAME-PORT) is known only
+    # once the server has bound its port, after the interceptors had to exist.
+    tel = telemetry.build_telemetry(config.trace, instance=config.node_id)
+    node = Node(config, telemetry.server_interceptors(tel))
     try:
         await node.start()
         await node.run_until(stop)
     finally:
         await node.stop()
+        tel.shutdown()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        asyncio.run(_serve(sys.argv[1:] if argv is None else argv))
-    except MeshError as exc:
-        # Configuration and start-up errors: one clear line, no traceback.
-        print(f"blackboard: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return lifecycle.service_main("blackboard", load_config, serve, argv)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,11 @@ from meshllm.blackboard.metrics import Metrics
 from meshllm.blackboard.ranking import query_words, rank
 from meshllm.blackboard.scrub import scrub
 from meshllm.blackboard.storage import PostStore
-from meshllm.common.blackboard_errors import PostRejected, SecretDetected
-from meshllm.common.blackboard_types import (
+from meshllm.common.blackboard.errors import PostRejected, SecretDetected
+from meshllm.common.blackboard.types import (
     Accepted,
-    Bucket,
     Draft,
     FeedQuery,
-    IngestResult,
     NodeId,
     Post,
     PostId,
@@ -38,6 +36,15 @@ SEARCH_CANDIDATES = 2000  # newest matching posts ranked per search
 
 def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What became of a batch of posts from a peer."""
+
+    stored: tuple[Post, ...] = ()
+    duplicates: int = 0
+    rejected: int = 0
 
 
 @dataclass(frozen=True)
@@ -117,7 +124,7 @@ class Board:
         return rules.horizon_ms(self._clock_ms(), self.settings.limits, self._store.count(),
                                 self._store.oldest_unix_ms())
 
-    def digest(self, since_unix_ms: int, width_ms: int) -> list[Bucket]:
+    def digest(self, since_unix_ms: int, width_ms: int) -> list[digest.Bucket]:
         buckets = digest.make_buckets(self._store.ids_since(since_unix_ms), width_ms)
         return [buckets[k] for k in sorted(buckets)]
 

@@ -10,12 +10,22 @@ from __future__ import annotations
 import hashlib
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
-from meshllm.common.blackboard_types import Bucket, PostId
-from meshllm.common.blackboard_wire import ulid_time_ms
+from meshllm.blackboard.ids import ulid_time_ms
+from meshllm.common.blackboard.types import PostId
 
 BUCKET_WIDTH_MS = 10 * 60 * 1000
 MAX_BUCKETS = 10_000  # a digest request beyond this is refused as unreasonable
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """The digest of the posts created in [start, start + width)."""
+
+    start_unix_ms: int
+    count: int
+    hash: bytes
 
 
 def bucket_start(created_unix_ms: int, width_ms: int) -> int:

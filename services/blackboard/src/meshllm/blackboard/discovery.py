@@ -5,13 +5,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 
-from meshllm.common.blackboard_types import PEERS_PREFIX, NodeId, Peer
-from meshllm.common.blackboard_wire import parse_peer, peer_to_pb
+from meshllm.blackboard.peer_wire import peer_from_record
+from meshllm.common.blackboard.types import NodeId, Peer
+from meshllm.common.blackboard.wire import peer_to_pb
 from meshllm.common.errors import InvalidRecord
 from meshllm.common.membership import LeaseConfig, Registration
 from meshllm.common.store import KeyValueStore, mirror_prefix
 
 log = logging.getLogger(__name__)
+
+# The etcd prefix under which every blackboard node registers itself.
+PEERS_PREFIX = "/meshllm/blackboard/"
 
 
 def peer_key(node_id: NodeId) -> str:
@@ -24,7 +28,7 @@ def parse_peers(snapshot: Mapping[str, bytes]) -> list[Peer]:
     peers = []
     for key, raw in sorted(snapshot.items()):
         try:
-            peer = parse_peer(raw)
+            peer = peer_from_record(raw)
         except InvalidRecord as exc:
             log.warning("ignoring peer record %s: %s", key, exc)
             continue

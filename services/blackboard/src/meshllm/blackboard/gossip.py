@@ -20,9 +20,11 @@ from typing import Any
 import grpc
 from meshllm.blackboard import digest
 from meshllm.blackboard.board import Board
+from meshllm.blackboard.ids import is_post_id
 from meshllm.blackboard.metrics import Metrics
-from meshllm.common.blackboard_types import NodeId, Peer, Post, PostId
-from meshllm.common.blackboard_wire import bucket_from_pb, is_post_id, post_from_pb, post_to_pb
+from meshllm.blackboard.peer_wire import bucket_from_pb, post_from_peer
+from meshllm.common.blackboard.types import NodeId, Peer, Post, PostId
+from meshllm.common.blackboard.wire import post_to_pb
 from meshllm.common.errors import InvalidRecord
 from meshllm.common.tls import PLAINTEXT, GrpcSecurity
 from meshllm.v1 import blackboard_pb2 as pb
@@ -73,7 +75,7 @@ def parse_records(records: Iterable[pb.PostRecord], now_unix_ms: int) -> tuple[l
     posts, bad = [], 0
     for record in records:
         try:
-            posts.append(post_from_pb(record, now_unix_ms))
+            posts.append(post_from_peer(record, now_unix_ms))
         except InvalidRecord as exc:
             log.warning("refused a post record from a peer: %s", exc)
             bad += 1

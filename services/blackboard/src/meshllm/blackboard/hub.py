@@ -10,12 +10,14 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterable
 
-from meshllm.common.blackboard_errors import BlackboardError
-from meshllm.common.blackboard_types import Post, SubscribeFilter
+from meshllm.common.blackboard.errors import SubscriberTooSlow
+from meshllm.common.blackboard.types import Post, SubscribeFilter
 
 
-class SubscriberTooSlow(BlackboardError):
-    reason = "subscriber_too_slow"
+def matches(wanted: SubscribeFilter, post: Post) -> bool:
+    return ((not wanted.author or post.author == wanted.author)
+            and (not wanted.tag or wanted.tag in post.tags)
+            and (not wanted.channel or post.channel == wanted.channel))
 
 
 class _Subscriber:
@@ -37,7 +39,7 @@ class Hub:
     def publish(self, posts: Iterable[Post]) -> None:
         for post in posts:
             for sub in list(self._subscribers):
-                if not sub.wanted.matches(post):
+                if not matches(sub.wanted, post):
                     continue
                 try:
                     sub.queue.put_nowait(post)

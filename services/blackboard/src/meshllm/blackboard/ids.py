@@ -6,14 +6,29 @@ They sort by creation time as plain strings and need no coordination between nod
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Callable
 
-from meshllm.common.blackboard_types import PostId
-from meshllm.common.blackboard_wire import ULID_ALPHABET
+from meshllm.common.blackboard.types import PostId
 
+# Crockford base32, as ULIDs use: sortable, no ambiguous letters (I, L, O, U).
+ULID_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_ULID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
 _RANDOM_BITS = 80
 _MAX_TIME_MS = (1 << 48) - 1
+
+
+def ulid_time_ms(post_id: str) -> int:
+    """The creation time encoded in the first 10 characters of a ULID."""
+    value = 0
+    for char in post_id[:10]:
+        value = value * 32 + ULID_ALPHABET.index(char)
+    return value
+
+
+def is_post_id(text: str) -> bool:
+    return bool(_ULID.match(text)) and text[0] <= "7"  # 48-bit time: first char <= 7
 
 
 def encode_ulid(time_ms: int, randomness: int) -> PostId:

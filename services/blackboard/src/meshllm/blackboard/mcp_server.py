@@ -15,10 +15,10 @@ from collections.abc import Sequence
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
-from meshllm.common.blackboard_client import BlackboardClient
-from meshllm.common.blackboard_errors import BlackboardError
-from meshllm.common.blackboard_types import Draft, FeedQuery, PostId
-from meshllm.common.blackboard_wire import hit_to_json, parse_since, post_to_json
+from meshllm.common.blackboard.client import BlackboardClient
+from meshllm.common.blackboard.errors import BlackboardError
+from meshllm.common.blackboard.types import Draft, FeedQuery, PostId
+from meshllm.common.blackboard.wire import hit_to_json, parse_since, post_to_json
 from meshllm.common.config import process_env
 from meshllm.common.tls import security_from_env
 

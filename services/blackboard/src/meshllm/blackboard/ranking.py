@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from meshllm.common.blackboard_types import Post, SearchHit
+from meshllm.common.blackboard.types import Post, SearchHit
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 MAX_QUERY_WORDS = 16

@@ -5,14 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from meshllm.common.blackboard_errors import PostRejected, RateLimited, TextTooLarge
-from meshllm.common.blackboard_types import (
-    WIRE_MAX_FIELD_CHARS,
-    WIRE_MAX_TAGS,
-    WIRE_MAX_TEXT_BYTES,
-    Draft,
-)
-from meshllm.common.blackboard_wire import is_post_id
+from meshllm.blackboard.ids import is_post_id
+from meshllm.blackboard.peer_wire import WIRE_MAX_FIELD_CHARS, WIRE_MAX_TAGS, WIRE_MAX_TEXT_BYTES
+from meshllm.common.blackboard.errors import PostRejected, RateLimited, TextTooLarge
+from meshllm.common.blackboard.types import Draft
 
 RATE_WINDOW_MS = 60_000
 

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from meshllm.blackboard.board import Board, BoardSettings
@@ -18,12 +18,12 @@ from meshllm.blackboard.metrics import Metrics
 from meshllm.blackboard.rules import Limits
 from meshllm.blackboard.servicer import BlackboardServicer
 from meshllm.blackboard.storage import PostStore
-from meshllm.common.blackboard_types import NodeId, Peer
+from meshllm.common import lifecycle
+from meshllm.common.blackboard.types import NodeId, Peer
 from meshllm.common.grpcutil import NOT_SERVING, SERVING, new_server
 from meshllm.common.membership import Registration
 from meshllm.common.store import EtcdStore
 from meshllm.v1 import blackboard_pb2_grpc as pb_grpc
-from prometheus_client import start_http_server
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,10 @@ def limits_of(config: BlackboardConfig) -> Limits:
 
 
 class Node:
-    def __init__(self, config: BlackboardConfig) -> None:
+    def __init__(self, config: BlackboardConfig, interceptors: Sequence[Any] = ()) -> None:
         self.config = config
-        self.server, self.health, self.port = new_server(config.listen,
-                                                         security=config.security)
+        self.server, self.health, self.port = new_server(config.listen, interceptors,
+                                                         config.security)
         self.address = config.advertise_for(self.port)
         self.node_id = NodeId(config.node_id_for(self.port))
         self.metrics = Metrics()
@@ -55,7 +55,7 @@ class Node:
         ), self.board, self.metrics)
         servicer = BlackboardServicer(self.board, self.gossip, self.address)
         pb_grpc.add_BlackboardServicer_to_server(servicer, self.server)
-        self.etcd = EtcdStore(config.etcd)
+        self.etcd = EtcdStore(config.etcd_url)
         self._registration: Registration | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -68,8 +68,7 @@ class Node:
         self._spawn(watch_peers(self.etcd, self.gossip.set_peers))
         self._spawn(self.gossip.run_anti_entropy())
         self._spawn(self._prune_forever())
-        if self.config.metrics_port:
-            start_http_server(self.config.metrics_port, registry=self.metrics.registry)
+        lifecycle.start_metrics(self.config.metrics_port, self.metrics.registry)
         for service in ("", SERVICE_NAME):
             await self.health.set(service, SERVING)
         log.info("blackboard node %s serving on %s (advertised %s), %d posts in %s",

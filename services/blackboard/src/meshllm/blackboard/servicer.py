@@ -1,4 +1,5 @@
-"""The gRPC edge: messages in, board calls, messages out; typed errors become statuses."""
+"""The gRPC edge: messages in, board calls, messages out; typed errors end the call with
+their status and reason code (`meshllm.common.grpc_errors`)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import grpc
 from meshllm.blackboard import digest
 from meshllm.blackboard.board import Board
 from meshllm.blackboard.gossip import Gossip, parse_records
-from meshllm.blackboard.hub import SubscriberTooSlow
-from meshllm.common import blackboard_wire as wire
-from meshllm.common.blackboard_errors import BlackboardError, PostRejected, RateLimited
-from meshllm.common.blackboard_types import BoardInfo, PostId
+from meshllm.blackboard.peer_wire import bucket_to_pb
+from meshllm.common import grpc_errors
+from meshllm.common.blackboard import wire
+from meshllm.common.blackboard.types import BoardInfo, PostId
 from meshllm.common.errors import InvalidRecord, MeshError
 from meshllm.v1 import blackboard_pb2 as pb
 from meshllm.v1 import blackboard_pb2_grpc as pb_grpc
@@ -28,20 +29,6 @@ _Rep = TypeVar("_Rep")
 _Handler = Callable[[Any, _Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[_Rep]]
 
 
-def status_for(exc: MeshError) -> tuple[grpc.StatusCode, tuple[tuple[str, str], ...]]:
-    """The gRPC status and trailing metadata for a typed error."""
-    reason = exc.reason if isinstance(exc, BlackboardError) else "invalid_request"
-    metadata: tuple[tuple[str, str], ...] = (("meshllm-error", reason),)
-    if isinstance(exc, RateLimited):
-        metadata += (("meshllm-retry-after-s", f"{exc.retry_after_s:.3f}"),)
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, metadata
-    if isinstance(exc, SubscriberTooSlow):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, metadata
-    if isinstance(exc, PostRejected | InvalidRecord):
-        return grpc.StatusCode.INVALID_ARGUMENT, metadata
-    return grpc.StatusCode.INTERNAL, metadata
-
-
 def _edge(handler: _Handler[_Req, _Rep]) -> _Handler[_Req, _Rep]:
     @wraps(handler)
     async def wrapped(self: Any, request: _Req, context: grpc.aio.ServicerContext[Any, Any]
@@ -49,14 +36,8 @@ def _edge(handler: _Handler[_Req, _Rep]) -> _Handler[_Req, _Rep]:
         try:
             return await handler(self, request, context)
         except MeshError as exc:
-            code, metadata = status_for(exc)
-            await context.abort(code, str(exc), trailing_metadata=metadata)
-            raise  # not reached: abort() raises
+            await grpc_errors.abort(context, exc)
     return wrapped
-
-
-def _bad_request(what: str) -> InvalidRecord:
-    return InvalidRecord(what)
 
 
 class BlackboardServicer(pb_grpc.BlackboardServicer):
@@ -94,8 +75,7 @@ class BlackboardServicer(pb_grpc.BlackboardServicer):
             async for post in self._board.subscribe(wire.filter_from_pb(request)):
                 yield wire.post_to_pb(post)
         except MeshError as exc:
-            code, metadata = status_for(exc)
-            await context.abort(code, str(exc), trailing_metadata=metadata)
+            await grpc_errors.abort(context, exc)
 
     async def Gossip(self, request_iterator: AsyncIterator[pb.GossipPush],
                      context: Any) -> AsyncIterator[pb.GossipAck]:
@@ -110,7 +90,7 @@ class BlackboardServicer(pb_grpc.BlackboardServicer):
         _check_buckets(request.bucket_width_ms, 0)
         buckets = self._board.digest(request.since_unix_ms, request.bucket_width_ms)
         return pb.DigestReply(node_id=self._board.settings.node_id,
-                              buckets=[wire.bucket_to_pb(b) for b in buckets])
+                              buckets=[bucket_to_pb(b) for b in buckets])
 
     @_edge
     async def ListIds(self, request: pb.ListIdsRequest, context: Any) -> pb.ListIdsReply:
@@ -122,16 +102,16 @@ class BlackboardServicer(pb_grpc.BlackboardServicer):
     @_edge
     async def Fetch(self, request: pb.FetchRequest, context: Any) -> pb.FetchReply:
         if len(request.post_ids) > MAX_FETCH_IDS:
-            raise _bad_request(f"fetch at most {MAX_FETCH_IDS} ids per call")
+            raise InvalidRecord(f"fetch at most {MAX_FETCH_IDS} ids per call")
         posts = self._board.fetch([PostId(i) for i in request.post_ids])
         return pb.FetchReply(posts=[wire.post_to_pb(p) for p in posts])
 
 
 def _check_buckets(width_ms: int, n_buckets: int) -> None:
     if width_ms < 1000:
-        raise _bad_request(f"bucket width {width_ms} ms is below 1000 ms")
+        raise InvalidRecord(f"bucket width {width_ms} ms is below 1000 ms")
     if n_buckets > digest.MAX_BUCKETS:
-        raise _bad_request(f"{n_buckets} buckets requested; at most {digest.MAX_BUCKETS}")
+        raise InvalidRecord(f"{n_buckets} buckets requested; at most {digest.MAX_BUCKETS}")
 
 
 def _now_ms() -> int:

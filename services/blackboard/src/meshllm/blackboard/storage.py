@@ -11,7 +11,7 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from meshllm.common.blackboard_types import FeedQuery, NodeId, Post, PostId
+from meshllm.common.blackboard.types import FeedQuery, NodeId, Post, PostId
 from meshllm.common.errors import ConfigError
 
 _SCHEMA = """

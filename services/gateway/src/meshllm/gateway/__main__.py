@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import uvicorn
 from meshllm.common import lifecycle, telemetry
-from meshllm.common.blackboard_client import BlackboardClient
+from meshllm.common.blackboard.client import BlackboardClient
 from meshllm.common.store import EtcdStore
 from meshllm.gateway.app import Api, build_app
 from meshllm.gateway.backend import MeshBackend
@@ -17,26 +17,28 @@ from meshllm.gateway.blackboard_api import blackboard_routes
 from meshllm.gateway.config import GatewayConfig, load_config
 from meshllm.gateway.console import console_routes
 from meshllm.gateway.metrics import GatewayMetrics
-from meshllm.gateway.status_stream import RecentRequests, StatusStream
+from meshllm.gateway.status_stream import StatusStream
 
 log = logging.getLogger("meshllm.gateway")
+# Paths (prefixes) that are polled or held open for minutes: a span each would be noise.
+UNTRACED_PATHS = ("/metrics", "/health", "/console", "/api/status", "/static/")
 
 
 async def serve(config: GatewayConfig, stop: asyncio.Event) -> None:
     kv = EtcdStore(config.etcd_url)
     await kv.connect()
-    recent = RecentRequests()  # the console's request list, fed by the gateway's spans
-    tel = telemetry.build_telemetry(config.trace, processors=[recent])
+    tel = telemetry.build_telemetry(config.trace)
     backend = MeshBackend(kv, config.first_token_timeout_s, config.token_timeout_s,
                           tel.tracer, telemetry.client_interceptors(tel), config.security)
-    blackboard = (BlackboardClient(config.blackboard_address, security=config.security)
+    blackboard = (BlackboardClient(config.blackboard_address, security=config.security,
+                                   interceptors=telemetry.client_interceptors(tel))
                   if config.blackboard_address else None)
     metrics = GatewayMetrics()
-    extra = [*console_routes(StatusStream(backend, metrics.registry, recent)),
+    extra = [*console_routes(StatusStream(backend, metrics.registry, metrics.recent)),
              *(blackboard_routes(blackboard) if blackboard else [])]
     app = build_app(Api(backend, metrics, tel.tracer), extra)
     server = uvicorn.Server(uvicorn.Config(
-        telemetry.instrument_asgi(app, tel),
+        telemetry.instrument_asgi(app, tel, UNTRACED_PATHS),
         host=config.host, port=config.port, log_config=None, access_log=False,
         timeout_graceful_shutdown=5,
     ))

@@ -9,11 +9,13 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any
 
 from meshllm.common import telemetry
+from meshllm.common.errors import MeshError
 from meshllm.common.status import mesh_status
 from meshllm.common.types import Finished, GenerateEvent, TokenDelta, Usage
 from meshllm.gateway import responses
-from meshllm.gateway.backend import MeshBackend, StreamBroken
-from meshllm.gateway.errors import ApiError, worker_failed
+from meshllm.gateway.backend import MeshBackend
+from meshllm.gateway.errors import ApiError, api_error_for
+from meshllm.gateway.failures import IncompleteAnswer
 from meshllm.gateway.metrics import GatewayMetrics, RequestTimer
 from meshllm.gateway.openai_api import ApiRequest, parse_chat, parse_completion, parse_json
 from meshllm.gateway.routing import ready_replicas
@@ -52,7 +54,7 @@ class Api:
     async def _complete(self, req: ApiRequest) -> Response:
         rid = ("chatcmpl-" if req.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
-        timer = self.metrics.request_timer(req.model)
+        timer = self.metrics.request_timer(req.model, req.kind, rid)
         events: AsyncGenerator[GenerateEvent, None] = telemetry.traced_generation(
             self.tracer, telemetry.api_call(req.kind, req.model, req.sampling),
             self.backend.generate(req))
@@ -60,8 +62,8 @@ class Api:
             first = await anext(events)  # errors before the first token are HTTP errors
         except StopAsyncIteration:
             timer.done("error")
-            raise worker_failed("the worker ended the stream without an answer") from None
-        except ApiError:
+            raise IncompleteAnswer("the worker ended the stream without an answer") from None
+        except MeshError:
             timer.done("rejected")
             raise
         timer.first_token()
@@ -82,13 +84,14 @@ class Api:
                     timer.tokens(event.tokens)
                 else:
                     finished = event
-        except StreamBroken as exc:
+        except MeshError:
             timer.done("error")
-            raise worker_failed(str(exc)) from exc
+            raise
         if finished is None:
             timer.done("error")
-            raise worker_failed("the worker ended the stream without a finish reason")
-        timer.done("ok", finished.usage)
+            raise IncompleteAnswer("the worker ended the stream without a finish reason")
+        timer.finished(finished)
+        timer.done("ok")
         body = responses.full_response(req, rid, created, "".join(text),
                                        finished.finish_reason, finished.usage)
         return JSONResponse(body)
@@ -108,15 +111,16 @@ class Api:
                         yield responses.sse(responses.chunk(req, rid, created, event.text))
                 elif isinstance(event, Finished):
                     usage = event.usage
+                    timer.finished(event)
                     yield responses.sse(
                         responses.chunk(req, rid, created, None, event.finish_reason))
             if usage is not None and req.include_usage:
                 yield responses.sse(responses.usage_chunk(req, rid, created, usage))
             outcome = "ok"
-        except (StreamBroken, ApiError) as exc:
+        except MeshError as exc:
             outcome = "error"
             log.warning("stream %s ended with an error: %s", rid, exc)
-            yield responses.sse(worker_failed(str(exc)).body())
+            yield responses.sse(api_error_for(exc).body())
         finally:
             timer.done(outcome)
             await events.aclose()  # cancels the worker call if the client went away
@@ -129,7 +133,7 @@ class Api:
                             status_code=200 if synced else 503)
 
     async def status(self, request: Request) -> Response:
-        return JSONResponse(mesh_status(self.backend.snapshot))
+        return JSONResponse(mesh_status(self.backend.snapshot).to_json())
 
     async def metrics_endpoint(self, request: Request) -> Response:
         body, content_type = self.metrics.render()
@@ -146,6 +150,11 @@ async def _chain(first: GenerateEvent, rest: AsyncIterator[GenerateEvent]
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
     return exc.response()
+
+
+async def _mesh_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, MeshError)
+    return api_error_for(exc).response()
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -167,4 +176,5 @@ def build_app(api: Api, extra_routes: Sequence[BaseRoute] = (),
         *extra_routes,
     ]
     return Starlette(routes=routes, lifespan=lifespan,
-                     exception_handlers={ApiError: _api_error, HTTPException: _http_error})
+                     exception_handlers={ApiError: _api_error, MeshError: _mesh_error,
+                                         HTTPException: _http_error})

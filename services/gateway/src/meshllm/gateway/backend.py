@@ -1,5 +1,8 @@
 """The mesh as the gateway sees it: placements from etcd, gRPC calls to workers,
-retries on another replica when a worker fails before its first token."""
+retries on another replica when a worker fails before its first token.
+
+Failures are raised as typed mesh errors (gateway.failures, or the worker's own error
+rebuilt from its reason code); only the HTTP edge turns them into status codes."""
 
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ from dataclasses import replace
 from typing import Any
 
 import grpc
-from meshllm.common import convert, telemetry
+from meshllm.common import convert, grpc_errors, telemetry
+from meshllm.common.errors import InvalidGenerateRequest, MeshError, Overloaded
 from meshllm.common.meshview import MeshSnapshot, follow_mesh
 from meshllm.common.store import KeyValueStore
 from meshllm.common.tls import PLAINTEXT, GrpcSecurity
@@ -24,23 +28,19 @@ from meshllm.common.types import (
     WorkerId,
     WorkerInfo,
 )
-from meshllm.gateway.errors import (
-    ApiError,
-    invalid,
-    model_not_found,
-    overloaded,
-    unavailable,
-    worker_failed,
+from meshllm.gateway.failures import (
+    NoLiveWorker,
+    ReplicasBusy,
+    ReplicasFailed,
+    StreamBroken,
+    UnknownModel,
+    WorkerSilent,
 )
 from meshllm.gateway.openai_api import ApiRequest
 from meshllm.gateway.routing import WorkerLoad, ready_replicas, route, why_unavailable
 from meshllm.v1 import worker_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-
-class StreamBroken(Exception):
-    """A worker failed after tokens were sent: the stream must end with an error event."""
 
 
 class MeshBackend:
@@ -78,7 +78,7 @@ class MeshBackend:
     def resolve(self, model: str) -> ModelId:
         if model in self.snapshot.models:
             return ModelId(model)
-        raise model_not_found(model, sorted(self.snapshot.models))
+        raise UnknownModel(model, sorted(self.snapshot.models))
 
     def _note(self, worker: WorkerInfo, delta: int, failed: bool = False) -> None:
         load = self.loads.get(worker.worker_id, WorkerLoad())
@@ -92,7 +92,7 @@ class MeshBackend:
         candidates = route(ready_replicas(self.snapshot, model_id), self.loads, time.monotonic())
         telemetry.record_route(self._tracer, model_id, [w.worker_id for w in candidates])
         if not candidates:
-            raise unavailable(why_unavailable(self.snapshot, model_id))
+            raise NoLiveWorker(why_unavailable(self.snapshot, model_id))
         request = GenerateRequest(RequestId(uuid.uuid4().hex), model_id, req.text, req.chat,
                                   req.sampling)
         failures, busy = [], 0
@@ -104,27 +104,26 @@ class MeshBackend:
                     yield event
                 return
             except grpc.aio.AioRpcError as exc:
-                busy += exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                failure = self._failure(worker, exc, started)
+                failure = f"{worker.worker_id}: {exc.code().name} {exc.details()}"
+                busy += self._failed(worker, grpc_errors.error_from_rpc(exc), failure, started)
                 failures.append(failure)
                 log.warning("worker %s failed for %s: %s", worker.worker_id, model_id, failure)
         if busy == len(candidates):
-            raise overloaded(f"every replica of {model_id} is busy: {'; '.join(failures)}. "
-                             f"Retry after a short wait.")
-        raise worker_failed(f"every replica of {model_id} failed: {'; '.join(failures)}")
+            raise ReplicasBusy(model_id, failures)
+        raise ReplicasFailed(model_id, failures)
 
-    def _failure(self, worker: WorkerInfo, exc: grpc.aio.AioRpcError, started: bool) -> str:
-        if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-            details = exc.details() or "invalid request"
-            code = "context_length_exceeded" if "context length" in details else None
-            raise invalid(details, "messages" if code else None, code)
-        message = f"{worker.worker_id}: {exc.code().name} {exc.details()}"
-        if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            return message  # busy is not broken: no failure mark against the worker
-        self._note(worker, 0, failed=True)
+    def _failed(self, worker: WorkerInfo, error: MeshError | None, failure: str,
+                started: bool) -> bool:
+        """Whether the worker refused as busy. Raises when no other replica may try: the
+        request itself is wrong (each would refuse it), or tokens were already sent."""
+        if isinstance(error, InvalidGenerateRequest):
+            raise error
+        busy = isinstance(error, Overloaded)
+        if not busy:  # busy is not broken: no failure mark against the worker
+            self._note(worker, 0, failed=True)
         if started:
-            raise StreamBroken(f"worker {message} after the stream began")
-        return message
+            raise StreamBroken(f"worker {failure} after the stream began")
+        return busy
 
     async def _call(self, worker: WorkerInfo, request: GenerateRequest
                     ) -> AsyncIterator[GenerateEvent]:
@@ -136,8 +135,7 @@ class MeshBackend:
                 try:
                     message = await asyncio.wait_for(call.read(), timeout)
                 except TimeoutError as exc:
-                    raise ApiError(504, f"worker {worker.worker_id} sent nothing for "
-                                   f"{timeout:.0f}s", "server_error", None, "timeout") from exc
+                    raise WorkerSilent(worker.worker_id, timeout) from exc
                 if message is grpc.aio.EOF:
                     return
                 timeout = self._token_timeout_s

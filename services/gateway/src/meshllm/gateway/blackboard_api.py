@@ -16,41 +16,18 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from meshllm.common.blackboard_client import BlackboardClient
-from meshllm.common.blackboard_errors import (
-    BlackboardError,
-    BlackboardUnavailable,
-    PostRejected,
-    RateLimited,
-    SecretDetected,
-    TextTooLarge,
-)
-from meshllm.common.blackboard_types import Draft, FeedQuery, Post, PostId, SubscribeFilter
-from meshllm.common.blackboard_wire import hit_to_json, parse_since, post_to_json
-from meshllm.gateway.errors import ApiError, invalid
+from meshllm.common.blackboard.client import BlackboardClient
+from meshllm.common.blackboard.errors import BlackboardError
+from meshllm.common.blackboard.types import Draft, FeedQuery, Post, PostId, SubscribeFilter
+from meshllm.common.blackboard.wire import hit_to_json, parse_since, post_to_json
+from meshllm.common.errors import MeshError
+from meshllm.gateway.errors import ApiError, api_error_for, invalid
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 MAX_LIMIT = 1000
 HEARTBEAT_S = 15.0  # an SSE comment this often keeps idle proxies from closing the stream
-
-
-def response_for(exc: BlackboardError) -> Response:
-    """HTTP status and OpenAI-shaped body for a typed blackboard error."""
-    if isinstance(exc, RateLimited):
-        response = ApiError(429, str(exc), "rate_limit_error", None, exc.reason).response()
-        response.headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
-        return response
-    if isinstance(exc, TextTooLarge):
-        return ApiError(413, str(exc), "invalid_request_error", "text", exc.reason).response()
-    if isinstance(exc, SecretDetected):
-        return ApiError(422, str(exc), "invalid_request_error", "text", exc.reason).response()
-    if isinstance(exc, PostRejected):
-        return ApiError(400, str(exc), "invalid_request_error", None, exc.reason).response()
-    if isinstance(exc, BlackboardUnavailable):
-        return ApiError(503, str(exc), "service_unavailable", None, exc.reason).response()
-    return ApiError(502, str(exc), "api_error", None, exc.reason).response()
 
 
 def _str_list(value: Any, param: str) -> tuple[str, ...]:
@@ -178,13 +155,14 @@ def blackboard_routes(client: BlackboardClient) -> list[Route]:
 
 def _edge(handler: Callable[[Request], Awaitable[Response]]
           ) -> Callable[[Request], Awaitable[Response]]:
-    """Typed errors to HTTP responses, in one place."""
+    """Errors to HTTP responses (errors.api_error_for), so that these routes answer the
+    same when mounted without the gateway's exception handlers."""
     async def wrapped(request: Request) -> Response:
         try:
             response: Response = await handler(request)
         except ApiError as exc:
             return exc.response()
-        except BlackboardError as exc:
-            return response_for(exc)
+        except MeshError as exc:
+            return api_error_for(exc).response()
         return response
     return wrapped

@@ -5,7 +5,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from meshllm.common.config import Option, parse_host_port, positive_float, read_options
+from meshllm.common.config import (
+    ETCD_OPTION,
+    LOG_LEVEL_OPTION,
+    Option,
+    listen_option,
+    parse_host_port,
+    positive_float,
+    read_options,
+)
 from meshllm.common.errors import ConfigError
 from meshllm.common.telemetry import TraceSettings, trace_settings
 from meshllm.common.tls import TLS_OPTIONS, GrpcSecurity, security_from
@@ -14,26 +22,26 @@ from meshllm.common.tls import TLS_OPTIONS, GrpcSecurity, security_from
 @dataclass(frozen=True)
 class GatewayConfig:
     etcd_url: str
-    host: str
-    port: int
+    host: str                     # of --listen: the HTTP address
+    port: int                     # TCP port of --listen
     blackboard_address: str       # host:port of a blackboard node ("" : no blackboard API)
     first_token_timeout_s: float  # includes queueing behind other requests on the worker
     token_timeout_s: float        # longest silence between two tokens
-    log_level: str
+    log_level: str                # logging level name
     trace: TraceSettings        # what the OTEL_* variables ask for
     security: GrpcSecurity      # plaintext or mutual TLS towards workers and blackboard
 
 
 OPTIONS = (
-    Option("--etcd", "MESHLLM_ETCD", str, "http://127.0.0.1:2379", "etcd URL"),
-    Option("--listen", "MESHLLM_GATEWAY_LISTEN", str, "0.0.0.0:9337", "HTTP listen address"),
+    ETCD_OPTION,
+    listen_option("MESHLLM_GATEWAY_LISTEN", "0.0.0.0:9337", "HTTP"),
     Option("--blackboard", "MESHLLM_BLACKBOARD", str, "",
            "blackboard node host:port for /api/blackboard (empty: off)"),
     Option("--first-token-timeout-s", "MESHLLM_FIRST_TOKEN_TIMEOUT_S", positive_float, "600",
            "seconds to wait for a first token"),
     Option("--token-timeout-s", "MESHLLM_TOKEN_TIMEOUT_S", positive_float, "60",
            "seconds to wait between tokens"),
-    Option("--log-level", "MESHLLM_LOG_LEVEL", str, "INFO", "log level"),
+    LOG_LEVEL_OPTION,
     *TLS_OPTIONS,
 )
 

@@ -1,47 +1,113 @@
-"""API errors in the OpenAI shape: {"error": {"message", "type", "param", "code"}}."""
+"""API errors in the OpenAI shape: {"error": {"message", "type", "param", "code"}}.
+
+`api_error_for` is the one place where a typed mesh error becomes an HTTP status and an
+OpenAI error; request parsing, at the edge itself, raises `ApiError` directly."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
+from meshllm.common.blackboard.errors import (
+    BlackboardError,
+    BlackboardUnavailable,
+    PostRejected,
+    RateLimited,
+    SecretDetected,
+    TextTooLarge,
+)
+from meshllm.common.errors import (
+    InvalidGenerateRequest,
+    MeshError,
+    ModelNotFound,
+    Overloaded,
+    PromptTooLong,
+)
+from meshllm.gateway.failures import (
+    IncompleteAnswer,
+    NoLiveWorker,
+    ReplicasFailed,
+    StreamBroken,
+    WorkerSilent,
+)
 from starlette.responses import JSONResponse
 
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type_
         self.param = param
         self.code = code
+        self.headers = dict(headers or {})
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def invalid(message: str, param: str | None = None, code: str | None = None) -> ApiError:
     return ApiError(400, message, "invalid_request_error", param, code)
 
 
-def model_not_found(model: str, known: list[str]) -> ApiError:
-    listed = ", ".join(known) or "none"
-    return ApiError(404, f"The model {model!r} does not exist. Models served here: {listed}.",
-                    "invalid_request_error", "model", "model_not_found")
+@dataclass(frozen=True)
+class ErrorShape:
+    """How one family of mesh errors looks over HTTP."""
+
+    status: int
+    type: str
+    param: str | None
+    code: str | None
+    reason_as_code: bool = False  # the error's own reason code is the API code
 
 
-def unavailable(message: str) -> ApiError:
-    return ApiError(503, message, "service_unavailable", None, "no_live_worker")
+# The most specific class in an error's MRO that is listed here decides its shape.
+API_ERRORS: dict[type[MeshError], ErrorShape] = {
+    MeshError: ErrorShape(500, "server_error", None, None),
+    InvalidGenerateRequest: ErrorShape(400, "invalid_request_error", None, None),
+    PromptTooLong: ErrorShape(400, "invalid_request_error", "messages",
+                              "context_length_exceeded"),
+    ModelNotFound: ErrorShape(404, "invalid_request_error", "model", "model_not_found"),
+    NoLiveWorker: ErrorShape(503, "service_unavailable", None, "no_live_worker"),
+    ReplicasFailed: ErrorShape(502, "server_error", None, "worker_failed"),
+    StreamBroken: ErrorShape(502, "server_error", None, "worker_failed"),
+    IncompleteAnswer: ErrorShape(502, "server_error", None, "worker_failed"),
+    Overloaded: ErrorShape(429, "rate_limit_error", None, "model_overloaded"),
+    WorkerSilent: ErrorShape(504, "server_error", None, "timeout"),
+    BlackboardError: ErrorShape(502, "api_error", None, None, reason_as_code=True),
+    PostRejected: ErrorShape(400, "invalid_request_error", None, None, reason_as_code=True),
+    RateLimited: ErrorShape(429, "rate_limit_error", None, None, reason_as_code=True),
+    TextTooLarge: ErrorShape(413, "invalid_request_error", "text", None, reason_as_code=True),
+    SecretDetected: ErrorShape(422, "invalid_request_error", "text", None,
+                               reason_as_code=True),
+    BlackboardUnavailable: ErrorShape(503, "service_unavailable", None, None,
+                                      reason_as_code=True),
+}
 
 
-def overloaded(message: str) -> ApiError:
-    return ApiError(429, message, "rate_limit_error", None, "model_overloaded")
+def shape_of(error: MeshError) -> ErrorShape:
+    for cls in type(error).__mro__:
+        if cls in API_ERRORS:
+            return API_ERRORS[cls]
+    raise AssertionError("MeshError is in the table")
 
 
-def worker_failed(message: str) -> ApiError:
-    return ApiError(502, message, "server_error", None, "worker_failed")
+def _headers(error: MeshError) -> dict[str, str]:
+    if isinstance(error, RateLimited):
+        return {"Retry-After": str(max(1, round(error.retry_after_s)))}
+    return {}
+
+
+def api_error_for(error: MeshError) -> ApiError:
+    """The OpenAI-shaped HTTP error for a typed mesh error."""
+    shape = shape_of(error)
+    code = error.reason if shape.reason_as_code else shape.code
+    return ApiError(shape.status, str(error), shape.type, shape.param, code, _headers(error))

@@ -1,10 +1,13 @@
-"""Prometheus metrics of the gateway, in a registry of its own (no global state)."""
+"""The gateway's request accounting: Prometheus metrics in a registry of its own (no
+global state), and a record of each request for the console."""
 
 from __future__ import annotations
 
 import time
 
-from meshllm.common.types import Usage
+from meshllm.common import telemetry
+from meshllm.common.types import Finished
+from meshllm.gateway.recent import RecentRequests, RequestRecord
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -12,7 +15,8 @@ LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30
 
 
 class GatewayMetrics:
-    def __init__(self) -> None:
+    def __init__(self, recent: RecentRequests | None = None) -> None:
+        self.recent = recent if recent is not None else RecentRequests()
         self.registry = CollectorRegistry()
         self.requests = Counter("meshllm_gateway_requests", "Requests by model and outcome",
                                 ["model", "outcome"], registry=self.registry)
@@ -30,8 +34,9 @@ class GatewayMetrics:
         self.completion_tokens = Counter("meshllm_gateway_completion_tokens",
                                          "Generated tokens", ["model"], registry=self.registry)
 
-    def request_timer(self, model: str) -> RequestTimer:
-        return RequestTimer(self, model)
+    def request_timer(self, model: str, kind: str, request_id: str) -> RequestTimer:
+        """The timer of one OpenAI request (`kind`: "chat" or "completion")."""
+        return RequestTimer(self, model, telemetry.api_operation(kind), request_id)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -40,29 +45,54 @@ class GatewayMetrics:
 class RequestTimer:
     """Measures one request; `done` records it exactly once."""
 
-    def __init__(self, metrics: GatewayMetrics, model: str) -> None:
+    def __init__(self, metrics: GatewayMetrics, model: str, operation: str,
+                 request_id: str) -> None:
         self._m = metrics
         self._model = model
+        self._operation = operation
+        self._request_id = request_id
         self._start = time.perf_counter()
+        self._ttft_s: float | None = None
         self._last_token: float | None = None
-        self._finished = False
+        self._tokens = 0
+        self._end: Finished | None = None
+        self._done = False
 
     def first_token(self) -> None:
         self._last_token = time.perf_counter()
-        self._m.ttft.labels(self._model).observe(self._last_token - self._start)
+        self._ttft_s = self._last_token - self._start
+        self._m.ttft.labels(self._model).observe(self._ttft_s)
 
     def tokens(self, n: int) -> None:
         now = time.perf_counter()
         if n and self._last_token is not None and now > self._last_token:
             self._m.inter_token.labels(self._model).observe((now - self._last_token) / n)
             self._last_token = now
+        self._tokens += n
         self._m.completion_tokens.labels(self._model).inc(n)
 
-    def done(self, outcome: str, usage: Usage | None = None) -> None:
-        if self._finished:
+    def finished(self, event: Finished) -> None:
+        """The worker's last word on the request: finish reason and usage."""
+        self._end = event
+
+    def done(self, outcome: str) -> None:
+        """Called where the request ends, so the current span (if sampled) is its trace."""
+        if self._done:
             return
-        self._finished = True
+        self._done = True
+        duration_s = time.perf_counter() - self._start
         self._m.requests.labels(self._model, outcome).inc()
-        self._m.duration.labels(self._model).observe(time.perf_counter() - self._start)
-        if usage is not None:
-            self._m.prompt_tokens.labels(self._model).inc(usage.prompt_tokens)
+        self._m.duration.labels(self._model).observe(duration_s)
+        if self._end is not None:
+            self._m.prompt_tokens.labels(self._model).inc(self._end.usage.prompt_tokens)
+        self._m.recent.add(self._record(outcome, duration_s))
+
+    def _record(self, outcome: str, duration_s: float) -> RequestRecord:
+        end = self._end
+        return RequestRecord(
+            at_unix_s=time.time(), request_id=self._request_id, model=self._model,
+            operation=self._operation, outcome=outcome,
+            finish_reason=end.finish_reason if end else "",
+            input_tokens=end.usage.prompt_tokens if end else 0,
+            output_tokens=end.usage.completion_tokens if end else self._tokens,
+            duration_s=duration_s, ttft_s=self._ttft_s, trace_id=telemetry.current_trace_id())

@@ -1,9 +1,10 @@
 """The live state behind the console: the mesh snapshot, per-worker load, tokens/s per
 model and the most recent requests, pushed as server-sent events.
 
-Recent requests come from the gateway's own GenAI spans (a span processor), and tokens/s
-from its Prometheus counters: both already record every request, so the request path
-needs no extra hook for the console.
+Recent requests come from the gateway's request records (`recent.RecentRequests`, fed by
+its request timers) and tokens/s from its Prometheus counters: both already account for
+every request, sampled by tracing or not, so the request path needs no extra hook for the
+console.
 """
 
 from __future__ import annotations
@@ -11,26 +12,22 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
-import threading
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Protocol
 
 from meshllm.common.meshview import MeshSnapshot
 from meshllm.common.status import mesh_status
 from meshllm.common.types import WorkerId
+from meshllm.gateway.recent import RecentRequests, RequestRecord
 from meshllm.gateway.routing import FAILURE_MEMORY_S, WorkerLoad
-from opentelemetry.context import Context
-from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
-from opentelemetry.trace import SpanKind
 from prometheus_client import CollectorRegistry
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 TOKENS_METRIC = "meshllm_gateway_completion_tokens"  # GatewayMetrics' generated tokens
 RATE_WINDOW_S = 10.0
-RECENT_REQUESTS = 50
 PUSH_INTERVAL_S = 1.0
 HEARTBEAT_S = 15.0
 
@@ -43,67 +40,6 @@ class MeshSource(Protocol):
 
     @property
     def loads(self) -> Mapping[WorkerId, WorkerLoad]: ...
-
-
-@dataclass(frozen=True)
-class RequestRecord:
-    at_unix_s: float
-    model: str
-    operation: str
-    outcome: str
-    finish_reason: str
-    input_tokens: int
-    output_tokens: int
-    duration_s: float
-    ttft_s: float | None
-    trace_id: str
-
-
-def record_from_span(span: ReadableSpan) -> RequestRecord | None:
-    """A request record from the gateway's GenAI client span; None for any other span."""
-    attrs = span.attributes or {}
-    if span.kind is not SpanKind.CLIENT or "gen_ai.operation.name" not in attrs:
-        return None
-    reasons = attrs.get("gen_ai.response.finish_reasons") or ("",)
-    ttft = attrs.get("meshllm.time_to_first_token_s")
-    start, end = span.start_time or 0, span.end_time or 0
-    return RequestRecord(
-        at_unix_s=end / 1e9, model=str(attrs.get("gen_ai.request.model", "")),
-        operation=str(attrs["gen_ai.operation.name"]),
-        outcome=str(attrs.get("meshllm.outcome", "")),
-        finish_reason=str(reasons[0]) if isinstance(reasons, Sequence) else "",
-        input_tokens=int(str(attrs.get("gen_ai.usage.input_tokens", 0))),
-        output_tokens=int(str(attrs.get("gen_ai.usage.output_tokens", 0))),
-        duration_s=(end - start) / 1e9,
-        ttft_s=float(str(ttft)) if ttft is not None else None,
-        trace_id=format(span.context.trace_id, "032x") if span.context else "")
-
-
-class RecentRequests(SpanProcessor):
-    """Keeps the last requests' records; add it to the gateway's tracer provider."""
-
-    def __init__(self, size: int = RECENT_REQUESTS) -> None:
-        self._records: collections.deque[RequestRecord] = collections.deque(maxlen=size)
-        self._lock = threading.Lock()  # spans may end on another thread than the reader's
-
-    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
-        return None
-
-    def on_end(self, span: ReadableSpan) -> None:
-        record = record_from_span(span)
-        if record is not None:
-            with self._lock:
-                self._records.append(record)
-
-    def latest(self) -> list[RequestRecord]:
-        with self._lock:
-            return list(reversed(self._records))
-
-    def shutdown(self) -> None:
-        return None
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return True
 
 
 def token_totals(registry: CollectorRegistry, metric: str = TOKENS_METRIC) -> dict[str, float]:
@@ -148,7 +84,7 @@ def console_state(snapshot: MeshSnapshot, loads: Mapping[WorkerId, WorkerLoad],
                   tokens_per_s: Mapping[str, float], recent: Sequence[RequestRecord],
                   now_s: float, monotonic_s: float) -> dict[str, Any]:
     """Everything the console shows, as plain data (pure)."""
-    status = mesh_status(snapshot)
+    status = mesh_status(snapshot).to_json()
     for node in status["nodes"]:
         load = loads.get(node["worker_id"], WorkerLoad())
         node["in_flight"] = load.in_flight

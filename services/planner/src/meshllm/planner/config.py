@@ -6,8 +6,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from meshllm.common.config import (
+    ETCD_OPTION,
+    LOG_LEVEL_OPTION,
+    METRICS_PORT_OPTION,
     Option,
     csv_list,
+    listen_option,
     parse_size,
     positive_float,
     positive_int,
@@ -28,18 +32,18 @@ class PlannerConfig:
     slots: int                      # sequences each engine decodes together, full context each
     speculative: dict[str, str]     # model -> none | ngram | draft:<model>; "*" for all
     context_length_tokens: int      # context each engine serves, capped at the trained one
-    engine_overhead_bytes: int
+    engine_overhead_bytes: int      # memory an engine needs beside weights and KV cache
     max_replicas: int               # 0: as many as fit
     debounce_s: float               # wait this long for membership to settle before planning
-    metrics_port: int               # 0: no metrics endpoint
-    log_level: str
+    metrics_port: int               # TCP port of the Prometheus endpoint; 0: off
+    log_level: str                  # logging level name
     trace: TraceSettings        # what the OTEL_* variables ask for
     security: GrpcSecurity      # plaintext or mutual TLS for the Planner service
 
 
 OPTIONS = (
-    Option("--etcd", "MESHLLM_ETCD", str, "http://127.0.0.1:2379", "etcd URL"),
-    Option("--listen", "MESHLLM_PLANNER_LISTEN", str, "0.0.0.0:9338", "gRPC listen address"),
+    ETCD_OPTION,
+    listen_option("MESHLLM_PLANNER_LISTEN", "0.0.0.0:9338", "gRPC"),
     Option("--models", "MESHLLM_MODELS", csv_list, "gemma3-270m",
            "comma-separated model names or .gguf paths"),
     Option("--split", "MESHLLM_SPLIT", csv_list, "",
@@ -58,8 +62,8 @@ OPTIONS = (
     Option("--max-replicas", "MESHLLM_MAX_REPLICAS", int, "0", "replicas per model (0: all fit)"),
     Option("--debounce-s", "MESHLLM_PLANNER_DEBOUNCE_S", positive_float, "0.3",
            "seconds to let membership settle before re-planning"),
-    Option("--metrics-port", "MESHLLM_METRICS_PORT", int, "0", "Prometheus port (0: off)"),
-    Option("--log-level", "MESHLLM_LOG_LEVEL", str, "INFO", "log level"),
+    METRICS_PORT_OPTION,
+    LOG_LEVEL_OPTION,
     *TLS_OPTIONS,
 )
 

@@ -14,7 +14,7 @@ from meshllm.common.meshview import follow_mesh
 from meshllm.common.store import EtcdStore
 from meshllm.v1 import worker_pb2_grpc
 from meshllm.worker.config import WorkerConfig, load_config
-from meshllm.worker.engine import ProcessEngine
+from meshllm.worker.engines import ProcessEngine
 from meshllm.worker.hosts import HostDeps
 from meshllm.worker.links import LinkMonitor
 from meshllm.worker.metrics import WorkerMetrics
@@ -43,7 +43,8 @@ def host_deps(config: WorkerConfig, tel: telemetry.Telemetry) -> HostDeps:
         threads=config.threads, stage_host=advertised_host if direct else "127.0.0.1",
         stage_cache_dir=config.cache_dir, direct_rpc=direct, weight_repack=config.weight_repack,
         restart_backoff_s=config.restart_backoff_s, max_queue=config.max_queue,
-        rpc_library=config.rpc_library,
+        rpc_library=config.rpc_library, log_level=config.log_level,
+        child_env=config.child_env,
     )
 
 

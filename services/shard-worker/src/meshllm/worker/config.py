@@ -9,7 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshllm.common.config import (
+    ADVERTISE_ADDRESS_OPTION,
+    ETCD_OPTION,
+    LEASE_TTL_OPTION,
+    LOG_LEVEL_OPTION,
+    METRICS_PORT_OPTION,
     Option,
+    listen_option,
     parse_host_port,
     parse_size,
     positive_float,
@@ -20,6 +26,7 @@ from meshllm.common.errors import ConfigError
 from meshllm.common.membership import LeaseConfig
 from meshllm.common.telemetry import TraceSettings, trace_settings
 from meshllm.common.tls import TLS_OPTIONS, GrpcSecurity, security_from
+from meshllm.worker.engine_wire import DEFAULT_MAX_QUEUE
 
 
 @dataclass(frozen=True)
@@ -30,8 +37,8 @@ class WorkerConfig:
     worker_id: str
     memory_budget_bytes: int    # what this worker offers the planner
     threads: int                # llama.cpp threads per engine
-    backend: str
-    lease: LeaseConfig
+    backend: str                # cpu | cuda | rocm | vulkan
+    lease: LeaseConfig          # TTL and keep-alive period (s) of this worker's etcd record
     restart_backoff_s: float    # pause before restarting a crashed engine
     rpc_transport: str          # tunnel: ggml RPC inside gRPC streams; direct: plain TCP
     rpc_library: str            # meshllm: our ggml-rpc build (fewer thread hand-offs); stock
@@ -39,10 +46,11 @@ class WorkerConfig:
     ping_interval_s: float      # how often round trips to the other workers are measured
     weight_repack: bool         # llama.cpp's CPU weight repacking: faster, but split != whole
     max_queue: int              # requests waiting for a free slot before the worker is busy
-    metrics_port: int
-    log_level: str
+    metrics_port: int           # TCP port of the Prometheus endpoint; 0: off
+    log_level: str              # logging level name
     trace: TraceSettings        # what the OTEL_* variables ask for
     security: GrpcSecurity      # plaintext or mutual TLS for all of this worker's gRPC
+    child_env: Mapping[str, str]  # environment of engine and stage child processes
 
 
 def spare_memory_bytes() -> int:
@@ -69,17 +77,16 @@ def _on_off(text: str) -> bool:
 
 
 OPTIONS = (
-    Option("--etcd", "MESHLLM_ETCD", str, "http://127.0.0.1:2379", "etcd URL"),
-    Option("--listen", "MESHLLM_WORKER_LISTEN", str, "0.0.0.0:9340", "gRPC listen address"),
-    Option("--advertise-address", "MESHLLM_ADVERTISE_ADDRESS", str, "",
-           "host:port others reach this worker at (default 127.0.0.1:<listen port>)"),
-    Option("--worker-id", "MESHLLM_WORKER_ID", str, "", "unique id (default hostname-port)"),
+    ETCD_OPTION,
+    listen_option("MESHLLM_WORKER_LISTEN", "0.0.0.0:9340", "gRPC"),
+    ADVERTISE_ADDRESS_OPTION,
+    Option("--worker-id", "MESHLLM_WORKER_ID", str, "", "unique id (default hostname-port)",
+           per_process=True),
     Option("--worker-memory", "MESHLLM_WORKER_MEMORY", _budget, "auto",
            "memory budget, e.g. 4GiB (auto: 80%% of available memory)"),
     Option("--threads", "MESHLLM_THREADS", _threads, "auto", "llama.cpp threads"),
     Option("--backend", "MESHLLM_BACKEND", str, "cpu", "cpu | cuda | rocm | vulkan"),
-    Option("--lease-ttl-s", "MESHLLM_LEASE_TTL_S", positive_int, "10",
-           "seconds after death until the worker leaves the mesh"),
+    LEASE_TTL_OPTION,
     Option("--keepalive-s", "MESHLLM_KEEPALIVE_S", positive_float, "3", "lease refresh period"),
     Option("--restart-backoff-s", "MESHLLM_RESTART_BACKOFF_S", positive_float, "1",
            "seconds before restarting a crashed engine"),
@@ -89,16 +96,16 @@ OPTIONS = (
            "ggml RPC implementation for split models: meshllm (built by make install; "
            "faster) | stock (llama-cpp-python's own)"),
     Option("--cache-dir", "MESHLLM_CACHE_DIR", str, "", "RPC tensor cache directory "
-           "(default ~/.cache/mesh-llm/rpc-<worker id>)"),
+           "(default ~/.cache/mesh-llm/rpc-<worker id>)", per_process=True),
     Option("--ping-interval-s", "MESHLLM_PING_INTERVAL_S", positive_float, "5",
            "seconds between round-trip measurements to other workers"),
     Option("--weight-repack", "MESHLLM_WEIGHT_REPACK", _on_off, "off",
            "on: llama.cpp's CPU weight repacking (faster on some CPUs; split models then "
            "answer slightly differently from whole ones)"),
-    Option("--max-queue", "MESHLLM_MAX_QUEUE", int, "16",
+    Option("--max-queue", "MESHLLM_MAX_QUEUE", int, str(DEFAULT_MAX_QUEUE),
            "requests waiting for a free slot per model before answering busy (429)"),
-    Option("--metrics-port", "MESHLLM_METRICS_PORT", int, "0", "Prometheus port (0: off)"),
-    Option("--log-level", "MESHLLM_LOG_LEVEL", str, "INFO", "log level"),
+    METRICS_PORT_OPTION,
+    LOG_LEVEL_OPTION,
     *TLS_OPTIONS,
 )
 
@@ -131,4 +138,6 @@ def load_config(argv: Sequence[str], env: Mapping[str, str]) -> WorkerConfig:
         restart_backoff_s=v["restart_backoff_s"], metrics_port=v["metrics_port"],
         log_level=v["log_level"],
         trace=trace_settings("worker", env), security=security_from(v),
+        # ggml would attach gdb to an aborting child for a backtrace: slow, and useless here
+        child_env={**env, "GGML_NO_BACKTRACE": "1"},
     )

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
 from meshllm.common import models
 from meshllm.common.errors import EngineUnavailable, MeshError
 from meshllm.common.types import LoadState, ModelState
-from meshllm.worker.engine import Engine, EngineSettings
+from meshllm.worker import engine_wire as wire
+from meshllm.worker.engines import Engine, EngineSettings
 from meshllm.worker.plans import HostPlan, Role
 from meshllm.worker.stage import StageServer, StageSettings
 
@@ -43,10 +44,13 @@ class HostDeps:
     stage_host: str          # where stage RPC servers listen: 127.0.0.1 unless direct
     stage_cache_dir: Path
     direct_rpc: bool         # heads dial stages' RPC servers directly when they allow it
-    weight_repack: bool      # llama.cpp CPU weight repacking (see load_params)
+    weight_repack: bool      # llama.cpp CPU weight repacking (see engine/batch/load_options)
     restart_backoff_s: float
-    max_queue: int = 16      # requests waiting for a slot before the engine says busy
-    rpc_library: str = "meshllm"  # which ggml-rpc build heads and stages use
+    max_queue: int = wire.DEFAULT_MAX_QUEUE  # requests waiting for a slot before "busy"
+    rpc_library: str = wire.DEFAULT_RPC_LIBRARY  # which ggml-rpc build heads and stages use
+    log_level: str = wire.DEFAULT_LOG_LEVEL     # of the engine processes
+    # The whole environment of engine and stage processes: nothing else is inherited.
+    child_env: Mapping[str, str] = field(default_factory=dict)
 
 
 class ModelHost:
@@ -103,28 +107,34 @@ class ModelHost:
             endpoints.append(await tunnel.start())
         return endpoints
 
-    async def _load(self) -> Runner:
-        started = asyncio.get_running_loop().time()
-        if self.plan.role is Role.STAGE:
-            stage = self._deps.stage_factory(StageSettings(
-                self._deps.stage_host, self._deps.stage_cache_dir, self._deps.threads,
-                self._deps.rpc_library))
-            await stage.start()
-            self.stage = stage
-            return stage
+    async def _start_stage(self) -> StageServer:
+        stage = self._deps.stage_factory(StageSettings(
+            self._deps.stage_host, self._deps.stage_cache_dir, self._deps.threads,
+            self._deps.rpc_library, child_env=self._deps.child_env))
+        await stage.start()
+        self.stage = stage
+        return stage
+
+    async def _engine_settings(self) -> EngineSettings:
         await self._set(LoadState.LOADING, self.state.error, phase="assembling model file")
         path: Path = await asyncio.to_thread(models.materialize, self.spec.source)
         phase = "connecting to stages" if self.plan.peers else "loading weights"
         await self._set(LoadState.LOADING, self.state.error, phase=phase)
-        engine = self._deps.engine_factory(EngineSettings(
+        load = wire.Load(
             path, self.spec.context_length, self._deps.threads,
             rpc_endpoints=tuple(await self._stage_endpoints()),
-            tensor_split=tuple(float(p.n_layers) for p in self.plan.peers),
-            n_gpu_layers=sum(p.n_layers for p in self.plan.peers),
-            weight_repack=self._deps.weight_repack, on_progress=self._loading_progress,
-            slots=self.spec.slots, max_queue=self._deps.max_queue,
-            speculative=await self._speculative(), rpc_library=self._deps.rpc_library,
-        ))
+            stage_layers=tuple(p.n_layers for p in self.plan.peers),
+            weight_repack=self._deps.weight_repack, slots=self.spec.slots,
+            max_queue=self._deps.max_queue, speculative=await self._speculative(),
+            rpc_library=self._deps.rpc_library)
+        return EngineSettings(load, self._deps.child_env, on_progress=self._loading_progress,
+                              log_level=self._deps.log_level)
+
+    async def _load(self) -> Runner:
+        started = asyncio.get_running_loop().time()
+        if self.plan.role is Role.STAGE:
+            return await self._start_stage()
+        engine = self._deps.engine_factory(await self._engine_settings())
         await engine.start()
         self.engine = engine
         log.info("model %s loaded as %s (layers %d-%d) in %.1fs", self.spec.model_id,

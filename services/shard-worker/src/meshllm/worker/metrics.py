@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
-from typing import Any
 
 from meshllm.common.types import Finished, GenerateEvent, LoadState, ModelState
+from meshllm.worker.engine_wire import EngineStats
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -71,14 +71,12 @@ class WorkerMetrics:
     def watch_lease(self, lease_ok: Callable[[], bool]) -> None:
         self.lease_ok.set_function(lambda: float(lease_ok()))
 
-    def set_engine(self, model: str, stats: Mapping[str, Any]) -> None:
+    def set_engine(self, model: str, stats: EngineStats) -> None:
         """The batched engine's own report: speculative decoding and prefix reuse."""
-        drafted = float(stats.get("drafted", 0))
-        if drafted:
-            self.acceptance.labels(model).set(float(stats.get("accepted", 0)) / drafted)
-        if "tokens_per_step" in stats:
-            self.tokens_per_step.labels(model).set(float(stats["tokens_per_step"]))
-        self.cached_prompt_tokens.labels(model).set(float(stats.get("cached_prompt_tokens", 0)))
+        if stats.drafted_tokens:
+            self.acceptance.labels(model).set(stats.acceptance_rate)
+        self.tokens_per_step.labels(model).set(stats.tokens_per_step)
+        self.cached_prompt_tokens.labels(model).set(float(stats.prompt_tokens_cached))
 
     def set_load(self, model: str, in_flight: int, slots: int = 1) -> None:
         """`slots` requests run at once per engine; the rest wait for a free slot."""

@@ -3,17 +3,20 @@ ggml RPC tunnels for its stages and measures its links to other workers."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import grpc
 from grpc_health.v1 import health
-from meshllm.common import convert, grpcutil, telemetry
-from meshllm.common.errors import EngineBusy, EngineUnavailable, InvalidGenerateRequest
+from meshllm.common import convert, grpc_errors, grpcutil, telemetry
+from meshllm.common.errors import EngineUnavailable, MeshError
 from meshllm.common.membership import Registration
 from meshllm.common.types import (
     Finished,
+    GenerateEvent,
+    GenerateRequest,
     LoadState,
     ModelId,
     WorkerId,
@@ -22,7 +25,6 @@ from meshllm.common.types import (
 )
 from meshllm.v1 import worker_pb2, worker_pb2_grpc
 from meshllm.worker.config import WorkerConfig
-from meshllm.worker.engine import ProcessEngine
 from meshllm.worker.hosts import HostDeps, ModelHost
 from meshllm.worker.links import LinkMonitor
 from meshllm.worker.metrics import WorkerMetrics
@@ -90,6 +92,32 @@ class Worker:
             raise EngineUnavailable(f"this worker serves no stage of {model_id!r}")
         return host.stage.port
 
+    async def generate(self, request: GenerateRequest,
+                       tracer: telemetry.Tracer = telemetry.NO_TRACER
+                       ) -> AsyncGenerator[GenerateEvent, None]:
+        """The request's events from its model's engine, traced, measured and counted."""
+        host = self.hosts.get(request.model_id)
+        if host is None:
+            raise EngineUnavailable(f"model {request.model_id} is not placed on this worker")
+        host.in_flight += 1
+        self.metrics.set_load(request.model_id, host.in_flight, host.spec.slots)
+        try:
+            events = telemetry.traced_generation(
+                tracer, telemetry.worker_call(request, self.worker_id),
+                host.ready_engine().generate(request))
+            measured = self.metrics.observe(request.model_id, host.spec.context_length, events)
+            async with contextlib.aclosing(measured):  # closed early: the engine stops now
+                async for event in measured:
+                    if isinstance(event, Finished):
+                        self.generated_tokens += event.usage.completion_tokens
+                        self.prompt_tokens += event.usage.prompt_tokens
+                    yield event
+        finally:
+            host.in_flight -= 1
+            self.metrics.set_load(request.model_id, host.in_flight, host.spec.slots)
+            if host.engine is not None:
+                self.metrics.set_engine(request.model_id, host.engine.stats)
+
     def stats(self) -> WorkerStats:
         # Counted here, not from the engine's once-a-second reports, so they are current.
         running = sum(min(h.in_flight, h.spec.slots) for h in self.hosts.values())
@@ -104,7 +132,8 @@ class Worker:
 
 
 class ShardWorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
-    """A thin adapter from gRPC to the Worker; errors become status codes here."""
+    """A thin adapter from gRPC to the Worker: converts messages, and ends a call that
+    raised a mesh error with its status and reason code (grpc_errors)."""
 
     def __init__(self, worker: Worker, tracer: telemetry.Tracer = telemetry.NO_TRACER) -> None:
         self._worker = worker
@@ -113,35 +142,13 @@ class ShardWorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
     async def Generate(
         self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
-        req = convert.generate_request_from_pb(request)
-        host = self._worker.hosts.get(req.model_id)
-        if host is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                f"model {req.model_id} is not placed on this worker")
-        assert host is not None
-        host.in_flight += 1
-        metrics = self._worker.metrics
-        metrics.set_load(req.model_id, host.in_flight, host.spec.slots)
-        try:
-            events = telemetry.traced_generation(
-                self._tracer, telemetry.worker_call(req, self._worker.worker_id),
-                host.ready_engine().generate(req))
-            async for event in metrics.observe(req.model_id, host.spec.context_length, events):
-                if isinstance(event, Finished):
-                    self._worker.generated_tokens += event.usage.completion_tokens
-                    self._worker.prompt_tokens += event.usage.prompt_tokens
-                yield convert.event_to_pb(event)
-        except InvalidGenerateRequest as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except EngineBusy as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except EngineUnavailable as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        finally:
-            host.in_flight -= 1
-            metrics.set_load(req.model_id, host.in_flight, host.spec.slots)
-            if isinstance(host.engine, ProcessEngine):
-                metrics.set_engine(req.model_id, host.engine.stats)
+        events = self._worker.generate(convert.generate_request_from_pb(request), self._tracer)
+        async with contextlib.aclosing(events):  # a caller gone mid-stream frees its slot now
+            try:
+                async for event in events:
+                    yield convert.event_to_pb(event)
+            except MeshError as exc:
+                await grpc_errors.abort(context, exc)
 
     async def GetStats(
         self, request: worker_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
@@ -159,25 +166,7 @@ class ShardWorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
         opening = await anext(request_iterator)
         try:
             port = self._worker.stage_port(opening.model_id)
-        except EngineUnavailable as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-            return
+        except MeshError as exc:
+            await grpc_errors.abort(context, exc)
         async for frame in pump_to_stage(request_iterator, port):
             yield frame
-
-    async def LoadModel(
-        self, request: worker_pb2.LoadModelRequest, context: grpc.aio.ServicerContext
-    ) -> worker_pb2.LoadModelResponse:
-        spec = convert.model_spec_from_pb(request.spec)
-        wanted = {m: h.plan for m, h in self._worker.hosts.items()}
-        await self._worker.apply({**wanted, spec.model_id: HostPlan(spec, Role.WHOLE, 0,
-                                                                     spec.n_layers)})
-        state = self._worker.hosts[spec.model_id].state
-        return worker_pb2.LoadModelResponse(state=convert.model_state_to_pb(state))
-
-    async def UnloadModel(
-        self, request: worker_pb2.UnloadModelRequest, context: grpc.aio.ServicerContext
-    ) -> worker_pb2.UnloadModelResponse:
-        wanted = {m: h.plan for m, h in self._worker.hosts.items() if m != request.model_id}
-        await self._worker.apply(wanted)
-        return worker_pb2.UnloadModelResponse()

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import sys
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshllm.common.errors import EngineUnavailable
 from meshllm.worker.child import ChildProcess
+from meshllm.worker.engine_wire import DEFAULT_RPC_LIBRARY
 
 START_TIMEOUT_S = 30.0
 
@@ -20,7 +21,8 @@ class StageSettings:
     host: str            # 127.0.0.1 behind the tunnel; the advertised host in direct mode
     cache_dir: Path
     threads: int
-    library: str = "meshllm"  # meshllm | stock ggml-rpc build
+    library: str = DEFAULT_RPC_LIBRARY  # meshllm | stock ggml-rpc build
+    child_env: Mapping[str, str] = field(kw_only=True)  # the server process's environment
 
 
 def free_port(host: str) -> int:
@@ -44,7 +46,7 @@ class StageServer:
             [sys.executable, "-m", "meshllm.worker.rpc_server",
              "--endpoint", f"{s.host}:{self.port}", "--cache-dir", str(s.cache_dir),
              "--threads", str(s.threads), "--library", s.library],
-            {**os.environ, "GGML_NO_BACKTRACE": "1"}, pipes=False)
+            s.child_env, pipes=False)
         deadline = asyncio.get_running_loop().time() + START_TIMEOUT_S
         while asyncio.get_running_loop().time() < deadline:
             if self._proc.returncode is not None:

@@ -6,7 +6,7 @@ const COLOURS = ["#58a6ff", "#3fb950", "#d29922", "#bc8cff", "#ff7b72", "#39c5cf
 const RATE_HISTORY = 60; // seconds of tokens/s kept per model for the sparkline
 const history = new Map(); // model id -> recent tokens/s values
 const loadingSince = new Map(); // "model@worker" -> ms when first seen loading
-let seenTraces = new Set();
+let seenRequests = new Set();
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -138,12 +138,12 @@ function renderModels(models, workerIds) {
   }
   box.replaceChildren(...models.map((model) => {
     const values = history.get(model.model_id) || [];
-    const level = model.status === "serving" ? "ok" :
-      model.status.startsWith("not served") ? "bad" : "warn";
+    const level = { serving: "ok", not_served: "bad" }[model.state] || "warn";
     return el("div", { class: "model", "data-model": model.model_id },
       el("div", { class: "title" },
         el("b", {}, model.model_id),
-        el("span", { class: "badge " + level }, model.status),
+        el("span", { class: "badge status " + level, "data-state": model.state },
+          model.status),
         el("span", { class: "muted" }, model.n_layers + " layers, " +
           bytes(model.weights_bytes) + " weights, context " + model.context_length),
         el("span", {}, el("b", { class: "rate" }, model.tokens_per_s.toFixed(1)),
@@ -157,10 +157,11 @@ function renderModels(models, workerIds) {
 function renderRecent(recent) {
   const body = document.querySelector("#recent tbody");
   document.getElementById("recent-empty").hidden = recent.length > 0;
-  const fresh = new Set(recent.map((r) => r.trace_id));
+  const fresh = new Set(recent.map((r) => r.request_id));
   body.replaceChildren(...recent.map((r) => {
     const outcome = r.outcome === "ok" ? "ok" : r.outcome === "cancelled" ? "warn" : "bad";
-    return el("tr", { "data-trace": r.trace_id, class: seenTraces.has(r.trace_id) ? "" : "new" },
+    return el("tr", { "data-request": r.request_id, "data-trace": r.trace_id,
+                      class: seenRequests.has(r.request_id) ? "" : "new" },
       el("td", {}, new Date(r.at_unix_s * 1000).toLocaleTimeString()),
       el("td", {}, r.model),
       el("td", { class: outcome }, r.outcome),
@@ -169,9 +170,10 @@ function renderRecent(recent) {
       el("td", { class: "num" }, r.output_tokens),
       el("td", { class: "num" }, seconds(r.ttft_s)),
       el("td", { class: "num" }, seconds(r.duration_s)),
-      el("td", {}, el("code", { title: r.trace_id }, r.trace_id.slice(0, 8))));
+      el("td", {}, r.trace_id ? el("code", { title: r.trace_id }, r.trace_id.slice(0, 8)) :
+        el("span", { class: "muted", title: "not sampled" }, "-")));
   }));
-  seenTraces = fresh;
+  seenRequests = fresh;
 }
 
 function render(state) {

@@ -1,0 +1,68 @@
+"""Waiting for a local mesh to be ready: polls the gateway's status and prints each
+model's progress as it changes."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+
+from meshllm.cli.procs import ProcessGroup
+from meshllm.common.errors import MeshError
+from meshllm.common.status import ABSENT, MeshStatus, StageStatus
+from meshllm.common.types import LoadState
+
+
+def fetch_status(port: int) -> MeshStatus | None:
+    """The gateway's status; None while it does not answer (still starting). A document
+    that does not parse raises InvalidRecord: the gateway is ours, so that is a bug."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=2) as r:
+            document = json.load(r)
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    return MeshStatus.from_json(document)
+
+
+def _stage_state(stage: StageStatus) -> str:
+    state = stage.state.value if stage.state else ABSENT
+    if stage.state is not LoadState.LOADING or not stage.phase:
+        return state
+    percent = f" {stage.progress:.0%}" if stage.progress else ""
+    return f"{stage.phase}{percent}"
+
+
+def progress_line(status: MeshStatus) -> str:
+    parts = []
+    for model in status.models:
+        states = ", ".join(f"{s.worker_id} {_stage_state(s)}"
+                           for r in model.replicas for s in r.stages)
+        parts.append(f"{model.model_id}: {model.status_text}" + (f" ({states})" if states else ""))
+    return "; ".join(parts) or "waiting for the planner"
+
+
+def all_models_decided(status: MeshStatus, models: int) -> bool:
+    """Every model is serving somewhere, or the planner said plainly why it cannot be."""
+    return len(status.models) >= models and all(m.decided for m in status.models)
+
+
+def wait_ready(group: ProcessGroup, port: int, models: int, timeout_s: float
+               ) -> MeshStatus:
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        if dead := group.dead():
+            child = dead[0]
+            raise MeshError(f"{child.name} exited with code {child.popen.returncode}:\n"
+                            f"{child.log_tail()}\n(full log: {child.log_path})")
+        status = fetch_status(port)
+        line = progress_line(status) if status else "starting services"
+        if line != last:
+            print(f"  {line}", flush=True)
+            last = line
+        if status and all_models_decided(status, models):
+            return status
+        time.sleep(0.5)
+    raise MeshError(f"the mesh was not ready within {timeout_s:.0f}s; "
+                    f"logs are in {group.log_dir}")

@@ -1,0 +1,60 @@
+"""The engine's knobs, fixed at load time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from meshllm.common.errors import ConfigError
+from meshllm.worker.engine.batch.load_options import LoadOptions
+from meshllm.worker.engine_wire import DEFAULT_MAX_QUEUE
+
+
+class SpecMode(StrEnum):
+    NONE = "none"
+    DRAFT = "draft"  # a small draft model with the same vocabulary proposes tokens
+    NGRAM = "ngram"  # prompt lookup: continue an earlier occurrence of the latest n-gram
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    model_path: str
+    n_ctx: int = 4096  # total KV cells; each slot gets n_ctx // n_slots
+    n_slots: int = 8
+    n_threads: int = 2
+    n_batch: int = 512  # most tokens in one llama_decode call
+    prefill_chunk: int = 128  # most prompt tokens per step, so running streams keep flowing
+    max_queue: int = DEFAULT_MAX_QUEUE  # waiting requests beyond busy slots before QueueFull
+    prefix_reuse: bool = True
+    kv_unified: bool = False  # as llama-server --parallel N: one KV stream per slot
+    spec_mode: SpecMode = SpecMode.NONE
+    draft_model_path: str | None = None
+    draft_max: int = 4  # most tokens proposed per sequence and step
+    ngram_max: int = 3  # longest n-gram looked up in the history
+    ngram_min: int = 1
+    seed: int | None = None  # default seed of requests without one; None: random
+    load: LoadOptions = field(default_factory=LoadOptions)  # how llama.cpp loads the models
+
+    def __post_init__(self) -> None:
+        if self.n_slots < 1:
+            raise ConfigError("n_slots", "must be at least 1")
+        if self.n_ctx // self.n_slots < 16:
+            raise ConfigError("n_ctx", f"{self.n_ctx} leaves under 16 tokens per slot")
+        if self.prefill_chunk < 1:
+            raise ConfigError("prefill_chunk", "must be at least 1")
+        if self.n_batch < self.n_slots * (self.draft_max + 1):
+            raise ConfigError("n_batch", "must hold one speculative step of every slot")
+        if self.max_queue < 0:
+            raise ConfigError("max_queue", "must not be negative")
+        if self.spec_mode is SpecMode.DRAFT and not self.draft_model_path:
+            raise ConfigError("draft_model_path", "speculative mode 'draft' needs a draft model")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ConfigError("ngram_min", "must be between 1 and ngram_max")
+
+    @property
+    def n_ctx_slot(self) -> int:
+        return self.n_ctx // self.n_slots
+
+    @property
+    def speculative(self) -> bool:
+        return self.spec_mode is not SpecMode.NONE and self.draft_max > 0

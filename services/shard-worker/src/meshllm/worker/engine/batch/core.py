@@ -1,0 +1,226 @@
+"""BatchEngine: continuous batching over one llama.cpp context with n_slots sequences.
+
+Each step feeds llama_decode one token (plus drafts) of every generating slot and bounded
+chunks of new prompts; requests join between steps and leave when done. `submit` and
+`cancel` are thread-safe; `step` and `run_forever` belong to one engine thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Mapping, Sequence
+
+from meshllm.common.errors import InvalidGenerateRequest, PromptTooLong
+from meshllm.common.types import ChatMessage, SamplingParams
+from meshllm.worker.engine.batch.backend import Backend, LlamaBackend
+from meshllm.worker.engine.batch.config import BatchConfig, SpecMode
+from meshllm.worker.engine.batch.draft import Drafter, ModelDrafter, NgramDrafter
+from meshllm.worker.engine.batch.errors import DuplicateRequest, EngineStopped, QueueFull
+from meshllm.worker.engine.batch.events import EngineStats, Event, Failed, Finished, OnEvent
+from meshllm.worker.engine.batch.load_options import LoadOptions
+from meshllm.worker.engine.batch.prefix import FreeSlot, place
+from meshllm.worker.engine.batch.prompt import PromptBuilder
+from meshllm.worker.engine.batch.request import Active, Submission
+from meshllm.worker.engine.batch.sampling import SamplerSpec
+from meshllm.worker.engine.batch.step import Counters, StepRunner
+
+log = logging.getLogger(__name__)
+
+
+def make_drafter(config: BatchConfig, n_batch: int) -> Drafter | None:
+    if config.spec_mode is SpecMode.NGRAM:
+        return NgramDrafter(config.ngram_max, config.ngram_min)
+    if config.spec_mode is SpecMode.DRAFT:
+        assert config.draft_model_path is not None  # BatchConfig checks it
+        # Small by design: held whole in this process even when the target is split (a
+        # draft offloaded to the stages would add their round trips to every proposal),
+        # with the target's repacking so that both run the same kernels.
+        draft = LlamaBackend(config.draft_model_path, n_ctx=config.n_ctx,
+                             n_seq=config.n_slots, n_threads=config.n_threads,
+                             n_batch=n_batch, kv_unified=config.kv_unified,
+                             load=LoadOptions(repack=config.load.repack))
+        return ModelDrafter(draft, config.n_slots, n_batch)
+    return None
+
+
+class BatchEngine:
+    def __init__(self, config: BatchConfig, backend: Backend | None = None,
+                 drafter: Drafter | None = None) -> None:
+        self.config = config
+        self._backend: Backend = backend or LlamaBackend(
+            config.model_path, n_ctx=config.n_ctx, n_seq=config.n_slots,
+            n_threads=config.n_threads, n_batch=config.n_batch, kv_unified=config.kv_unified,
+            load=config.load)
+        if drafter is None and backend is None and config.speculative:
+            drafter = make_drafter(config, config.n_batch)
+        self._counters = Counters()
+        self._runner = StepRunner(config, self._backend, drafter, self._counters)
+        self._cond = threading.Condition()
+        self._queue: deque[Submission] = deque()
+        self._sinks: dict[str, OnEvent] = {}  # every queued or running request
+        self._cancelled: set[str] = set()
+        self._dropped: list[Event] = []  # events for requests that never reached a slot
+        self._running = 0
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._prompts: PromptBuilder | None = None
+
+    # --- caller side (any thread) ---------------------------------------------------
+
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        return self._backend.tokenize(text, add_bos)
+
+    def prompt_tokens(self, text: str | None, chat: tuple[ChatMessage, ...] | None
+                      ) -> tuple[list[int], tuple[str, ...]]:
+        """(tokens, the chat template's stop strings) for a text prompt or chat messages.
+        Too long prompts are refused by submit(), against the slot's context."""
+        if not isinstance(self._backend, LlamaBackend):
+            raise InvalidGenerateRequest("prompt rendering needs the llama.cpp backend")
+        if self._prompts is None:
+            self._prompts = PromptBuilder(self._backend)
+        return self._prompts.prompt_tokens(text, chat)
+
+    def submit(self, request_id: str, prompt_tokens: Sequence[int], sampling: SamplingParams,
+               on_event: OnEvent, *, stops: Sequence[str] = (), min_p: float = 0.0,
+               logit_bias: Mapping[int, float] | None = None) -> None:
+        """Queues a request; raises QueueFull past the bound, PromptTooLong, or
+        InvalidGenerateRequest. Events arrive on the engine thread."""
+        sub = self._submission(request_id, prompt_tokens, sampling, on_event, stops, min_p,
+                               logit_bias)
+        with self._cond:
+            if self._stopping:
+                raise EngineStopped("the engine is shutting down")
+            if request_id in self._sinks:
+                raise DuplicateRequest(request_id)
+            waiting = len(self._queue)
+            if self._running + waiting >= self.config.n_slots + self.config.max_queue:
+                raise QueueFull(self._running, waiting, self.config.max_queue)
+            self._queue.append(sub)
+            self._sinks[request_id] = on_event
+            self._cond.notify_all()
+
+    def _submission(self, request_id: str, prompt: Sequence[int], sampling: SamplingParams,
+                    on_event: OnEvent, stops: Sequence[str], min_p: float,
+                    logit_bias: Mapping[int, float] | None) -> Submission:
+        n_ctx = self.config.n_ctx_slot
+        if not prompt:
+            raise InvalidGenerateRequest("the prompt has no tokens")
+        if len(prompt) >= n_ctx:
+            raise PromptTooLong(len(prompt), n_ctx)
+        vocab = getattr(self._backend, "n_vocab", 0)
+        if any(not 0 <= t < vocab for t in (*prompt, *(logit_bias or {}))):
+            raise InvalidGenerateRequest("a token id is outside the model's vocabulary")
+        budget = n_ctx - len(prompt)
+        limit = min(sampling.max_tokens or budget, budget)
+        spec = SamplerSpec.from_params(sampling, min_p=min_p, logit_bias=logit_bias,
+                                       default_seed=self.config.seed)
+        return Submission(request_id, tuple(prompt), spec, (*sampling.stop, *stops), limit,
+                          on_event)
+
+    def cancel(self, request_id: str) -> bool:
+        """Ends a request: at once if still queued, else at the next step."""
+        with self._cond:
+            if request_id not in self._sinks:
+                return False
+            for sub in self._queue:
+                if sub.request_id == request_id:
+                    self._queue.remove(sub)
+                    self._dropped.append(Finished(request_id, "cancelled", len(sub.prompt), 0, 0))
+                    break
+            else:
+                self._cancelled.add(request_id)
+            self._cond.notify_all()
+            return True
+
+    def stats(self) -> EngineStats:
+        c = self._counters
+        with self._cond:
+            running, queued = self._running, len(self._queue)
+        return EngineStats(running, queued, self.config.max_queue, self.config.n_slots,
+                           c.steps, c.seq_steps, c.generated, c.prompt_processed,
+                           c.prompt_cached, c.drafted, c.accepted)
+
+    # --- engine thread -------------------------------------------------------------
+
+    def step(self) -> bool:
+        """One engine step; returns False when there was nothing to do."""
+        with self._cond:
+            subs = self._take_admissible()
+            cancelled, self._cancelled = self._cancelled, set()
+            events, self._dropped = self._dropped, []
+        for sub in subs:
+            self._admit(sub)
+        did = self._runner.run(cancelled, events) or bool(subs)
+        self._dispatch(events)
+        return did or bool(events)
+
+    def _take_admissible(self) -> list[Submission]:
+        free = self.config.n_slots - self._running
+        subs = [self._queue.popleft() for _ in range(min(free, len(self._queue)))]
+        self._running += len(subs)
+        return subs
+
+    def _admit(self, sub: Submission) -> None:
+        r = self._runner
+        free = [FreeSlot(i, r.cached[i], r.freed_at[i]) for i, a in enumerate(r.slots)
+                if a is None]
+        spot = place(free, sub.prompt, self.config.prefix_reuse)
+        reuse = r.trim(spot.index, spot.reuse)
+        r.slots[spot.index] = Active(sub, reuse, r.next_admission(), self._backend.piece,
+                                     self._backend.is_eog)
+        self._counters.prompt_cached += reuse
+
+    def _dispatch(self, events: list[Event]) -> None:
+        for ev in events:
+            final = isinstance(ev, Finished | Failed)
+            with self._cond:
+                sink = (self._sinks.pop(ev.request_id, None) if final
+                        else self._sinks.get(ev.request_id))
+                self._running = sum(a is not None for a in self._runner.slots)
+            if sink is None:
+                continue
+            try:
+                sink(ev)
+            except Exception:  # a broken consumer must not stop the other streams
+                log.exception("event handler of request %s failed", ev.request_id)
+
+    def run_forever(self) -> None:
+        """The engine loop; returns after stop()."""
+        while True:
+            with self._cond:
+                while not (self._stopping or self._queue or self._dropped or self._running):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+            try:
+                self.step()
+            except Exception as exc:  # fail the running requests, keep serving new ones
+                log.exception("engine step failed")
+                events: list[Event] = []
+                self._runner.fail_all(exc, events)
+                self._dispatch(events)
+        self._shutdown()
+
+    def start(self) -> threading.Thread:
+        self._thread = threading.Thread(target=self.run_forever, name="batch-engine",
+                                        daemon=True)
+        self._thread.start()
+        return self._thread
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _shutdown(self) -> None:
+        events: list[Event] = []
+        with self._cond:
+            subs, self._queue = list(self._queue), deque()
+        for sub in subs:
+            events.append(Failed(sub.request_id, EngineStopped("the engine shut down")))
+        self._runner.fail_all(EngineStopped("the engine shut down"), events)
+        self._dispatch(events)

@@ -1,0 +1,71 @@
+"""Drafters for speculative decoding. Both are deterministic: a draft is a guess, and the
+acceptance rule (speculative.py) alone decides what the target emits."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+import numpy as np
+from meshllm.worker.engine.batch.backend import Backend
+from meshllm.worker.engine.batch.ngram import propose_ngram
+from meshllm.worker.engine.batch.prefix import common_prefix
+
+# slot -> (its whole token history, ending with the token about to be decoded; drafts wanted)
+Wants = Mapping[int, tuple[Sequence[int], int]]
+
+
+class Drafter(Protocol):
+    def propose(self, wants: Wants) -> dict[int, list[int]]: ...
+
+
+class NgramDrafter:
+    def __init__(self, n_max: int, n_min: int) -> None:
+        self._n_max, self._n_min = n_max, n_min
+
+    def propose(self, wants: Wants) -> dict[int, list[int]]:
+        return {slot: propose_ngram(hist, self._n_max, self._n_min, k)
+                for slot, (hist, k) in wants.items()}
+
+
+class ModelDrafter:
+    """A small model with the target's vocabulary, one sequence per slot, kept in step with
+    the target's history (only the tokens it has not seen are evaluated)."""
+
+    def __init__(self, backend: Backend, n_slots: int, n_batch: int) -> None:
+        self._b = backend
+        self._n_batch = n_batch
+        self._cached: list[list[int]] = [[] for _ in range(n_slots)]
+
+    def propose(self, wants: Wants) -> dict[int, list[int]]:
+        wants = {s: w for s, w in wants.items() if w[1] > 0}
+        drafts = {s: [t] for s, t in self._catch_up(wants).items()}
+        while True:
+            growing = [s for s, d in drafts.items() if len(d) < wants[s][1]]
+            if not growing:
+                return drafts
+            last = [drafts[s][-1] for s in growing]
+            pos = [len(self._cached[s]) for s in growing]
+            rows = self._b.decode(last, pos, growing, [True] * len(growing))
+            for s, token, row in zip(growing, last, rows, strict=True):
+                self._cached[s].append(token)
+                drafts[s].append(int(np.argmax(row)))
+
+    def _catch_up(self, wants: Wants) -> dict[int, int]:
+        """Evaluates each history's unseen tail; returns the draft's next token per slot."""
+        todo: list[tuple[int, int, int, bool]] = []  # (slot, token, position, last)
+        for slot, (hist, _) in wants.items():
+            keep = min(common_prefix(self._cached[slot], hist), len(hist) - 1)
+            if keep < len(self._cached[slot]) and not self._b.seq_rm(slot, keep):
+                self._b.seq_rm(slot, -1)
+                keep = 0
+            self._cached[slot] = list(hist)
+            todo += [(slot, hist[p], p, p == len(hist) - 1) for p in range(keep, len(hist))]
+        firsts: dict[int, int] = {}
+        for start in range(0, len(todo), self._n_batch):
+            part = todo[start:start + self._n_batch]
+            rows = self._b.decode([t[1] for t in part], [t[2] for t in part],
+                                  [t[0] for t in part], [t[3] for t in part])
+            for (slot, *_), row in zip([t for t in part if t[3]], rows, strict=True):
+                firsts[slot] = int(np.argmax(row))
+        return firsts

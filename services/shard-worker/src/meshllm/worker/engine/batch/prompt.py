@@ -1,0 +1,29 @@
+"""Text or chat messages -> prompt tokens and template stop strings, without a `Llama`.
+
+Chat messages go through the model's (or its family's) template from `chat`; the BOS token
+is added unless the rendered prompt already starts with it.
+"""
+
+from __future__ import annotations
+
+from meshllm.common.types import ChatMessage
+from meshllm.worker.engine.batch.backend import LlamaBackend
+from meshllm.worker.engine.batch.chat import ChatTemplate, render_chat, template_for
+
+
+class PromptBuilder:
+    def __init__(self, backend: LlamaBackend) -> None:
+        self._b = backend
+        self._template: ChatTemplate = template_for(
+            backend.meta("tokenizer.chat_template"), backend.meta("general.architecture") or "")
+        self._bos, self._eos = backend.special_piece("bos"), backend.special_piece("eos")
+
+    def prompt_tokens(self, text: str | None, chat: tuple[ChatMessage, ...] | None
+                      ) -> tuple[list[int], tuple[str, ...]]:
+        if chat is not None:
+            prompt = render_chat(self._template, chat, self._bos, self._eos)
+            stops = self._template.stop
+        else:
+            prompt, stops = text or "", ()
+        add_bos = not (self._bos and prompt.startswith(self._bos))
+        return self._b.tokenize(prompt, add_bos), stops

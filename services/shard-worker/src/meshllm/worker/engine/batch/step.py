@@ -1,0 +1,195 @@
+"""The work of one engine step: cancel, draft, decode one mixed batch, sample, emit."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from meshllm.worker.engine.batch.backend import Backend
+from meshllm.worker.engine.batch.config import BatchConfig
+from meshllm.worker.engine.batch.draft import Drafter
+from meshllm.worker.engine.batch.errors import engine_error
+from meshllm.worker.engine.batch.events import Event, Failed
+from meshllm.worker.engine.batch.request import Active
+from meshllm.worker.engine.batch.sampling import (
+    Logits,
+    distribution,
+    greedy_choice,
+    sample,
+)
+from meshllm.worker.engine.batch.scheduler import (
+    SlotState,
+    StepPlan,
+    draft_budget,
+    plan_step,
+)
+from meshllm.worker.engine.batch.speculative import (
+    Verdict,
+    accept_greedy,
+    accept_sampled,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Counters:
+    """Monotonic totals, written by the engine thread only (ints: torn reads cannot occur)."""
+
+    steps: int = 0
+    seq_steps: int = 0
+    generated: int = 0
+    prompt_processed: int = 0
+    prompt_cached: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+
+@dataclass
+class Batch:
+    tokens: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    seqs: list[int] = field(default_factory=list)
+    outputs: list[bool] = field(default_factory=list)
+
+    def add(self, seq: int, tokens: Sequence[int], start: int, outputs: Sequence[bool]) -> None:
+        self.tokens += tokens
+        self.positions += range(start, start + len(tokens))
+        self.seqs += [seq] * len(tokens)
+        self.outputs += outputs
+
+
+class StepRunner:
+    def __init__(self, config: BatchConfig, backend: Backend, drafter: Drafter | None,
+                 counters: Counters) -> None:
+        self.config = config
+        self.slots: list[Active | None] = [None] * config.n_slots
+        self.cached: list[list[int]] = [[] for _ in range(config.n_slots)]  # tokens in KV
+        self.freed_at: list[int] = [0] * config.n_slots
+        self._b, self._drafter, self._c = backend, drafter, counters
+        self._admissions = 0
+
+    def next_admission(self) -> int:
+        self._admissions += 1
+        return self._admissions
+
+    def trim(self, slot: int, keep: int) -> int:
+        """Keeps the slot's first `keep` cached tokens; returns how many were kept."""
+        if keep < len(self.cached[slot]) and not self._b.seq_rm(slot, keep):
+            self._b.seq_rm(slot, -1)  # this cache cannot cut a sequence there: drop it all
+            keep = 0
+        del self.cached[slot][keep:]
+        return keep
+
+    def run(self, cancelled: set[str], out: list[Event]) -> bool:
+        for i, a in enumerate(self.slots):
+            if a is not None and a.sub.request_id in cancelled:
+                a.finish("cancelled", out)
+                self._free(i)
+        drafts = self._drafts()
+        plan = plan_step([SlotState(i, a.prompt_left, len(drafts.get(i, ())), a.admitted)
+                          for i, a in enumerate(self.slots) if a is not None],
+                         self.config.n_batch, self.config.prefill_chunk)
+        if plan.empty:
+            return False
+        batch = self._build(plan, drafts)
+        try:
+            rows = self._b.decode(batch.tokens, batch.positions, batch.seqs, batch.outputs)
+        except Exception as exc:
+            self.fail_all(exc, out)
+            return True
+        self._c.steps += 1
+        self._consume(plan, drafts, rows, out)
+        return True
+
+    def _drafts(self) -> dict[int, list[int]]:
+        if self._drafter is None:
+            return {}
+        wants: dict[int, tuple[list[int], int]] = {}
+        for i, a in enumerate(self.slots):
+            if a is None or a.prompt_left or not a.generated:
+                continue
+            k = draft_budget(self.config.draft_max, a.remaining,
+                             self.config.n_ctx_slot - len(self.cached[i]))
+            if k > 0:
+                wants[i] = (a.history(), k)
+        if not wants:
+            return {}
+        return {i: d[: wants[i][1]] for i, d in self._drafter.propose(wants).items() if d}
+
+    def _build(self, plan: StepPlan, drafts: dict[int, list[int]]) -> Batch:
+        batch = Batch()
+        for i in plan.decode:
+            a = self._active(i)
+            inputs = [a.generated[-1], *drafts.get(i, ())]
+            batch.add(i, inputs, len(self.cached[i]), [True] * len(inputs))
+        for i, n in plan.prefill:
+            a = self._active(i)
+            chunk = a.sub.prompt[a.done:a.done + n]
+            last = a.done + n == len(a.sub.prompt)
+            batch.add(i, chunk, a.done, [False] * (n - 1) + [last])
+        return batch
+
+    def _consume(self, plan: StepPlan, drafts: dict[int, list[int]], rows: list[Logits],
+                 out: list[Event]) -> None:
+        r = 0
+        for i in plan.decode:
+            d = drafts.get(i, [])
+            self._advance(i, d, rows[r:r + len(d) + 1], out)
+            r += len(d) + 1
+        for i, n in plan.prefill:
+            a = self._active(i)
+            self.cached[i] += a.sub.prompt[a.done:a.done + n]
+            a.done += n
+            self._c.prompt_processed += n
+            if a.prompt_left == 0:
+                self._emit(i, (sample(rows[r], a.sub.spec, a.history(), a.rng),), out)
+                r += 1
+
+    def _advance(self, i: int, draft: list[int], rows: list[Logits], out: list[Event]) -> None:
+        a = self._active(i)
+        base = len(self.cached[i])
+        self.cached[i] += [a.generated[-1], *draft]
+        verdict = self._verify(a, draft, rows)
+        if verdict.accepted < len(draft):
+            self.trim(i, base + 1 + verdict.accepted)
+        self._c.seq_steps += 1
+        self._c.drafted += len(draft)
+        self._c.accepted += verdict.accepted
+        self._emit(i, verdict.tokens, out)
+
+    def _verify(self, a: Active, draft: list[int], rows: list[Logits]) -> Verdict:
+        spec = a.sub.spec
+        hist = () if spec.plain_logits else a.history()
+        if not draft:
+            return Verdict(0, (sample(rows[0], spec, hist, a.rng),))
+        if spec.greedy:
+            return accept_greedy(draft, lambda j: greedy_choice(rows[j], spec,
+                                                                [*hist, *draft[:j]]))
+        return accept_sampled(draft, lambda j: distribution(rows[j], spec, [*hist, *draft[:j]]),
+                              lambda j: None, lambda: float(a.rng.random()))
+
+    def _emit(self, i: int, tokens: Sequence[int], out: list[Event]) -> None:
+        a = self._active(i)
+        self._c.generated += a.emit(tokens, out)
+        if a.reason is not None:
+            a.finish(a.reason, out)
+            self._free(i)
+
+    def _active(self, i: int) -> Active:
+        a = self.slots[i]
+        assert a is not None, f"slot {i} is empty"
+        return a
+
+    def _free(self, i: int) -> None:
+        self.slots[i] = None
+        self.freed_at[i] = self._c.steps
+
+    def fail_all(self, exc: BaseException, out: list[Event]) -> None:
+        """Fails every running request and forgets their KV, whose state is unknown now."""
+        for i, a in enumerate(self.slots):
+            if a is not None:
+                out.append(Failed(a.sub.request_id, engine_error(exc)))
+                self._free(i)
+                self.trim(i, 0)

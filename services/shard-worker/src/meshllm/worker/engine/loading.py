@@ -1,0 +1,43 @@
+"""The model the engine process serves, from its Load command: the one place where the
+wire's engine settings become the batching engine's configuration."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from meshllm.common.errors import ConfigError
+from meshllm.worker.engine.batch import BatchConfig, BatchEngine, LoadOptions, SpecMode
+from meshllm.worker.engine_wire import Load
+
+
+def load_options(load: Load, on_progress: Callable[[float], None] | None) -> LoadOptions:
+    if not load.rpc_endpoints:
+        return LoadOptions(repack=load.weight_repack, on_progress=on_progress)
+    if len(load.stage_layers) != len(load.rpc_endpoints):
+        raise ConfigError("stage_layers", f"{len(load.stage_layers)} layer counts for "
+                          f"{len(load.rpc_endpoints)} RPC endpoints")
+    return LoadOptions.split_head(load.stage_layers, repack=load.weight_repack,
+                                  on_progress=on_progress)
+
+
+def batch_config(load: Load, on_progress: Callable[[float], None] | None = None
+                 ) -> BatchConfig:
+    """Each slot gets the model's whole context."""
+    mode, _, draft = load.speculative.partition(":")
+    return BatchConfig(
+        model_path=str(load.model_path), n_ctx=load.context_length_tokens * load.slots,
+        n_slots=load.slots, n_threads=load.threads, max_queue=load.max_queue,
+        spec_mode=SpecMode(mode), draft_model_path=draft or None,
+        load=load_options(load, on_progress),
+    )
+
+
+def load_engine(load: Load, on_progress: Callable[[float], None] | None = None
+                ) -> BatchEngine:
+    """Registers the split's RPC stages, if any, and loads the model."""
+    from meshllm.native import rpc  # imported here: only the engine process needs llama.cpp
+
+    rpc.ensure_backends()
+    if load.rpc_endpoints:
+        rpc.add_rpc_servers(list(load.rpc_endpoints), rpc.RpcLibrary(load.rpc_library))
+    return BatchEngine(batch_config(load, on_progress))

@@ -1,0 +1,365 @@
+"""The engine process's wire: the commands the worker sends its engine child (on the
+child's stdin) and the events the child sends back (on its stdout), one JSON object a line.
+
+Both sides import this module and nothing else knows the format: `encode` writes any
+message, `decode_command` / `decode_event` read one line and check every field, and refuse
+anything else with `MalformedEngineMessage`. Errors cross as their reason code, message and
+`wire_details()`; `WireError.rebuild()` gives the receiver the same typed error. Each
+default of the engine's settings is declared here once.
+
+Nothing here imports llama.cpp: the worker service imports this module too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePath
+from typing import TypeVar, cast
+
+from meshllm.common import errors
+from meshllm.common.errors import EngineUnavailable, MeshError
+from meshllm.common.types import ChatMessage, GenerateRequest, RequestId, SamplingParams, Usage
+
+DEFAULT_SLOTS = 1                # requests decoded together
+DEFAULT_MAX_QUEUE = 16           # requests waiting for a free slot before the engine is busy
+DEFAULT_SPECULATIVE = "none"     # none | ngram | draft:<path of the draft model>
+DEFAULT_RPC_LIBRARY = "meshllm"  # meshllm | stock: the ggml-rpc build heads and stages use
+DEFAULT_WEIGHT_REPACK = False    # llama.cpp's CPU weight repacking: see batch/load_options
+DEFAULT_LOG_LEVEL = "INFO"       # the engine child's log level
+
+T = TypeVar("T")
+
+
+class MalformedEngineMessage(EngineUnavailable):
+    """A line on the engine pipe that is no valid message: the two sides disagree, or
+    something other than the protocol wrote to the pipe."""
+
+    reason = "malformed_engine_message"
+
+
+# --- commands: worker -> engine -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Load:
+    """The first command: the model and how to run it (the engine's settings)."""
+
+    model_path: Path
+    context_length_tokens: int           # per slot
+    threads: int
+    rpc_endpoints: tuple[str, ...] = ()  # stages of a split, in layer order
+    stage_layers: tuple[int, ...] = ()   # layers on each stage (the model's last ones)
+    weight_repack: bool = DEFAULT_WEIGHT_REPACK
+    slots: int = DEFAULT_SLOTS
+    max_queue: int = DEFAULT_MAX_QUEUE
+    speculative: str = DEFAULT_SPECULATIVE
+    rpc_library: str = DEFAULT_RPC_LIBRARY
+
+
+@dataclass(frozen=True)
+class Generate:
+    request_id: RequestId
+    text: str | None
+    chat: tuple[ChatMessage, ...] | None
+    sampling: SamplingParams
+
+    @classmethod
+    def of(cls, request: GenerateRequest) -> Generate:
+        return cls(request.request_id, request.text, request.chat, request.sampling)
+
+
+@dataclass(frozen=True)
+class Cancel:
+    request_id: RequestId
+
+
+Command = Load | Generate | Cancel
+
+
+# --- events: engine -> worker -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WireError:
+    """An error as it crosses: its reason code, message and structured details."""
+
+    reason: str
+    message: str
+    details: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, exc: BaseException) -> WireError:
+        """Mesh errors cross as themselves, anything else as the engine being unavailable."""
+        error = exc if isinstance(exc, MeshError) else EngineUnavailable(
+            f"{type(exc).__name__}: {exc}")
+        return cls(error.reason, str(error), dict(error.wire_details()))
+
+    def rebuild(self) -> MeshError:
+        """The typed error; a reason this side does not know is the engine unavailable."""
+        error = errors.rebuild(self.reason, self.message, self.details)
+        if type(error) is MeshError:
+            return EngineUnavailable(f"{self.reason}: {self.message}")
+        return error
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """The engine's counters (zeros until its first report)."""
+
+    running: int = 0
+    queued: int = 0
+    max_queue: int = 0
+    n_slots: int = 0
+    steps: int = 0  # llama_decode calls on the target model
+    seq_steps: int = 0  # (sequence, decode call) pairs that produced tokens
+    generated_tokens: int = 0
+    prompt_tokens_processed: int = 0
+    prompt_tokens_cached: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Tokens emitted per sequence per target decode: 1.0 without speculation."""
+        return self.generated_tokens / self.seq_steps if self.seq_steps else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+
+@dataclass(frozen=True)
+class Progress:
+    fraction: float  # of the weights loaded, 0..1
+
+
+@dataclass(frozen=True)
+class Loaded:
+    n_ctx: int  # context tokens per slot
+
+
+@dataclass(frozen=True)
+class LoadFailed:
+    error: WireError
+
+
+@dataclass(frozen=True)
+class Delta:
+    request_id: RequestId
+    text: str
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    request_id: RequestId
+    finish_reason: str
+    usage: Usage
+    started_ns: int      # when the engine took the request (unix ns)
+    first_token_ns: int  # when its first token came (0: none)
+
+
+@dataclass(frozen=True)
+class Error:
+    request_id: RequestId
+    error: WireError
+
+
+@dataclass(frozen=True)
+class Stats:
+    stats: EngineStats
+
+
+Event = Progress | Loaded | LoadFailed | Delta | Finished | Error | Stats
+
+_TAGS: dict[type, tuple[str, str]] = {
+    Load: ("op", "load"), Generate: ("op", "generate"), Cancel: ("op", "cancel"),
+    Progress: ("ev", "progress"), Loaded: ("ev", "loaded"), LoadFailed: ("ev", "load_failed"),
+    Delta: ("ev", "delta"), Finished: ("ev", "finished"), Error: ("ev", "error"),
+    Stats: ("ev", "stats"),
+}
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"{type(value).__name__} does not cross the engine pipe")
+
+
+def encode(message: Command | Event) -> bytes:
+    """One message as one JSON line."""
+    key, tag = _TAGS[type(message)]
+    body = {key: tag, **dataclasses.asdict(message)}
+    return (json.dumps(body, ensure_ascii=False, default=_plain) + "\n").encode()
+
+
+# --- decoding -----------------------------------------------------------------------
+
+
+class _Fields:
+    """The fields of one JSON object, each read with its type checked, none left unread."""
+
+    def __init__(self, obj: object, where: str) -> None:
+        if not isinstance(obj, dict):
+            raise MalformedEngineMessage(f"{where}: expected an object, got {obj!r:.80}")
+        self._obj: dict[str, object] = obj
+        self._where = where
+        self._read: set[str] = set()
+
+    def _get(self, key: str, kinds: tuple[type, ...], what: str) -> object:
+        if key not in self._obj:
+            raise MalformedEngineMessage(f"{self._where}: {key} is missing")
+        self._read.add(key)
+        value = self._obj[key]
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise MalformedEngineMessage(
+                f"{self._where}: {key} must be {what}, got {value!r:.80}")
+        return value
+
+    # _get has checked each value's type: the casts below only tell mypy so.
+
+    def text(self, key: str) -> str:
+        return cast(str, self._get(key, (str,), "a string"))
+
+    def optional_text(self, key: str) -> str | None:
+        return cast("str | None", self._get(key, (str, type(None)), "a string or null"))
+
+    def integer(self, key: str) -> int:
+        return cast(int, self._get(key, (int,), "an integer"))
+
+    def optional_integer(self, key: str) -> int | None:
+        return cast("int | None", self._get(key, (int, type(None)), "an integer or null"))
+
+    def number(self, key: str) -> float:
+        return float(cast(float, self._get(key, (int, float), "a number")))
+
+    def flag(self, key: str) -> bool:
+        return cast(bool, self._get(key, (bool,), "true or false"))
+
+    def _list(self, key: str, item: type, what: str) -> list[object]:
+        values = cast(list[object], self._get(key, (list,), f"a list of {what}"))
+        if not all(isinstance(v, item) and not isinstance(v, bool) for v in values):
+            raise MalformedEngineMessage(f"{self._where}: {key} must hold only {what}")
+        return values
+
+    def texts(self, key: str) -> tuple[str, ...]:
+        return tuple(cast(list[str], self._list(key, str, "strings")))
+
+    def integers(self, key: str) -> tuple[int, ...]:
+        return tuple(cast(list[int], self._list(key, int, "integers")))
+
+    def text_map(self, key: str) -> dict[str, str]:
+        inner = _Fields(self._get(key, (dict,), "an object"), f"{self._where}.{key}")
+        return {k: inner.text(k) for k in list(inner._obj)}
+
+    def nested(self, key: str, decode: Callable[[_Fields], T]) -> T:
+        return _decoded(self._get(key, (dict,), "an object"), f"{self._where}.{key}", decode)
+
+    def optional_list(self, key: str, decode: Callable[[_Fields], T]) -> tuple[T, ...] | None:
+        values = cast("list[object] | None", self._get(key, (list, type(None)), "a list or null"))
+        if values is None:
+            return None
+        return tuple(_decoded(v, f"{self._where}.{key}[{i}]", decode)
+                     for i, v in enumerate(values))
+
+    def done(self) -> None:
+        unknown = sorted(set(self._obj) - self._read)
+        if unknown:
+            raise MalformedEngineMessage(f"{self._where}: unknown fields {', '.join(unknown)}")
+
+
+def _decoded(obj: object, where: str, decode: Callable[[_Fields], T]) -> T:
+    fields = _Fields(obj, where)
+    value = decode(fields)
+    fields.done()
+    return value
+
+
+def _load(f: _Fields) -> Load:
+    return Load(Path(f.text("model_path")), f.integer("context_length_tokens"),
+                f.integer("threads"), f.texts("rpc_endpoints"), f.integers("stage_layers"),
+                f.flag("weight_repack"), f.integer("slots"), f.integer("max_queue"),
+                f.text("speculative"), f.text("rpc_library"))
+
+
+def _sampling(f: _Fields) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=f.integer("max_tokens"), temperature=f.number("temperature"),
+        top_p=f.number("top_p"), seed=f.optional_integer("seed"), stop=f.texts("stop"),
+        top_k=f.integer("top_k"), presence_penalty=f.number("presence_penalty"),
+        frequency_penalty=f.number("frequency_penalty"),
+        repeat_penalty=f.number("repeat_penalty"))
+
+
+def _generate(f: _Fields) -> Generate:
+    return Generate(RequestId(f.text("request_id")), f.optional_text("text"),
+                    f.optional_list("chat", lambda m: ChatMessage(m.text("role"),
+                                                                  m.text("content"))),
+                    f.nested("sampling", _sampling))
+
+
+def _error(f: _Fields) -> WireError:
+    return WireError(f.text("reason"), f.text("message"), f.text_map("details"))
+
+
+def _usage(f: _Fields) -> Usage:
+    return Usage(f.integer("prompt_tokens"), f.integer("completion_tokens"),
+                 f.integer("cached_tokens"))
+
+
+def _stats(f: _Fields) -> EngineStats:
+    return EngineStats(**{s.name: f.integer(s.name) for s in dataclasses.fields(EngineStats)})
+
+
+def _finished(f: _Fields) -> Finished:
+    return Finished(RequestId(f.text("request_id")), f.text("finish_reason"),
+                    f.nested("usage", _usage), f.integer("started_ns"),
+                    f.integer("first_token_ns"))
+
+
+_COMMANDS: dict[str, Callable[[_Fields], Command]] = {
+    "load": _load, "generate": _generate,
+    "cancel": lambda f: Cancel(RequestId(f.text("request_id"))),
+}
+_EVENTS: dict[str, Callable[[_Fields], Event]] = {
+    "progress": lambda f: Progress(f.number("fraction")),
+    "loaded": lambda f: Loaded(f.integer("n_ctx")),
+    "load_failed": lambda f: LoadFailed(f.nested("error", _error)),
+    "delta": lambda f: Delta(RequestId(f.text("request_id")), f.text("text"),
+                             f.integer("tokens")),
+    "finished": _finished,
+    "error": lambda f: Error(RequestId(f.text("request_id")), f.nested("error", _error)),
+    "stats": lambda f: Stats(f.nested("stats", _stats)),
+}
+
+
+def _decode(line: bytes | str, key: str, decoders: Mapping[str, Callable[[_Fields], T]]) -> T:
+    try:
+        obj = json.loads(line)
+    except ValueError as exc:  # also bytes that are not UTF-8
+        raise MalformedEngineMessage(f"not a JSON line ({exc}): {line!r:.80}") from exc
+    tag = _Fields(obj, "message").text(key)
+    decoder = decoders.get(tag)
+    if decoder is None:
+        raise MalformedEngineMessage(f"unknown {key} {tag!r}")
+
+    def tagged(fields: _Fields) -> T:
+        fields.text(key)  # read above
+        return decoder(fields)
+
+    return _decoded(obj, tag, tagged)
+
+
+def decode_command(line: bytes | str) -> Command:
+    """The command on one line from the worker."""
+    return _decode(line, "op", _COMMANDS)
+
+
+def decode_event(line: bytes | str) -> Event:
+    """The event on one line from the engine."""
+    return _decode(line, "ev", _EVENTS)

@@ -1,0 +1,186 @@
+"""Engines behind an interface: the service talks to `Engine`; `ProcessEngine` runs
+llama.cpp in a child process (`meshllm.worker.engine`) so that a native crash spares the
+service. The two speak `engine_wire` and nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from meshllm.common import telemetry
+from meshllm.common.errors import EngineCrashed, EngineUnavailable
+from meshllm.common.types import Finished, GenerateEvent, GenerateRequest, TokenDelta
+from meshllm.worker import engine_wire as wire
+from meshllm.worker.child import ChildProcess
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LOAD_TIMEOUT_S = 600.0
+
+# What a request's stream receives: its events, or None once the engine process is gone.
+StreamEvent = wire.Delta | wire.Finished | wire.Error | None
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    load: wire.Load                  # what the engine loads: its first command
+    child_env: Mapping[str, str]     # the engine process's whole environment
+    on_progress: Callable[[float], None] | None = None  # weights loaded so far, 0..1
+    load_timeout_s: float = DEFAULT_LOAD_TIMEOUT_S
+    log_level: str = wire.DEFAULT_LOG_LEVEL
+
+
+class Engine(Protocol):
+    async def start(self) -> None: ...
+    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]: ...
+    @property
+    def stats(self) -> wire.EngineStats:
+        """The engine's last report of its counters."""
+        ...
+    async def wait_exited(self) -> int: ...
+    async def stop(self) -> None: ...
+
+
+class ProcessEngine:
+    """One model in one child process; requests are multiplexed over its pipes."""
+
+    def __init__(self, settings: EngineSettings,
+                 tracer: telemetry.Tracer = telemetry.NO_TRACER) -> None:
+        self._settings = settings
+        self._tracer = tracer
+        self._proc: ChildProcess | None = None
+        self._streams: dict[str, asyncio.Queue[StreamEvent]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._stats = wire.EngineStats()
+
+    @property
+    def stats(self) -> wire.EngineStats:
+        return self._stats
+
+    async def start(self) -> None:
+        s = self._settings
+        self._proc = await ChildProcess.start(
+            [sys.executable, "-m", "meshllm.worker.engine", "--log-level", s.log_level],
+            s.child_env, pipes=True)
+        self._send(s.load)
+        try:
+            await self._await_loaded()
+        except EngineUnavailable:
+            await self.stop()
+            raise
+        self._reader = asyncio.create_task(self._read_events())
+
+    def _load_failed(self, why: str) -> EngineUnavailable:
+        return EngineUnavailable(f"loading {self._settings.load.model_path.name} failed: {why}")
+
+    async def _await_loaded(self) -> None:
+        """Waits for the engine's answer to the load command, reporting progress."""
+        assert self._proc is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._settings.load_timeout_s
+        while True:
+            try:
+                line = await asyncio.wait_for(self._proc.read_line(),
+                                              max(0.0, deadline - loop.time()))
+                event = wire.decode_event(line) if line else None
+            except TimeoutError:
+                raise self._load_failed(
+                    f"no answer within {self._settings.load_timeout_s:.0f}s") from None
+            except wire.MalformedEngineMessage as exc:
+                raise self._load_failed(str(exc)) from exc
+            if isinstance(event, wire.Progress):
+                if self._settings.on_progress is not None:
+                    self._settings.on_progress(event.fraction)
+                continue
+            if isinstance(event, wire.Loaded):
+                return
+            if isinstance(event, wire.LoadFailed):
+                raise self._load_failed(event.error.message) from event.error.rebuild()
+            raise self._load_failed("engine process exited" if event is None
+                                    else f"unexpected {type(event).__name__} event")
+
+    def _send(self, command: wire.Command) -> None:
+        if self._proc is None or self._proc.returncode is not None:
+            raise EngineCrashed("the engine process is not running")
+        self._proc.write_line(wire.encode(command))
+
+    async def _read_events(self) -> None:
+        assert self._proc is not None
+        while line := await self._proc.read_line():
+            try:
+                event = wire.decode_event(line)
+            except wire.MalformedEngineMessage as exc:
+                # An engine that cannot be understood is as good as crashed: restart it.
+                log.error("stopping the engine of %s: %s",
+                          self._settings.load.model_path.name, exc)
+                self._proc.kill()
+                break
+            if isinstance(event, wire.Stats):
+                self._stats = event.stats
+            elif isinstance(event, wire.Delta | wire.Finished | wire.Error):
+                stream = self._streams.get(event.request_id)
+                if stream is not None:
+                    stream.put_nowait(event)
+            else:
+                log.warning("ignoring a %s event after loading", type(event).__name__)
+        for stream in self._streams.values():
+            stream.put_nowait(None)
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]:
+        stream: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        self._streams[request.request_id] = stream
+        done = False
+        try:
+            if self._reader is None or self._reader.done():
+                raise EngineCrashed("the engine process is not running")
+            submitted_ns = time.time_ns()
+            self._send(wire.Generate.of(request))
+            while not done:
+                event = await stream.get()
+                if event is None:
+                    code = await self.wait_exited()
+                    raise EngineCrashed(f"the engine process died (exit code {code})")
+                if isinstance(event, wire.Error):
+                    raise event.error.rebuild()
+                if isinstance(event, wire.Delta):
+                    yield TokenDelta(event.text, event.tokens)
+                    continue
+                done = True
+                self._trace_phases(request, submitted_ns, event)
+                yield Finished(event.finish_reason, event.usage)
+        finally:
+            del self._streams[request.request_id]
+            if not done and self._proc is not None and self._proc.returncode is None:
+                with contextlib.suppress(EngineCrashed):
+                    self._send(wire.Cancel(request.request_id))
+
+    def _trace_phases(self, request: GenerateRequest, submitted_ns: int,
+                      finished: wire.Finished) -> None:
+        phases = telemetry.EnginePhases(submitted_ns, finished.started_ns,
+                                        finished.first_token_ns, time.time_ns())
+        telemetry.record_engine_phases(self._tracer, phases, {
+            "gen_ai.request.model": request.model_id,
+            "gen_ai.usage.input_tokens": finished.usage.prompt_tokens,
+            "gen_ai.usage.output_tokens": finished.usage.completion_tokens})
+
+    async def wait_exited(self) -> int:
+        assert self._proc is not None
+        return await self._proc.wait()
+
+    async def stop(self) -> None:
+        if self._proc is None or self._proc.returncode is not None:
+            return
+        self._proc.close_stdin()  # the engine exits when its input ends
+        try:
+            await asyncio.wait_for(self._proc.wait(), 5.0)
+        except TimeoutError:
+            self._proc.kill()
+            await self._proc.wait()
+        if self._reader is not None:
+            self._reader.cancel()
