@@ -27,7 +27,9 @@ $(STAMP): $(SOURCES)
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python scripts/pip_progress.py \
 		$(BIN)/pip install llama-cpp-python==0.3.36
 	$(BIN)/python scripts/gen_protos.py
-	$(BIN)/pip install --quiet --config-settings editable_mode=compat $(PACKAGES)
+	@# setuptools' default editable mode: a .pth naming each src/ folder (the meshllm.*
+	@# namespace spans the seven packages; new modules import at once, with no warnings)
+	$(BIN)/pip install --quiet $(PACKAGES)
 	@# mesh-llm's ggml-rpc (native/: fewer thread hand-offs per token of a split model)
 	$(BIN)/python -m meshllm.native.build --work-dir build/native
 	touch $(STAMP)
@@ -52,6 +54,7 @@ bench: install
 	$(BIN)/python bench/gateway_overhead.py
 	$(BIN)/python bench/pipeline_split.py
 	$(BIN)/python bench/batching.py
+	$(BIN)/python bench/constrained_decoding.py
 	$(BIN)/python bench/blackboard_gossip.py
 
 llama-server:

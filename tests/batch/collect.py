@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from meshllm.common.types import TokenLogprob
 from meshllm.worker.engine.batch import BatchEngine, Delta, Event, Failed, Finished
 
 
@@ -15,6 +16,7 @@ class Collector:
     finished: dict[str, Finished] = field(default_factory=dict)
     failed: dict[str, Failed] = field(default_factory=dict)
     log: list[Event] = field(default_factory=list)
+    logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
 
     def __call__(self, ev: Event) -> None:
         self.log.append(ev)
@@ -22,6 +24,7 @@ class Collector:
             self.text[ev.request_id] = self.text.get(ev.request_id, "") + ev.text
             self.deltas.setdefault(ev.request_id, []).append(ev)
             self.ids.setdefault(ev.request_id, []).extend(ev.token_ids)
+            self.logprobs.setdefault(ev.request_id, []).extend(ev.logprobs)
         elif isinstance(ev, Finished):
             self.finished[ev.request_id] = ev
         else:

@@ -4,6 +4,7 @@ tokens, so every output is known in advance, and the KV bookkeeping is checked s
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from meshllm.worker.engine.batch.sampling import Logits
@@ -65,6 +66,28 @@ class ScriptedBackend:
 
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         return [ord(c) % (V - 1) for c in text]
+
+    def grammar_tokenizer(self) -> Any:
+        return scripted_tokenizer()
+
+
+class _Vocab:
+    """The scripted vocabulary as llguidance reads one: token t is the letter 97 + t % 26,
+    EOG a special token."""
+
+    eos_token_id = EOG
+    bos_token_id = None
+    tokens = [bytes([97 + t % 26]) for t in range(V - 1)] + [b"\xff<eog>"]
+    special_token_ids = [EOG]
+
+    def __call__(self, text: bytes) -> list[int]:
+        return [b - 97 for b in text]
+
+
+def scripted_tokenizer() -> Any:
+    import llguidance
+
+    return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Vocab()))
 
 
 def solo_greedy(prompt: Sequence[int], n: int) -> list[int]:

@@ -138,7 +138,8 @@ def test_stop_string_and_end_of_generation() -> None:
     want = as_text(solo_greedy([1, 2, 3], 20))
     stop = want[3:6]
     eng.submit("s", [1, 2, 3], SamplingParams(max_tokens=20, temperature=0.0, stop=(stop,)), c)
-    eng.submit("b", [1, 2, 3], GREEDY, c, logit_bias={31: 100.0})  # 31 is EOG
+    eng.submit("b", [1, 2, 3], SamplingParams(max_tokens=20, temperature=0.0,
+                                              logit_bias=((31, 100.0),)), c)  # 31 is EOG
     drain(eng)
     assert c.text["s"] == want[:want.index(stop)] == "uif"
     assert c.finished["s"].reason == "stop"

@@ -13,8 +13,19 @@ from pathlib import Path
 
 import httpx
 import openai
+import pexpect
 import pytest
+from meshllm.cli.procs import STOP_GRACE_S
 
+from tests.integration.up_process import (
+    MESH_LLM,
+    UpProcess,
+    alive,
+    command_of,
+    descendants_of,
+    pids_mentioning,
+    still_alive,
+)
 from tests.support.procs import free_port
 
 pytestmark = pytest.mark.integration
@@ -95,3 +106,82 @@ def test_up_serves_and_ctrl_c_stops_every_process(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# --- readiness, signals and orphans, through the installed `mesh-llm` ------------------
+
+SMALL = ("--worker-memory", "64MiB")  # gemma3-270m needs about 400 MiB: fits nowhere
+
+
+def test_up_says_a_model_is_not_served_and_require_models_fails(tmp_path: Path) -> None:
+    up = UpProcess(tmp_path, *SMALL, "--require-models")
+    try:
+        up.wait_for("starting services", 60)
+        while up.popen.poll() is None and "Ready, but" not in up.output:
+            up.tree()  # note every pid while they run
+            time.sleep(0.2)
+        assert up.popen.wait(60) == 1
+        output = up.wait_for("mesh-llm up: --require-models: gemma3-270m not served")
+        assert "\nstopped\n" in output
+        assert "Ready, but gemma3-270m is not served: needs" in output
+        assert "Ready: http" not in output
+        assert output.index("Ready, but") < output.index("stopping the mesh...")
+        assert still_alive(up.seen, 5) == []
+    finally:
+        up.kill_everything()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGTERM], ids=["SIGHUP", "SIGTERM"])
+def test_a_hang_up_or_terminate_stops_every_child(tmp_path: Path, signum: signal.Signals
+                                                  ) -> None:
+    # Budgets too small: no model loads, so the mesh is up in seconds; without
+    # --require-models `up` keeps serving and says what is missing.
+    up = UpProcess(tmp_path, *SMALL)
+    try:
+        up.wait_for("Ready, but gemma3-270m is not served", 120)
+        children = up.tree()
+        assert len(children) == 6, [command_of(p) for p in children]
+        up.signal(signum)
+        assert up.popen.wait(STOP_GRACE_S + 10) == 0
+        assert "stopping the mesh..." in up.wait_for("stopped")
+        assert still_alive(children, 2) == []
+    finally:
+        up.kill_everything()
+
+
+def test_killing_the_launcher_outright_leaves_no_process_behind(tmp_path: Path) -> None:
+    up = UpProcess(tmp_path, "--worker-memory", "1GiB")
+    try:
+        up.wait_for("Ready: http://localhost", 300)
+        tree = up.tree()
+        engines = [p for p in tree if "meshllm.worker.engine" in command_of(p)]
+        assert len(engines) == 2, [command_of(p) for p in tree]  # one per worker
+        up.signal(signal.SIGKILL)
+        up.popen.wait(10)
+        assert [command_of(p) for p in still_alive(tree, 15)] == []
+    finally:
+        up.kill_everything()
+
+
+def test_ctrl_c_in_a_terminal_stops_the_mesh_even_through_tee(tmp_path: Path) -> None:
+    # `make up | tee log`: the Ctrl-C reaches tee too, so the launcher's stdout breaks
+    # while it says "stopping the mesh..."; that must not cut the shutdown short.
+    command = (f"{MESH_LLM} up --port {free_port()} --blackboard-port {free_port()} "
+               f"--data-dir {tmp_path} {' '.join(SMALL)} 2>&1 | tee {tmp_path / 'log'}")
+    shell = pexpect.spawn("bash", ["-c", command], encoding="utf-8", timeout=120)
+    tree: set[int] = set()
+    try:
+        shell.expect("Ready, but gemma3-270m is not served")
+        assert shell.pid is not None
+        tree = descendants_of(shell.pid)
+        services = [p for p in tree if "meshllm." in command_of(p) or "etcd" in command_of(p)]
+        assert len(services) == 6, [command_of(p) for p in tree]
+        shell.sendintr()
+        shell.expect(pexpect.EOF)
+        assert [command_of(p) for p in still_alive(tree, STOP_GRACE_S + 5)] == []
+        assert "Traceback" not in (tmp_path / "log").read_text()
+    finally:
+        shell.close(force=True)
+        for pid in tree | pids_mentioning(str(tmp_path)):
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -212,6 +212,11 @@ def test_console_shows_the_mesh_and_updates_live(observed_mesh: ObservedMesh,
         _assert_nodes_shown(page, status)
         _assert_model_shown(page, model)
         assert page.evaluate("document.getElementById('connection').textContent") == "live"
+        # This mesh's gateway has no blackboard: the panel says so instead of "loading..."
+        # (`mesh-llm up`'s has one: tests/integration/test_up_session.py sees "no posts yet").
+        page.wait_for("document.getElementById('board')?.dataset.state === 'none'")
+        assert page.evaluate("document.getElementById('board').textContent").startswith(
+            "no blackboard configured on this gateway")
         answer = json.loads(chat(observed_mesh.base_url, max_tokens=8))
         _assert_request_listed(page, collector, answer)
         assert page.evaluate("document.querySelector('#recent tbody tr').dataset.request"

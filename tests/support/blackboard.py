@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from meshllm.common.blackboard.client import BlackboardClient
 from meshllm.common.blackboard.types import FeedQuery, PostId
 from meshllm.common.grpcutil import check_health
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.procs import Proc, free_port, python_module
 
@@ -30,15 +33,18 @@ class BlackboardNode:
     """One `python -m meshllm.blackboard` process; restartable on the same port and data."""
 
     def __init__(self, name: str, etcd_url: str, root: Path, *extra: str,
-                 advertise: str = "", port: int = 0, env: dict[str, str] | None = None) -> None:
+                 advertise: str = "", port: int = 0, env: dict[str, str] | None = None,
+                 with_metrics: bool = False) -> None:
         self.name = name
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.data_dir = root / name
+        self.metrics_port = free_port() if with_metrics else 0
         self._argv = python_module(
             "meshllm.blackboard", "--listen", self.address, "--etcd", etcd_url,
             "--data-dir", str(self.data_dir), "--node-id", name,
-            *(("--advertise-address", advertise) if advertise else ()), *extra)
+            *(("--advertise-address", advertise) if advertise else ()),
+            *(("--metrics-port", str(self.metrics_port)) if with_metrics else ()), *extra)
         self._log_dir = root
         self._env = env
         self.proc: Proc | None = None
@@ -56,6 +62,26 @@ class BlackboardNode:
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.stop()
+
+    def kill(self) -> None:
+        """SIGKILL: no withdrawal from etcd, no closed streams, as in a crash."""
+        if self.proc is not None:
+            self.proc.kill(signal.SIGKILL)
+            self.proc.popen.wait(5)
+
+    async def metric(self, name: str, **labels: str) -> float:
+        """One sample from the node's /metrics (0 when absent); needs `with_metrics`."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+        def scrape() -> str:
+            with urllib.request.urlopen(url, timeout=5) as reply:
+                return str(reply.read().decode())
+
+        for family in text_string_to_metric_families(await asyncio.to_thread(scrape)):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return float(sample.value)
+        return 0.0
 
     def client(self) -> BlackboardClient:
         return BlackboardClient(self.address)

@@ -168,8 +168,9 @@ def test_error_mid_answer_is_an_http_error() -> None:
 
 
 def test_request_validation_keeps_its_shape() -> None:
-    r = _client(MeshError("unused")).post("/v1/chat/completions", json={**BODY, "n": 2})
+    r = _client(MeshError("unused")).post("/v1/chat/completions",
+                                          json={**BODY, "functions": [{"name": "f"}]})
     assert r.status_code == 400
-    assert r.json()["error"] == {"message": "n: only one choice per request is supported",
-                                 "type": "invalid_request_error", "param": "n",
-                                 "code": "unsupported_parameter"}
+    assert r.json()["error"] == {
+        "message": "functions: the legacy functions parameter is not supported; use tools",
+        "type": "invalid_request_error", "param": "functions", "code": "unsupported_parameter"}

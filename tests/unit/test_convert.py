@@ -10,6 +10,8 @@ from meshllm.common.types import (
     ChatMessage,
     Finished,
     GenerateRequest,
+    Grammar,
+    GrammarKind,
     LoadState,
     ModelId,
     ModelSpec,
@@ -19,6 +21,9 @@ from meshllm.common.types import (
     RequestId,
     SamplingParams,
     TokenDelta,
+    TokenLogprob,
+    ToolCall,
+    TopLogprob,
     Usage,
     WorkerId,
     WorkerInfo,
@@ -57,13 +62,25 @@ def test_spec_and_placement_round_trip() -> None:
     GenerateRequest(RequestId("r"), ModelId("m"),
                     chat=(ChatMessage("system", "s"), ChatMessage("user", "u"))),
     GenerateRequest(RequestId("r"), ModelId("m"), text="", sampling=SamplingParams(seed=None)),
-], ids=["text", "chat", "empty text, no seed"])
+    GenerateRequest(RequestId("r"), ModelId("m"), text="{", logprobs=0,
+                    sampling=SamplingParams(min_p=0.05, logit_bias=((3, -100.0), (7, 2.5))),
+                    grammar=Grammar(GrammarKind.JSON_SCHEMA, '{"type": "object"}')),
+    GenerateRequest(RequestId("r"), ModelId("m"), logprobs=5,
+                    grammar=Grammar(GrammarKind.LARK, 'start: "yes" | "no"'),
+                    tools_json='[{"type": "function", "function": {"name": "f"}}]',
+                    chat=(ChatMessage("user", "weather?"),
+                          ChatMessage("assistant", "", (ToolCall("call_1", "f", '{"x": 1}'),)),
+                          ChatMessage("tool", "sunny", tool_call_id="call_1", name="f"))),
+], ids=["text", "chat", "empty text, no seed", "grammar, logprobs, bias", "tool round trip"])
 def test_generate_request_round_trip(request_: GenerateRequest) -> None:
     assert convert.generate_request_from_pb(convert.generate_request_to_pb(request_)) == request_
 
 
 def test_events_and_stats_round_trip() -> None:
-    for event in (TokenDelta("hé", 1), Finished("length", Usage(3, 4))):
+    top = (TopLogprob("hé", "hé".encode(), -0.25), TopLogprob("\\xe2", b"\xe2", -3.0))
+    logprob = TokenLogprob("hé", "hé".encode(), -0.25, top)
+    for event in (TokenDelta("hé", 1), Finished("length", Usage(3, 4)),
+                  TokenDelta("hé", 1, (logprob,))):
         assert convert.event_from_pb(convert.event_to_pb(event)) == event
     stats = WorkerStats(WorkerId("w"), 1, 2, 3, 4, WORKER.models)
     assert convert.stats_from_pb(convert.stats_to_pb(stats)) == stats

@@ -17,9 +17,14 @@ from meshllm.common.errors import (
 from meshllm.common.types import (
     ChatMessage,
     GenerateRequest,
+    Grammar,
+    GrammarKind,
     ModelId,
     RequestId,
     SamplingParams,
+    TokenLogprob,
+    ToolCall,
+    TopLogprob,
     Usage,
 )
 from meshllm.worker import engine_wire as wire
@@ -28,7 +33,17 @@ from meshllm.worker.engine.batch.errors import DecodeFailed, QueueFull, engine_e
 R = RequestId("req-1")
 SAMPLING = SamplingParams(max_tokens=7, temperature=0.5, top_p=0.9, seed=42,
                           stop=("\n\n", "END"), top_k=40, presence_penalty=0.1,
-                          frequency_penalty=0.2, repeat_penalty=1.1)
+                          frequency_penalty=0.2, repeat_penalty=1.1, min_p=0.05,
+                          logit_bias=((3, -100.0), (7, 2.5)))
+TOOL_TURNS = (
+    ChatMessage("user", "weather in Paris?"),
+    ChatMessage("assistant", "", (ToolCall("call_1", "get_weather", '{"city": "Paris"}'),
+                                  ToolCall("call_2", "get_time", "{}"))),
+    ChatMessage("tool", '{"temp": 21}', tool_call_id="call_1", name="get_weather"),
+)
+SCHEMA = Grammar(GrammarKind.JSON_SCHEMA, '{"type": "object"}')
+LOGPROB = TokenLogprob("\\xe2", b"\xe2", -0.25, (TopLogprob("\\xe2", b"\xe2", -0.25),
+                                                 TopLogprob(" é", " é".encode(), -1.5)))
 
 COMMANDS: list[wire.Command] = [
     wire.Load(Path("/models/gemma.gguf"), 4096, 2),
@@ -38,6 +53,11 @@ COMMANDS: list[wire.Command] = [
     wire.Generate(R, "Once upon a time", None, SAMPLING),
     wire.Generate(R, None, (ChatMessage("system", "be brief"), ChatMessage("user", "héllo ✓")),
                   SamplingParams()),
+    wire.Generate(R, None, TOOL_TURNS, SAMPLING, tools_json='[{"type": "function"}]'),
+    wire.Generate(R, "{", None, SAMPLING, grammar=SCHEMA, logprobs=5),
+    wire.Generate(R, None, TOOL_TURNS, SamplingParams(),
+                  grammar=Grammar(GrammarKind.LARK, 'start: "<tool_call>" %json {}'),
+                  logprobs=0),
     wire.Cancel(R),
 ]
 
@@ -48,6 +68,7 @@ EVENTS: list[wire.Event] = [
     wire.LoadFailed(wire.WireError("engine_unavailable", "OSError: no such file")),
     wire.Delta(R, "hel", 2),
     wire.Delta(R, "", 1),  # text held back (a partial stop string)
+    wire.Delta(R, "\u00e9!", 2, (LOGPROB, TokenLogprob("!", b"!", -0.01))),
     wire.Finished(R, "stop", Usage(12, 5, 8), 1_700_000_000_000_000_000,
                   1_700_000_000_100_000_000),
     wire.Error(R, wire.WireError.of(PromptTooLong(5000, 4096))),
@@ -75,6 +96,15 @@ def test_generate_carries_the_request() -> None:
     sent = wire.decode_command(wire.encode(wire.Generate.of(request)))
     assert isinstance(sent, wire.Generate)
     assert (sent.request_id, sent.text, sent.chat, sent.sampling) == (R, "hi", None, SAMPLING)
+
+
+def test_generate_carries_grammar_logprobs_tools_and_tool_turns() -> None:
+    request = GenerateRequest(R, ModelId("m"), None, TOOL_TURNS, SAMPLING, grammar=SCHEMA,
+                              logprobs=3, tools_json='[{"type": "function"}]')
+    sent = wire.decode_command(wire.encode(wire.Generate.of(request)))
+    assert isinstance(sent, wire.Generate)
+    assert (sent.chat, sent.grammar, sent.logprobs, sent.tools_json) == (
+        TOOL_TURNS, SCHEMA, 3, '[{"type": "function"}]')
 
 
 def _across(error: BaseException) -> MeshError:
@@ -150,7 +180,13 @@ MALFORMED_COMMANDS = {
     "bool for an int": _line(**_good_generate(sampling={
         **json.loads(json.dumps(SamplingParams().__dict__)), "max_tokens": True})),
     "nested unknown field": _line(**_good_generate(sampling={
-        **json.loads(json.dumps(SamplingParams().__dict__)), "min_p": 0.1})),
+        **json.loads(json.dumps(SamplingParams().__dict__)), "typical_p": 0.1})),
+    "unknown grammar kind": _line(**_good_generate(grammar={"kind": "gbnf", "source": "x"})),
+    "logit bias not pairs": _line(**_good_generate(sampling={
+        **json.loads(json.dumps(SamplingParams().__dict__)), "logit_bias": [[3]]})),
+    "tool call without arguments": _line(**_good_generate(chat=[{
+        "role": "assistant", "content": "", "tool_call_id": "", "name": "",
+        "tool_calls": [{"call_id": "c", "name": "f"}]}])),
     "chat message not an object": _line(**_good_generate(chat=["hello"])),
     "chat message without content": _line(**_good_generate(chat=[{"role": "user"}])),
     "list of the wrong items": _line(**_good_generate(sampling={
@@ -167,6 +203,8 @@ MALFORMED_EVENTS = {
                                    usage={"prompt_tokens": 1, "completion_tokens": 2},
                                    started_ns=0, first_token_ns=0),
     "stats not an object": _line(ev="stats", stats=[1, 2, 3]),
+    "token bytes not hex": _line(ev="delta", request_id="r", text="a", tokens=1, logprobs=[
+        {"token": "a", "token_bytes": "zz", "logprob": -1.0, "top": []}]),
 }
 
 

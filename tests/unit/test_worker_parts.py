@@ -52,7 +52,7 @@ def test_template_errors_are_request_errors() -> None:
     with pytest.raises(InvalidGenerateRequest, match="no system role"):
         render_chat(template, [ChatMessage("user", "x")], "", "")
     with pytest.raises(InvalidGenerateRequest, match="role"):
-        render_chat(template_for(None, "llama"), [ChatMessage("tool", "x")], "", "")
+        render_chat(template_for(None, "llama"), [ChatMessage("robot", "x")], "", "")
 
 
 def test_catalog_model_header() -> None:

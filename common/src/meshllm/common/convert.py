@@ -15,6 +15,8 @@ from meshllm.common.types import (
     Finished,
     GenerateEvent,
     GenerateRequest,
+    Grammar,
+    GrammarKind,
     LoadState,
     ModelId,
     ModelSpec,
@@ -24,6 +26,9 @@ from meshllm.common.types import (
     RequestId,
     SamplingParams,
     TokenDelta,
+    TokenLogprob,
+    ToolCall,
+    TopLogprob,
     Usage,
     WorkerId,
     WorkerInfo,
@@ -177,6 +182,8 @@ def sampling_to_pb(s: SamplingParams) -> worker_pb2.SamplingParams:
         max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, stop=list(s.stop),
         top_k=s.top_k, presence_penalty=s.presence_penalty,
         frequency_penalty=s.frequency_penalty, repeat_penalty=s.repeat_penalty,
+        min_p=s.min_p,
+        logit_bias=[worker_pb2.LogitBias(token=t, bias=b) for t, b in s.logit_bias],
     )
     if s.seed is not None:
         pb.seed = s.seed
@@ -188,20 +195,50 @@ def sampling_from_pb(m: worker_pb2.SamplingParams) -> SamplingParams:
         max_tokens=m.max_tokens, temperature=m.temperature, top_p=m.top_p,
         seed=m.seed if m.HasField("seed") else None, stop=tuple(m.stop), top_k=m.top_k,
         presence_penalty=m.presence_penalty, frequency_penalty=m.frequency_penalty,
-        repeat_penalty=m.repeat_penalty,
+        repeat_penalty=m.repeat_penalty, min_p=m.min_p,
+        logit_bias=tuple(sorted((b.token, b.bias) for b in m.logit_bias)),
     )
+
+
+_GRAMMAR_KINDS = {GrammarKind.JSON_SCHEMA: worker_pb2.Grammar.JSON_SCHEMA,
+                  GrammarKind.LARK: worker_pb2.Grammar.LARK}
+
+
+def grammar_to_pb(g: Grammar) -> worker_pb2.Grammar:
+    return worker_pb2.Grammar(kind=_GRAMMAR_KINDS[g.kind], source=g.source)
+
+
+def grammar_from_pb(m: worker_pb2.Grammar) -> Grammar:
+    kinds = {v: k for k, v in _GRAMMAR_KINDS.items()}
+    _require(m.kind in kinds, f"grammar of unknown kind {m.kind}")
+    return Grammar(kinds[m.kind], m.source)
+
+
+def chat_message_to_pb(c: ChatMessage) -> worker_pb2.ChatMessage:
+    return worker_pb2.ChatMessage(
+        role=c.role, content=c.content, tool_call_id=c.tool_call_id, name=c.name,
+        tool_calls=[worker_pb2.ToolCall(call_id=t.call_id, name=t.name, arguments=t.arguments)
+                    for t in c.tool_calls])
+
+
+def chat_message_from_pb(m: worker_pb2.ChatMessage) -> ChatMessage:
+    calls = tuple(ToolCall(t.call_id, t.name, t.arguments) for t in m.tool_calls)
+    return ChatMessage(m.role, m.content, calls, m.tool_call_id, m.name)
 
 
 def generate_request_to_pb(r: GenerateRequest) -> worker_pb2.GenerateRequest:
     pb = worker_pb2.GenerateRequest(
-        request_id=r.request_id, model_id=r.model_id, sampling=sampling_to_pb(r.sampling)
+        request_id=r.request_id, model_id=r.model_id, sampling=sampling_to_pb(r.sampling),
+        tools_json=r.tools_json,
     )
     if r.chat is not None:
-        pb.chat.messages.extend(
-            worker_pb2.ChatMessage(role=m.role, content=m.content) for m in r.chat
-        )
+        pb.chat.messages.extend(chat_message_to_pb(m) for m in r.chat)
     else:
         pb.text = r.text or ""
+    if r.grammar is not None:
+        pb.grammar.CopyFrom(grammar_to_pb(r.grammar))
+    if r.logprobs is not None:
+        pb.logprobs = r.logprobs
     return pb
 
 
@@ -211,17 +248,33 @@ def generate_request_from_pb(m: worker_pb2.GenerateRequest) -> GenerateRequest:
     _require(kind is not None, "generate request without a prompt")
     chat = None
     if kind == "chat":
-        chat = tuple(ChatMessage(x.role, x.content) for x in m.chat.messages)
+        chat = tuple(chat_message_from_pb(x) for x in m.chat.messages)
     return GenerateRequest(
         request_id=RequestId(m.request_id), model_id=ModelId(m.model_id),
         text=m.text if kind == "text" else None, chat=chat,
         sampling=sampling_from_pb(m.sampling),
+        grammar=grammar_from_pb(m.grammar) if m.HasField("grammar") else None,
+        logprobs=m.logprobs if m.HasField("logprobs") else None,
+        tools_json=m.tools_json,
     )
+
+
+def _logprob_to_pb(t: TokenLogprob) -> worker_pb2.TokenLogprob:
+    return worker_pb2.TokenLogprob(
+        token=t.token, token_bytes=t.token_bytes, logprob=t.logprob,
+        top=[worker_pb2.TopLogprob(token=x.token, token_bytes=x.token_bytes, logprob=x.logprob)
+             for x in t.top])
+
+
+def _logprob_from_pb(m: worker_pb2.TokenLogprob) -> TokenLogprob:
+    top = tuple(TopLogprob(x.token, x.token_bytes, x.logprob) for x in m.top)
+    return TokenLogprob(m.token, m.token_bytes, m.logprob, top)
 
 
 def event_to_pb(e: GenerateEvent) -> worker_pb2.GenerateResponse:
     if isinstance(e, TokenDelta):
-        delta = worker_pb2.TokenDelta(text=e.text, tokens=e.tokens)
+        delta = worker_pb2.TokenDelta(text=e.text, tokens=e.tokens,
+                                      logprobs=[_logprob_to_pb(t) for t in e.logprobs])
         return worker_pb2.GenerateResponse(delta=delta)
     usage = worker_pb2.Usage(
         prompt_tokens=e.usage.prompt_tokens, completion_tokens=e.usage.completion_tokens,
@@ -235,7 +288,8 @@ def event_to_pb(e: GenerateEvent) -> worker_pb2.GenerateResponse:
 def event_from_pb(m: worker_pb2.GenerateResponse) -> GenerateEvent:
     kind = m.WhichOneof("event")
     if kind == "delta":
-        return TokenDelta(m.delta.text, m.delta.tokens)
+        logprobs = tuple(_logprob_from_pb(t) for t in m.delta.logprobs)
+        return TokenDelta(m.delta.text, m.delta.tokens, logprobs)
     _require(kind == "finished", "generate response without an event")
     u = m.finished.usage
     return Finished(m.finished.finish_reason,

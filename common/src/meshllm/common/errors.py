@@ -55,9 +55,23 @@ class ModelSourceError(MeshError):
 
 
 class InvalidGenerateRequest(MeshError):
-    """The request cannot be served as asked; the message names what to change."""
+    """The request cannot be served as asked; the message names what to change and
+    `param` the request field at fault (when one is)."""
 
     reason = "invalid_request"
+
+    def __init__(self, message: str, param: str = "") -> None:
+        super().__init__(message)
+        self.param = param
+
+    def wire_details(self) -> Mapping[str, str]:
+        return {"param": self.param} if self.param else {}
+
+    @classmethod
+    def from_wire(cls, message: str, details: Mapping[str, str]) -> MeshError:
+        if cls is InvalidGenerateRequest:
+            return cls(message, details.get("param", ""))
+        return super().from_wire(message, details)
 
 
 class PromptTooLong(InvalidGenerateRequest):
@@ -66,8 +80,8 @@ class PromptTooLong(InvalidGenerateRequest):
     def __init__(self, prompt_tokens: int, context_length: int) -> None:
         super().__init__(
             f"This model's maximum context length is {context_length} tokens, "
-            f"but the prompt is {prompt_tokens} tokens. Shorten the prompt or the messages."
-        )
+            f"but the prompt is {prompt_tokens} tokens. Shorten the prompt or the messages.",
+            "messages")
         self.prompt_tokens = prompt_tokens
         self.context_length = context_length
 

@@ -1,4 +1,6 @@
-"""Running a service's main coroutine until SIGTERM or SIGINT, then shutting down cleanly."""
+"""Running a service's main coroutine until SIGTERM or SIGINT, then shutting down cleanly,
+and keeping its background tasks alive: a task either stops the service when it dies
+(`stop_or_fail`) or is restarted with backoff (`supervise`); none vanishes silently."""
 
 from __future__ import annotations
 
@@ -7,13 +9,14 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 import uvloop
 from meshllm.common.config import process_env
 from meshllm.common.errors import ConfigError, MeshError
 from meshllm.common.logs import setup_logging
-from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, start_http_server
 
 log = logging.getLogger(__name__)
 
@@ -84,3 +87,55 @@ async def stop_or_fail(stop: asyncio.Event, *tasks: asyncio.Task[None]) -> None:
     stopper.cancel()
     for task in tasks:
         task.cancel()
+
+
+@dataclass
+class Backoff:
+    """Delays between retries: `initial_s`, then `factor` times more each time, at most
+    `max_s`; `reset()` after a success starts again from `initial_s`."""
+
+    initial_s: float = 0.5
+    max_s: float = 30.0
+    factor: float = 2.0
+    _next_s: float = field(default=0.0, init=False, repr=False)
+
+    def next(self) -> float:
+        delay = self._next_s or self.initial_s
+        self._next_s = min(delay * self.factor, self.max_s)
+        return min(delay, self.max_s)
+
+    def reset(self) -> None:
+        self._next_s = 0.0
+
+
+def restart_counter(service: str, registry: CollectorRegistry = REGISTRY) -> Counter:
+    """The metric `supervise` counts restarts in: meshllm_<service>_task_restarts_total."""
+    return Counter(f"meshllm_{service}_task_restarts",
+                   "Background tasks restarted after a failure, by task", ["task"],
+                   registry=registry)
+
+
+async def supervise(name: str, factory: Callable[[], Awaitable[None]], restarts: Counter,
+                    backoff: Backoff | None = None, healthy_after_s: float = 60.0) -> None:
+    """Run `factory()` and start it again whenever it raises, after a growing delay.
+
+    Each failure is logged with the task's name and traceback and counted in `restarts`
+    (label `task`); a run that lasted `healthy_after_s` resets the delay, so a task that
+    fails once a day is not held back by failures of last week. Cancellation stops it; a
+    normal return ends it (`stop_or_fail` then sees the task end). Only for tasks that may
+    simply start over: a restart repeats whatever the task does first.
+    """
+    delays = backoff or Backoff()
+    loop = asyncio.get_running_loop()
+    while True:
+        started = loop.time()
+        try:
+            await factory()
+            return
+        except Exception:  # any failure: log, count, start over; CancelledError stops us
+            if loop.time() - started >= healthy_after_s:
+                delays.reset()
+            delay = delays.next()
+            log.exception("background task %s failed; restarting in %.1f s", name, delay)
+            restarts.labels(task=name).inc()
+        await asyncio.sleep(delay)

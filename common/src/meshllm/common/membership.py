@@ -38,6 +38,7 @@ class Registration:
         self._lease = lease
         self._lease_id: int | None = None
         self._value = b""
+        self._pending = False  # the last published value is not written yet
         self._lock = asyncio.Lock()
         self._withdrawn = False
         self.lease_ok = False  # the last write or refresh succeeded (exported as a metric)
@@ -46,19 +47,32 @@ class Registration:
     def key(self) -> str:
         return self._key
 
-    async def publish(self, value: bytes) -> None:
-        """Write (or rewrite) the record; grants a lease the first time."""
+    async def publish(self, value: bytes) -> bool:
+        """Write (or rewrite) the record; grants a lease the first time.
+
+        When etcd cannot take it now, the value stays pending and keep_alive() writes the
+        latest one as soon as it can: callers (a model host reporting progress, say) never
+        fail because etcd is briefly away. Returns whether it was written now.
+        """
         async with self._lock:
             if self._withdrawn:
-                return
-            self._value = value
-            if self._lease_id is None:
-                self._lease_id = await self._store.grant_lease(self._lease.ttl_s)
-            await self._store.put(self._key, value, self._lease_id)
+                return True
+            self._value, self._pending = value, True
+            try:
+                if self._lease_id is None:
+                    self._lease_id = await self._store.grant_lease(self._lease.ttl_s)
+                await self._store.put(self._key, value, self._lease_id)
+            except Exception as exc:  # aetcd raises several types; all mean "not now"
+                self.lease_ok = False
+                log.warning("cannot publish %s now (%s); the keep-alive retries", self._key, exc)
+                return False
+            self._pending = False
             self.lease_ok = True
+            return True
 
     async def keep_alive(self) -> None:
-        """Refresh the lease forever; if it was lost (e.g. etcd restarted), register again."""
+        """Refresh the lease forever; if it was lost (e.g. etcd restarted), register again;
+        write a value that could not be written when it was published."""
         while not self._withdrawn:
             await asyncio.sleep(self._lease.keepalive_s)
             if self._withdrawn:  # a refresh racing the withdrawal must not register again
@@ -67,13 +81,15 @@ class Registration:
                 alive = self._lease_id is not None and await self._store.refresh_lease(
                     self._lease_id
                 )
-                if not alive:
-                    log.warning("lease for %s expired; registering again", self._key)
-                    self._lease_id = None
-                    await self.publish(self._value)
             except Exception as exc:  # etcd unreachable: keep trying, the TTL decides
                 self.lease_ok = False
                 log.warning("cannot refresh lease for %s: %s", self._key, exc)
+                continue
+            if not alive:
+                log.warning("lease for %s expired; registering again", self._key)
+                self._lease_id = None
+            if not alive or self._pending:
+                await self.publish(self._value)
 
     async def withdraw(self) -> None:
         self._withdrawn = True

@@ -131,9 +131,34 @@ class Placement:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function call the assistant made: `arguments` is the JSON text it wrote."""
+
+    call_id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
 class ChatMessage:
-    role: str
+    role: str                              # system | user | assistant | tool
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant turn that called tools
+    tool_call_id: str = ""                 # a tool turn: the call it answers
+    name: str = ""                         # a tool turn: the function's name, when known
+
+
+class GrammarKind(enum.Enum):
+    JSON_SCHEMA = "json_schema"  # source: a JSON schema, as JSON text
+    LARK = "lark"                # source: a grammar in llguidance's Lark dialect
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """A constraint on the generated text, enforced token by token by the engine."""
+
+    kind: GrammarKind
+    source: str
 
 
 @dataclass(frozen=True)
@@ -147,6 +172,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repeat_penalty: float = 1.0
+    min_p: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), ids ascending
 
 
 @dataclass(frozen=True)
@@ -156,6 +183,9 @@ class GenerateRequest:
     text: str | None = None
     chat: tuple[ChatMessage, ...] | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    grammar: Grammar | None = None  # the output must match it
+    logprobs: int | None = None     # None: no logprobs; n: each token's and its top n
+    tools_json: str = ""            # chat: the request's `tools` list as JSON, for the prompt
 
 
 @dataclass(frozen=True)
@@ -170,9 +200,28 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    token: str          # the token's text (a piece of a character shows as its bytes)
+    token_bytes: bytes  # the token's exact bytes
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token with its log probability and the most likely alternatives,
+    from the distribution it was chosen from (see the README's logprobs section)."""
+
+    token: str
+    token_bytes: bytes
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()  # most likely first
+
+
+@dataclass(frozen=True)
 class TokenDelta:
     text: str
     tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token, when the request asked
 
 
 @dataclass(frozen=True)

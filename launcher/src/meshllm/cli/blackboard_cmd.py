@@ -1,5 +1,8 @@
 """`mesh-llm blackboard`: post, read, search and watch the mesh's blackboard; or serve it
-to an agent as MCP tools (`mesh-llm blackboard mcp`)."""
+to an agent as MCP tools (`mesh-llm blackboard mcp`).
+
+The same command runs the node (`mesh-llm blackboard serve FLAGS`); `node_argv` decides
+which of the two an argument list asks for."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import getpass
 import json
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -35,11 +38,47 @@ class BoardCliConfig:
     security: GrpcSecurity  # plaintext or mutual TLS towards the blackboard node
 
 
-def load_cli_config(env: Mapping[str, str]) -> BoardCliConfig:
-    """What the blackboard commands take from the environment (MESHLLM_AUTHOR, the
-    MESHLLM_TLS_* variables); their flags are the subcommands' own."""
-    values = read_options("mesh-llm blackboard", (AUTHOR_OPTION, *TLS_OPTIONS), [], env)
+CLIENT_COMMANDS = ("post", "feed", "search", "watch", "mcp")
+# The client's own flags, given before the command; all but --json take a value.
+CLIENT_SWITCHES = ("--json",)
+CLIENT_VALUE_FLAGS = ("--blackboard", *(opt.flag for opt in TLS_OPTIONS))
+
+
+def node_argv(args: Sequence[str]) -> list[str] | None:
+    """The node's flags when `mesh-llm blackboard ARGS` runs the node, None for the client.
+
+    The node runs for `serve FLAGS`, for no arguments at all, and (the spelling before
+    `serve` existed) when the first argument that is not a client flag is a flag. Anything
+    else is the client: client flags, then a command; `-h` shows the client's help.
+    """
+    if not args:
+        return []
+    if args[0] == "serve":
+        return list(args[1:])
+    i = 0
+    while i < len(args):
+        flag, has_value, _ = args[i].partition("=")
+        if args[i] in ("-h", "--help", *CLIENT_SWITCHES):
+            i += 1
+        elif flag in CLIENT_VALUE_FLAGS:
+            i += 1 if has_value else 2
+        else:
+            break
+    if i < len(args) and args[i].startswith("-"):
+        return list(args)
+    return None
+
+
+def load_cli_config(env: Mapping[str, str], argv: Sequence[str] = ()) -> BoardCliConfig:
+    """What the blackboard commands take from their TLS flags (`argv`) and the environment
+    (MESHLLM_AUTHOR, the MESHLLM_TLS_* variables)."""
+    values = read_options("mesh-llm blackboard", (AUTHOR_OPTION, *TLS_OPTIONS), argv, env)
     return BoardCliConfig(values["author"] or _user_name(), security_from(values))
+
+
+def _tls_argv(args: argparse.Namespace) -> list[str]:
+    return [f"{opt.flag}={getattr(args, opt.dest)}" for opt in TLS_OPTIONS
+            if getattr(args, opt.dest, None) is not None]
 
 
 def _user_name() -> str:
@@ -50,10 +89,16 @@ def _user_name() -> str:
 
 
 def add_blackboard_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
-    p = subparsers.add_parser("blackboard", help="the agents' shared message board")
+    p = subparsers.add_parser(
+        "blackboard", help="the agents' shared message board",
+        description="Use the blackboard: mesh-llm blackboard [CLIENT FLAGS] COMMAND ... "
+        "Run a blackboard node: mesh-llm blackboard serve [FLAGS] "
+        "(flags: mesh-llm blackboard serve --help).")
     p.add_argument("--blackboard", default=DEFAULT_ADDRESS, metavar="ADDRESS",
                    help=f"blackboard node gRPC address (default {DEFAULT_ADDRESS})")
     p.add_argument("--json", action="store_true", help="print JSON lines")
+    for opt in TLS_OPTIONS:
+        p.add_argument(opt.flag, dest=opt.dest, default=None, help=f"{opt.help} [env {opt.env}]")
     sub = p.add_subparsers(dest="blackboard_command", required=True)
     post = sub.add_parser("post", help="post TEXT ('-' reads stdin)")
     post.add_argument("text")
@@ -74,7 +119,9 @@ def add_blackboard_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     search = sub.add_parser("search", help="posts with the most hits of WORDS")
     search.add_argument("words", nargs="+")
     search.add_argument("--limit", type=int, default=20)
-    sub.add_parser("mcp", help="serve post/feed/search as MCP tools on stdio")
+    mcp = sub.add_parser("mcp", help="serve post/feed/search as MCP tools on stdio")
+    mcp.add_argument("--author", default="", help="author of posts that name none "
+                     "(default $MESHLLM_AUTHOR or the user name)")
 
 
 def render(post: Post, hits: int | None = None) -> str:
@@ -90,13 +137,14 @@ def render(post: Post, hits: int | None = None) -> str:
 async def run_blackboard(args: argparse.Namespace, env: Mapping[str, str] | None = None
                          ) -> int:
     env = process_env() if env is None else env
-    if args.blackboard_command == "mcp":
-        from meshllm.blackboard.mcp_server import serve_stdio
-
-        await serve_stdio(args.blackboard, load_cli_config(env).default_author)
-        return 0
     try:
-        config = load_cli_config(env)
+        config = load_cli_config(env, _tls_argv(args))
+        if args.blackboard_command == "mcp":
+            from meshllm.blackboard.mcp_server import serve_stdio
+
+            await serve_stdio(args.blackboard, args.author or config.default_author,
+                              config.security)
+            return 0
         async with BlackboardClient(args.blackboard, security=config.security) as client:
             return await _COMMANDS[args.blackboard_command](client, args, config)
     except PostRejected as exc:

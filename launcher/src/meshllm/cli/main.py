@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from meshllm.cli.blackboard_cmd import add_blackboard_parser, run_blackboard
+from meshllm.cli.chat_cmd import add_chat_parser, run_chat
 from meshllm.cli.status_cmd import add_status_parser, run_status
 from meshllm.common.config import process_env
 from meshllm.common.errors import MeshError
@@ -40,6 +41,7 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("up", help="start a local mesh and serve the OpenAI API "
                    "(flags: mesh-llm up --help)", add_help=False)
     add_status_parser(sub)
+    add_chat_parser(sub)
     add_blackboard_parser(sub)
     for name in ("gateway", "planner", "worker"):
         sub.add_parser(name, help=f"run the {name} service (flags: mesh-llm {name} --help)",
@@ -50,16 +52,14 @@ def parser() -> argparse.ArgumentParser:
 def service_argv(args: list[str]) -> list[str] | None:
     """The service's own flags when `args` asks to run a service, else None.
 
-    `mesh-llm blackboard` doubles as the board's client (post, feed, search, watch, mcp):
-    it runs the service only when given no subcommand, flags only, or `serve`.
+    `mesh-llm blackboard` doubles as the board's client (post, feed, search, watch, mcp);
+    `blackboard_cmd.node_argv` says which of the two the rest of `args` asks for.
     """
+    from meshllm.cli.blackboard_cmd import node_argv
+
     if not args or args[0] not in SERVICES:
         return None
-    rest = args[1:]
-    if args[0] != "blackboard" or not rest or (rest[0].startswith("-")
-                                               and rest[0] not in ("-h", "--help")):
-        return rest
-    return rest[1:] if rest[0] == "serve" else None
+    return node_argv(args[1:]) if args[0] == "blackboard" else args[1:]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -74,6 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "blackboard":
         return _report_errors("blackboard",
                               lambda: asyncio.run(run_blackboard(args, process_env())))
+    if args.command == "chat":
+        return _report_errors("chat", lambda: run_chat(args))
     return _report_errors(args.command, lambda: run_status(args))
 
 

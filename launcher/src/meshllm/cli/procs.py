@@ -6,18 +6,25 @@ log level, the OTEL_* tracing variables, PATH, HOME, ...), but no variable of a 
 option (listen and advertise addresses, metrics port, ids, data and cache directories): set
 once for `up`, those would reach every service and collide; `up` passes each child its own
 as flags instead (`child_environment`).
+
+Children run in sessions of their own (a Ctrl-C reaches only `up`, which stops them in
+order), so nothing would stop them if `up` died without stopping them (SIGKILL, a crash):
+on Linux each child asks the kernel for SIGTERM when `up` dies (`die_with_parent`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from meshllm.cli.output import say
 from meshllm.common.config import Option
 
 STOP_GRACE_S = 10.0
@@ -26,6 +33,25 @@ STOP_GRACE_S = 10.0
 CHILD_SETTINGS = {"PYTHONUNBUFFERED": "1", "GGML_NO_BACKTRACE": "1"}
 # Per process, though no option declares them: each service names its own traces.
 PER_PROCESS_VARIABLES = frozenset({"OTEL_SERVICE_NAME"})
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(signum: int) -> Callable[[], None] | None:
+    """A `preexec_fn` that has the kernel send `signum` to the child when the thread that
+    forked it exits (so fork from a thread that lives as long as the process: the main
+    thread). None where there is no prctl (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl: nothing would tell us
+            os._exit(1)
+    return preexec
 
 
 def child_environment(parent: Mapping[str, str], options: Iterable[Option]) -> dict[str, str]:
@@ -66,6 +92,7 @@ class ProcessGroup:
                 argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env={**self.env, **(env or {})},
                 start_new_session=True,  # Ctrl-C reaches only us; we stop children in order
+                preexec_fn=die_with_parent(signal.SIGTERM),  # and if we die, they stop too
             )
         child = Child(name, popen, log_path)
         self.children.append(child)
@@ -82,8 +109,8 @@ class ProcessGroup:
             try:
                 child.popen.wait(STOP_GRACE_S)
             except subprocess.TimeoutExpired:
-                print(f"  {child.name} did not stop in {STOP_GRACE_S:.0f}s: killing it",
-                      file=sys.stderr)
+                say(f"  {child.name} did not stop in {STOP_GRACE_S:.0f}s: killing it",
+                    sys.stderr)
                 os.killpg(child.popen.pid, signal.SIGKILL)
                 child.popen.wait()
 

@@ -8,9 +8,10 @@ import time
 import urllib.error
 import urllib.request
 
+from meshllm.cli.output import say
 from meshllm.cli.procs import ProcessGroup
 from meshllm.common.errors import MeshError
-from meshllm.common.status import ABSENT, MeshStatus, StageStatus
+from meshllm.common.status import ABSENT, MeshStatus, ModelStatus, ServingState, StageStatus
 from meshllm.common.types import LoadState
 
 
@@ -59,10 +60,32 @@ def wait_ready(group: ProcessGroup, port: int, models: int, timeout_s: float
         status = fetch_status(port)
         line = progress_line(status) if status else "starting services"
         if line != last:
-            print(f"  {line}", flush=True)
+            say(f"  {line}")
             last = line
         if status and all_models_decided(status, models):
             return status
         time.sleep(0.5)
     raise MeshError(f"the mesh was not ready within {timeout_s:.0f}s; "
                     f"logs are in {group.log_dir}")
+
+
+def unserved(status: MeshStatus) -> tuple[ModelStatus, ...]:
+    return tuple(m for m in status.models if m.state is ServingState.NOT_SERVED)
+
+
+def readiness_lines(status: MeshStatus, url: str) -> list[str]:
+    """What `up` says once every model is decided: plainly `Ready:` only when every model
+    is served, else which are not and why (a gateway with nothing to serve is no ready
+    mesh)."""
+    missing = unserved(status)
+    if not missing:
+        return [f"Ready: {url}   (Ctrl-C stops the mesh)"]
+    return [*(f"Ready, but {m.model_id} is not served: {_why(m)}" for m in missing),
+            f"  the gateway answers at {url}   (Ctrl-C stops the mesh)"]
+
+
+def _why(model: ModelStatus) -> str:
+    # The planner's reason names the model first ("gemma3-270m needs 625.4 MiB ...").
+    named = f"{model.model_id} "
+    reason = model.unplaced_reason
+    return reason[len(named):] if reason.startswith(named) else reason

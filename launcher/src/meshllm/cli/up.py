@@ -8,11 +8,15 @@ import signal
 import socket
 import sys
 import time
+import webbrowser
+from collections.abc import Mapping
 from pathlib import Path
+from typing import NoReturn
 
 from meshllm.cli.local_mesh import LocalMesh
+from meshllm.cli.output import say
 from meshllm.cli.procs import ProcessGroup, service_argv
-from meshllm.cli.ready import wait_ready
+from meshllm.cli.ready import readiness_lines, unserved, wait_ready
 from meshllm.cli.up_config import UpConfig
 from meshllm.common.config import format_size
 from meshllm.common.errors import MeshError
@@ -59,41 +63,79 @@ def start_services(group: ProcessGroup, cfg: UpConfig, etcd: str) -> None:
         "--blackboard", blackboard))
 
 
+class ModelsNotServed(MeshError):
+    """`--require-models`: a model the mesh was asked to serve is not served."""
+
+    reason = "models_not_served"
+
+
+# Each stops the mesh: Ctrl-C, `kill`, and the hang-up of a closed terminal.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def run_up(cfg: UpConfig) -> int:
     group = ProcessGroup(cfg.data_dir / "logs", cfg.child_env)
 
     def on_signal(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_signal)
+    for signum in STOP_SIGNALS[1:]:
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # nohup's hang-up stays ignored
+            signal.signal(signum, on_signal)
     try:
         return _serve(group, cfg)
     except KeyboardInterrupt:
         return 0
     finally:
-        # A second Ctrl-C must not leave orphans: shutdown is bounded by the grace period.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        print("stopping the mesh...", flush=True)
+        # A second signal must not leave orphans: shutdown is bounded by the grace period.
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+        say("stopping the mesh...")
         group.stop_all()
-        print("stopped", flush=True)
+        say("stopped")
+
+
+def open_console(url: str, env: Mapping[str, str]) -> str:
+    """Open the console in a browser; what to tell the user. Without a display only a
+    text browser could answer, and that would take over the terminal `up` prints to."""
+    if sys.platform.startswith("linux") and not (env.get("DISPLAY")
+                                                 or env.get("WAYLAND_DISPLAY")):
+        return f"no browser here (no display): open {url} where there is one"
+    try:
+        opened = webbrowser.open_new_tab(url)
+    except webbrowser.Error:
+        opened = False
+    return f"opened {url} in a browser" if opened else f"no browser found: open {url}"
 
 
 def _serve(group: ProcessGroup, cfg: UpConfig) -> int:
-    print(f"mesh-llm: {cfg.workers} workers x {format_size(cfg.worker_memory_bytes)}, "
-          f"{cfg.threads} threads each; models {', '.join(cfg.models)}; data in {cfg.data_dir}",
-          flush=True)
+    say(f"mesh-llm: {cfg.workers} workers x {format_size(cfg.worker_memory_bytes)}, "
+        f"{cfg.threads} threads each; models {', '.join(cfg.models)}; data in {cfg.data_dir}")
     etcd = cfg.etcd_url or start_etcd(group, cfg.data_dir)
     LocalMesh(etcd, cfg.port).write(cfg.data_dir)
     start_services(group, cfg, etcd)
     status = wait_ready(group, cfg.port, len(cfg.models), cfg.ready_timeout_s)
+    missing = unserved(status)
     for model in status.models:
-        print(f"  {model.model_id}: {model.status_text}")
-    print(f"\nReady: http://localhost:{cfg.port}/v1   (Ctrl-C stops the mesh)", flush=True)
+        if model not in missing:  # those get a line of their own below
+            say(f"  {model.model_id}: {model.status_text}")
+    say("")
+    for line in readiness_lines(status, f"http://localhost:{cfg.port}/v1"):
+        say(line)
+    if cfg.require_models and missing:
+        raise ModelsNotServed(f"--require-models: {', '.join(m.model_id for m in missing)} "
+                              "not served")
+    if cfg.open_console:
+        # child_env: up's own environment less per-process variables (DISPLAY is kept)
+        say("  " + open_console(f"http://localhost:{cfg.port}/console", cfg.child_env))
+    _watch(group)
+
+
+def _watch(group: ProcessGroup) -> NoReturn:
     while True:
         if dead := group.dead():
-            print(f"warning: {', '.join(c.name for c in dead)} exited; see {group.log_dir}",
-                  file=sys.stderr, flush=True)
+            say(f"warning: {', '.join(c.name for c in dead)} exited; see {group.log_dir}",
+                sys.stderr)
             for child in dead:
                 group.children.remove(child)
         time.sleep(1.0)

@@ -46,6 +46,8 @@ class UpConfig:
     etcd_url: str               # "" : start one under data_dir
     context_length_tokens: int
     ready_timeout_s: float
+    require_models: bool        # exit non-zero (after stopping) when a model is not served
+    open_console: bool          # open the console in a browser once ready
     child_env: Mapping[str, str]  # environment every child starts with: child_environment()
 
 
@@ -58,6 +60,13 @@ def _threads(text: str) -> int:
     if value < 0:
         raise ValueError(f"must be >= 0, got {value}")
     return value
+
+
+def _switch(text: str) -> bool:
+    word = text.strip().lower()
+    if word not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+        raise ValueError("expected true or false")
+    return word in ("1", "true", "yes", "on")
 
 
 UP_OPTIONS = (
@@ -84,13 +93,23 @@ UP_OPTIONS = (
            "context length in tokens per engine"),
     Option("--ready-timeout-s", "MESHLLM_UP_READY_TIMEOUT_S", positive_float, "900",
            "seconds to wait for every model to serve"),
+    Option("--require-models", "MESHLLM_UP_REQUIRE_MODELS", _switch, "false",
+           "a switch: stop the mesh and exit non-zero when a model is not served"),
+    Option("--open", "MESHLLM_UP_OPEN", _switch, "false",
+           "a switch: open the console in a browser once ready"),
 )
+# Options given as bare flags (`--open`); their variables take true/false.
+SWITCHES = frozenset({"--require-models", "--open"})
+
+
+def _switches_valued(argv: Sequence[str]) -> list[str]:
+    return [f"{arg}=true" if arg in SWITCHES else arg for arg in argv]
 
 
 def load_up_config(argv: Sequence[str], env: Mapping[str, str]) -> UpConfig:
     """`mesh-llm up`'s whole configuration; a bad value raises ConfigError naming the flag
     and the variable."""
-    v = read_options("mesh-llm up", UP_OPTIONS, argv, env)
+    v = read_options("mesh-llm up", UP_OPTIONS, _switches_valued(argv), env)
     workers = v["workers"]
     return UpConfig(
         workers=workers, models=v["model"] or (DEFAULT_MODEL,), split=v["split"],
@@ -100,5 +119,6 @@ def load_up_config(argv: Sequence[str], env: Mapping[str, str]) -> UpConfig:
         threads=v["threads"] or max(1, (os.cpu_count() or 1) // workers),
         data_dir=v["data_dir"].expanduser().resolve(), etcd_url=v["etcd"],
         context_length_tokens=v["context_length"], ready_timeout_s=v["ready_timeout_s"],
+        require_models=v["require_models"], open_console=v["open"],
         child_env=child_environment(env, SERVICE_OPTIONS),
     )

@@ -1,7 +1,10 @@
 """Gossip between nodes: push on post, anti-entropy pulls to catch up.
 
 Push is fast but best effort: each peer has a long-lived Gossip stream and a bounded
-queue; a batch lost to a broken stream is not retried. Anti-entropy is what makes the
+queue. A stream that breaks (the peer crashed, restarted, was cut off) is noticed at once,
+counted, and opened again with backoff; the batch it was carrying is sent again on the new
+stream, and posts queued meanwhile follow. A queue that overflowed while the peer was away
+drops pushes; those posts arrive by anti-entropy. Anti-entropy is what makes the
 replicas converge: every interval a node pulls from a few random peers whatever they hold
 that it lacks (digest of time buckets -> ids of differing buckets -> fetch). Since every
 node pulls, a post reaches every node that can reach, directly or not, one that has it.
@@ -26,6 +29,7 @@ from meshllm.blackboard.peer_wire import bucket_from_pb, post_from_peer
 from meshllm.common.blackboard.types import NodeId, Peer, Post, PostId
 from meshllm.common.blackboard.wire import post_to_pb
 from meshllm.common.errors import InvalidRecord
+from meshllm.common.lifecycle import Backoff
 from meshllm.common.tls import PLAINTEXT, GrpcSecurity
 from meshllm.v1 import blackboard_pb2 as pb
 from meshllm.v1 import blackboard_pb2_grpc as pb_grpc
@@ -39,6 +43,11 @@ CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 PUSH_MAX_BATCH = 100
+# A broken push stream is opened again after these delays (the channel's own reconnect
+# backoff, above, comes on top while the peer is down).
+PUSH_BACKOFF_INITIAL_S = 0.2
+PUSH_BACKOFF_MAX_S = 2.0
+PUSH_BATCH_TRIES = 3  # streams one batch is written on before it is left to anti-entropy
 FETCH_BATCH = 256
 
 
@@ -98,6 +107,12 @@ class PeerLink:
         self._channel = settings.security.channel(peer.address, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.BlackboardStub(self._channel)
         self._queue: asyncio.Queue[Post] = asyncio.Queue(settings.push_queue)
+        # Sent on a stream that broke before the peer acknowledged them: sent again first.
+        self._unacked: list[Post] = []
+        self._unacked_tries = 0  # streams the unacknowledged batch was written on
+        self.up = False  # a stream to the peer is open and answered
+        self._broken_at: float | None = None  # monotonic time the open stream broke
+        self._down_reported = False  # the failure to open a stream was logged already
         self._task = asyncio.create_task(self._push_forever(), name=f"push-{peer.node_id}")
 
     def enqueue(self, post: Post) -> None:
@@ -113,31 +128,90 @@ class PeerLink:
         await self._channel.close(None)
 
     async def _push_forever(self) -> None:
-        backoff = 0.2
+        backoff = Backoff(PUSH_BACKOFF_INITIAL_S, PUSH_BACKOFF_MAX_S)
         while True:
             try:
-                await self._push_stream()
-            except (grpc.aio.AioRpcError, TimeoutError, ConnectionError) as exc:
-                log.info("push stream to %s broke (%s); reconnecting in %.1f s",
-                         self.peer.node_id, _short(exc), backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
+                await self._push_stream(backoff)
+            except Exception as exc:  # whatever broke the stream, a new one replaces it
+                self._stream_failed(exc)
+                self._drop_unacked_if_stuck()
+            await asyncio.sleep(backoff.next())
 
-    async def _push_stream(self) -> None:
+    def _drop_unacked_if_stuck(self) -> None:
+        """A batch that broke the stream on every try may be what breaks it (a peer that
+        fails on one of its posts): give it up rather than block every later push."""
+        if self._unacked and self._unacked_tries >= PUSH_BATCH_TRIES:
+            log.warning("dropping %d posts for %s after %d failed pushes; anti-entropy "
+                        "brings them", len(self._unacked), self.peer.node_id,
+                        self._unacked_tries)
+            self._metrics.push_dropped.labels(peer=self.peer.node_id).inc(len(self._unacked))
+            self._unacked = []
+
+    async def _push_stream(self, backoff: Backoff) -> None:
         call = self._stub.Gossip()
+        ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        call.add_done_callback(lambda _: _resolve(ended))
         try:
+            # An empty push first: the link counts as up once the peer has answered.
+            await self._exchange(call, [])
+            self._stream_up()
+            backoff.reset()
             while True:
-                batch = [await self._queue.get()]
-                while not self._queue.empty() and len(batch) < PUSH_MAX_BATCH:
-                    batch.append(self._queue.get_nowait())
-                message = pb.GossipPush(from_node=self._settings.node_id,
-                                        posts=[post_to_pb(p) for p in batch])
-                await asyncio.wait_for(call.write(message), self._settings.push_ack_timeout_s)
-                ack = await asyncio.wait_for(call.read(), self._settings.push_ack_timeout_s)
-                if not isinstance(ack, pb.GossipAck):  # end of stream
-                    raise ConnectionError("peer closed the stream")
+                if not self._unacked:
+                    self._unacked, self._unacked_tries = await self._next_batch(ended), 0
+                self._unacked_tries += 1
+                await self._exchange(call, self._unacked)
+                self._unacked = []
         finally:
             call.cancel()
+
+    async def _next_batch(self, ended: asyncio.Future[None]) -> list[Post]:
+        """The next posts to push, waiting for one; raises if the stream ends meanwhile,
+        so that a peer that died while we were idle is noticed now, not at the next post."""
+        first = asyncio.ensure_future(self._queue.get())
+        try:
+            waiting: set[asyncio.Future[Any]] = {first, ended}
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not first.done():
+                first.cancel()
+        if not first.done() or first.cancelled():
+            raise ConnectionError("the peer ended the stream")
+        batch = [first.result()]
+        while not self._queue.empty() and len(batch) < PUSH_MAX_BATCH:
+            batch.append(self._queue.get_nowait())
+        return batch
+
+    async def _exchange(self, call: Any, posts: Sequence[Post]) -> None:
+        message = pb.GossipPush(from_node=self._settings.node_id,
+                                posts=[post_to_pb(p) for p in posts])
+        await asyncio.wait_for(call.write(message), self._settings.push_ack_timeout_s)
+        ack = await asyncio.wait_for(call.read(), self._settings.push_ack_timeout_s)
+        if not isinstance(ack, pb.GossipAck):  # end of stream
+            raise ConnectionError("the peer closed the stream")
+
+    def _stream_up(self) -> None:
+        self.up, self._down_reported = True, False
+        if self._broken_at is not None:
+            log.info("push link to %s re-established after %.1f s", self.peer.node_id,
+                     time.monotonic() - self._broken_at)
+            self._metrics.links_reestablished.labels(peer=self.peer.node_id).inc()
+            self._broken_at = None
+
+    def _stream_failed(self, exc: Exception) -> None:
+        if self.up:
+            self.up = False
+            self._broken_at = time.monotonic()
+            log.warning("push link to %s broke (%s); reconnecting with backoff, %d posts "
+                        "waiting", self.peer.node_id, _short(exc),
+                        len(self._unacked) + self._queue.qsize())
+            self._metrics.links_broken.labels(peer=self.peer.node_id).inc()
+        elif not self._down_reported:
+            log.info("push link to %s cannot open yet (%s); retrying with backoff",
+                     self.peer.node_id, _short(exc))
+        else:  # still down: one line when it went down is enough
+            log.debug("push link to %s still down: %s", self.peer.node_id, _short(exc))
+        self._down_reported = True
 
     async def reconcile(self) -> int:
         """Pull what this peer holds and we lack. Returns the number of new posts."""
@@ -166,6 +240,11 @@ class PeerLink:
             posts, _ = parse_records(reply.posts, _now_ms())
             new += len(self._board.ingest(posts).stored)
         return new
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _short(exc: BaseException) -> str:
@@ -224,6 +303,10 @@ class Gossip:
         except (grpc.aio.AioRpcError, TimeoutError) as exc:
             # An unreachable peer is normal (restarting, cut off); the next round retries.
             log.info("anti-entropy with %s failed: %s", link.peer.node_id, _short(exc))
+            self._metrics.anti_entropy_rounds.labels(outcome="failed").inc()
+            return
+        except Exception:  # anything else is a fault here or there: this pull only
+            log.exception("anti-entropy with %s failed", link.peer.node_id)
             self._metrics.anti_entropy_rounds.labels(outcome="failed").inc()
             return
         self._metrics.anti_entropy_rounds.labels(outcome="ok").inc()

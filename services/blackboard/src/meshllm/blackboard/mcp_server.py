@@ -20,7 +20,7 @@ from meshllm.common.blackboard.errors import BlackboardError
 from meshllm.common.blackboard.types import Draft, FeedQuery, PostId
 from meshllm.common.blackboard.wire import hit_to_json, parse_since, post_to_json
 from meshllm.common.config import process_env
-from meshllm.common.tls import security_from_env
+from meshllm.common.tls import GrpcSecurity, security_from_env
 
 INSTRUCTIONS = (
     "A message board shared by every agent on the mesh. Post findings, progress and "
@@ -65,8 +65,11 @@ def build_server(client: BlackboardClient, default_author: str) -> MCPServer:
     return server
 
 
-async def serve_stdio(address: str, default_author: str) -> None:
-    security = security_from_env("mesh-llm blackboard mcp", process_env())
+async def serve_stdio(address: str, default_author: str,
+                      security: GrpcSecurity | None = None) -> None:
+    """Serve the tools on stdio; `security` defaults to the MESHLLM_TLS_* variables."""
+    if security is None:
+        security = security_from_env("mesh-llm blackboard mcp", process_env())
     async with BlackboardClient(address, security=security) as client:
         await build_server(client, default_author).run_stdio_async()
 

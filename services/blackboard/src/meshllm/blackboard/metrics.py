@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from meshllm.common import lifecycle
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
@@ -21,6 +24,13 @@ class Metrics:
         self.push_dropped = Counter(
             "meshllm_blackboard_push_dropped", "Pushes dropped (peer slow or down)", ["peer"],
             registry=r)
+        self.links_broken = Counter(
+            "meshllm_blackboard_gossip_links_broken",
+            "Push streams to a peer that broke while up (peer crashed, restarted, cut off)",
+            ["peer"], registry=r)
+        self.links_reestablished = Counter(
+            "meshllm_blackboard_gossip_links_reestablished",
+            "Push streams to a peer opened again after breaking", ["peer"], registry=r)
         self.anti_entropy_rounds = Counter(
             "meshllm_blackboard_anti_entropy_rounds", "Anti-entropy rounds, by outcome",
             ["outcome"], registry=r)
@@ -36,3 +46,9 @@ class Metrics:
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
         self.peers = Gauge("meshllm_blackboard_peers", "Peers known", registry=r)
         self.posts_stored = Gauge("meshllm_blackboard_posts_stored", "Posts held", registry=r)
+        self.lease_ok = Gauge("meshllm_blackboard_etcd_lease_ok",
+                              "1 while the node's etcd lease is held", registry=r)
+        self.task_restarts = lifecycle.restart_counter("blackboard", r)
+
+    def watch_lease(self, lease_ok: Callable[[], bool]) -> None:
+        self.lease_ok.set_function(lambda: float(lease_ok()))

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from meshllm.blackboard.board import Board, BoardSettings
@@ -63,11 +63,15 @@ class Node:
         await self.server.start()
         await self.etcd.connect()
         me = Peer(self.node_id, self.address, time.time())
-        self._registration = await register(self.etcd, me, self.config.lease)
-        self._spawn(self._registration.keep_alive())
-        self._spawn(watch_peers(self.etcd, self.gossip.set_peers))
-        self._spawn(self.gossip.run_anti_entropy())
-        self._spawn(self._prune_forever())
+        self._registration = registration = await register(self.etcd, me, self.config.lease)
+        self.metrics.watch_lease(lambda: registration.lease_ok)
+        # keep_alive handles its own failures; the others start over when they fail: the
+        # peer watch from a fresh snapshot, anti-entropy and pruning at their next round.
+        self._spawn("keep-alive", registration.keep_alive)
+        self._spawn("peer-watch", lambda: watch_peers(self.etcd, self.gossip.set_peers),
+                    supervised=True)
+        self._spawn("anti-entropy", self.gossip.run_anti_entropy, supervised=True)
+        self._spawn("prune", self._prune_forever, supervised=True)
         lifecycle.start_metrics(self.config.metrics_port, self.metrics.registry)
         for service in ("", SERVICE_NAME):
             await self.health.set(service, SERVING)
@@ -113,5 +117,8 @@ class Node:
             self.metrics.posts_stored.set(self.board.count())
             await asyncio.sleep(self.config.prune_interval_s)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        self._tasks.append(asyncio.create_task(coro, name=getattr(coro, "__name__", "task")))
+    def _spawn(self, name: str, factory: Callable[[], Coroutine[Any, Any, None]],
+               supervised: bool = False) -> None:
+        coro = (lifecycle.supervise(name, factory, self.metrics.task_restarts) if supervised
+                else factory())
+        self._tasks.append(asyncio.create_task(coro, name=name))

@@ -42,7 +42,11 @@ async def serve(config: GatewayConfig, stop: asyncio.Event) -> None:
         host=config.host, port=config.port, log_config=None, access_log=False,
         timeout_graceful_shutdown=5,
     ))
-    follower = asyncio.create_task(backend.follow())
+    # The mesh follower starts over from a fresh snapshot when it fails; the HTTP server
+    # ending (its port taken...) stops the gateway.
+    restarts = lifecycle.restart_counter("gateway", metrics.registry)
+    follower = asyncio.create_task(lifecycle.supervise("mesh-follower", backend.follow,
+                                                       restarts))
     serving = asyncio.create_task(server.serve())
     log.info("gateway on http://%s:%d/v1", config.host, config.port)
     try:

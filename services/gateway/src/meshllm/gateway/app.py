@@ -11,14 +11,16 @@ from typing import Any
 from meshllm.common import telemetry
 from meshllm.common.errors import MeshError
 from meshllm.common.status import mesh_status
-from meshllm.common.types import Finished, GenerateEvent, TokenDelta, Usage
+from meshllm.common.types import Finished, GenerateEvent, TokenDelta
 from meshllm.gateway import responses
 from meshllm.gateway.backend import MeshBackend
+from meshllm.gateway.choices import ChoiceOutput, Traced, total_usage
 from meshllm.gateway.errors import ApiError, api_error_for
 from meshllm.gateway.failures import IncompleteAnswer
 from meshllm.gateway.metrics import GatewayMetrics, RequestTimer
 from meshllm.gateway.openai_api import ApiRequest, parse_chat, parse_completion, parse_json
 from meshllm.gateway.routing import ready_replicas
+from meshllm.gateway.streaming import ChoiceStream
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -26,6 +28,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 log = logging.getLogger(__name__)
+Choice = tuple[int, GenerateEvent]  # an event of the choice with that index
 
 
 class Api:
@@ -51,15 +54,20 @@ class Api:
     async def completions(self, request: Request) -> Response:
         return await self._complete(parse_completion(parse_json(await request.body())))
 
+    def _traced(self, req: ApiRequest) -> Traced:
+        def traced(events: AsyncGenerator[GenerateEvent, None]
+                   ) -> AsyncGenerator[GenerateEvent, None]:
+            return telemetry.traced_generation(
+                self.tracer, telemetry.api_call(req.kind, req.model, req.sampling), events)
+        return traced
+
     async def _complete(self, req: ApiRequest) -> Response:
         rid = ("chatcmpl-" if req.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         timer = self.metrics.request_timer(req.model, req.kind, rid)
-        events: AsyncGenerator[GenerateEvent, None] = telemetry.traced_generation(
-            self.tracer, telemetry.api_call(req.kind, req.model, req.sampling),
-            self.backend.generate(req))
+        choices = self.backend.generate_choices(req, self._traced(req))
         try:
-            first = await anext(events)  # errors before the first token are HTTP errors
+            first = await anext(choices)  # errors before the first token are HTTP errors
         except StopAsyncIteration:
             timer.done("error")
             raise IncompleteAnswer("the worker ended the stream without an answer") from None
@@ -69,53 +77,55 @@ class Api:
         timer.first_token()
         if req.stream:
             return StreamingResponse(
-                self._stream(req, rid, created, first, events, timer),
+                self._stream(req, rid, created, first, choices, timer),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
             )
-        return await self._collect(req, rid, created, first, events, timer)
+        return await self._collect(req, rid, created, first, choices, timer)
 
-    async def _collect(self, req: ApiRequest, rid: str, created: int, first: GenerateEvent,
-                       events: AsyncIterator[GenerateEvent], timer: RequestTimer) -> Response:
-        text, finished = [], None
+    async def _collect(self, req: ApiRequest, rid: str, created: int, first: Choice,
+                       choices: AsyncIterator[Choice], timer: RequestTimer) -> Response:
+        outputs = [ChoiceOutput() for _ in range(req.n)]
         try:
-            async for event in _chain(first, events):
+            async for index, event in _chain(first, choices):
+                outputs[index].add(event)
                 if isinstance(event, TokenDelta):
-                    text.append(event.text)
                     timer.tokens(event.tokens)
-                else:
-                    finished = event
         except MeshError:
             timer.done("error")
             raise
-        if finished is None:
+        finished = [out.finished for out in outputs if out.finished is not None]
+        if len(finished) < req.n:
             timer.done("error")
             raise IncompleteAnswer("the worker ended the stream without a finish reason")
-        timer.finished(finished)
+        usage = total_usage([f.usage for f in finished])
+        timer.finished(Finished(finished[0].finish_reason, usage))
         timer.done("ok")
-        body = responses.full_response(req, rid, created, "".join(text),
-                                       finished.finish_reason, finished.usage)
-        return JSONResponse(body)
+        return JSONResponse(responses.full_response(req, rid, created, outputs, usage))
 
-    async def _stream(self, req: ApiRequest, rid: str, created: int, first: GenerateEvent,
-                      events: AsyncGenerator[GenerateEvent, None], timer: RequestTimer
+    async def _stream(self, req: ApiRequest, rid: str, created: int, first: Choice,
+                      choices: AsyncGenerator[Choice, None], timer: RequestTimer
                       ) -> AsyncIterator[bytes]:
         outcome = "cancelled"
+        streams = [ChoiceStream(req, i) for i in range(req.n)]
         try:
-            if req.kind == "chat":  # chat streams open with the assistant role
-                yield responses.sse(responses.chunk(req, rid, created, "", role=True))
-            usage: Usage | None = None
-            async for event in _chain(first, events):
+            for stream in streams:
+                for choice in stream.opening():
+                    yield responses.sse(responses.chunk(req, rid, created, choice))
+            ends: dict[int, Finished] = {}
+            async for index, event in _chain(first, choices):
                 if isinstance(event, TokenDelta):
                     timer.tokens(event.tokens)
-                    if event.text:
-                        yield responses.sse(responses.chunk(req, rid, created, event.text))
-                elif isinstance(event, Finished):
-                    usage = event.usage
-                    timer.finished(event)
-                    yield responses.sse(
-                        responses.chunk(req, rid, created, None, event.finish_reason))
-            if usage is not None and req.include_usage:
-                yield responses.sse(responses.usage_chunk(req, rid, created, usage))
+                    out = streams[index].delta(event)
+                else:
+                    ends[index] = event
+                    out = streams[index].finish(event)
+                for choice in out:
+                    yield responses.sse(responses.chunk(req, rid, created, choice))
+            if len(ends) == req.n:
+                usage = total_usage([end.usage for end in ends.values()])
+                timer.finished(Finished(ends[0].finish_reason, usage))
+                if req.include_usage:
+                    yield responses.sse(responses.usage_chunk(req, rid, created, usage))
             outcome = "ok"
         except MeshError as exc:
             outcome = "error"
@@ -123,7 +133,7 @@ class Api:
             yield responses.sse(api_error_for(exc).body())
         finally:
             timer.done(outcome)
-            await events.aclose()  # cancels the worker call if the client went away
+            await choices.aclose()  # cancels the worker calls if the client went away
         yield responses.SSE_DONE
 
     async def health(self, request: Request) -> Response:
@@ -140,8 +150,7 @@ class Api:
         return Response(body, media_type=content_type)
 
 
-async def _chain(first: GenerateEvent, rest: AsyncIterator[GenerateEvent]
-                 ) -> AsyncIterator[GenerateEvent]:
+async def _chain(first: Choice, rest: AsyncIterator[Choice]) -> AsyncIterator[Choice]:
     yield first
     async for event in rest:
         yield event

@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import aclosing
 from dataclasses import replace
 from typing import Any
 
@@ -20,14 +20,8 @@ from meshllm.common.errors import InvalidGenerateRequest, MeshError, Overloaded
 from meshllm.common.meshview import MeshSnapshot, follow_mesh
 from meshllm.common.store import KeyValueStore
 from meshllm.common.tls import PLAINTEXT, GrpcSecurity
-from meshllm.common.types import (
-    GenerateEvent,
-    GenerateRequest,
-    ModelId,
-    RequestId,
-    WorkerId,
-    WorkerInfo,
-)
+from meshllm.common.types import GenerateEvent, GenerateRequest, ModelId, WorkerId, WorkerInfo
+from meshllm.gateway.choices import Traced, generate_request, merged
 from meshllm.gateway.failures import (
     NoLiveWorker,
     ReplicasBusy,
@@ -41,6 +35,11 @@ from meshllm.gateway.routing import WorkerLoad, ready_replicas, route, why_unava
 from meshllm.v1 import worker_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+
+def _untraced(events: AsyncGenerator[GenerateEvent, None]
+              ) -> AsyncGenerator[GenerateEvent, None]:
+    return events
 
 
 class MeshBackend:
@@ -87,14 +86,42 @@ class MeshBackend:
             last_failure_at_s=time.monotonic() if failed else load.last_failure_at_s,
         )
 
-    async def generate(self, req: ApiRequest) -> AsyncGenerator[GenerateEvent, None]:
-        model_id = self.resolve(req.model)
+    def _candidates(self, model_id: ModelId) -> list[WorkerInfo]:
         candidates = route(ready_replicas(self.snapshot, model_id), self.loads, time.monotonic())
         telemetry.record_route(self._tracer, model_id, [w.worker_id for w in candidates])
         if not candidates:
             raise NoLiveWorker(why_unavailable(self.snapshot, model_id))
-        request = GenerateRequest(RequestId(uuid.uuid4().hex), model_id, req.text, req.chat,
-                                  req.sampling)
+        return candidates
+
+    async def generate(self, req: ApiRequest) -> AsyncGenerator[GenerateEvent, None]:
+        """One choice of `req` (its first)."""
+        model_id = self.resolve(req.model)
+        async for event in self._attempt(self._candidates(model_id),
+                                         generate_request(req, model_id, 0)):
+            yield event
+
+    async def generate_choices(self, req: ApiRequest, trace: Traced = _untraced
+                               ) -> AsyncGenerator[tuple[int, GenerateEvent], None]:
+        """All `req.n` choices as (choice index, event), interleaved as they come. The
+        request is routed once: every choice goes to the same replica, concurrently, and
+        each keeps the retry rules of a single request. `trace` wraps each choice's events."""
+        if req.n == 1:
+            async with aclosing(trace(self.generate(req))) as events:
+                async for event in events:
+                    yield 0, event
+            return
+        model_id = self.resolve(req.model)
+        candidates = self._candidates(model_id)
+        streams = [trace(self._attempt(candidates, generate_request(req, model_id, i)))
+                   for i in range(req.n)]
+        async with aclosing(merged(streams)) as choices:
+            async for item in choices:
+                yield item
+
+    async def _attempt(self, candidates: Sequence[WorkerInfo], request: GenerateRequest
+                       ) -> AsyncGenerator[GenerateEvent, None]:
+        """`request` on the first candidate that takes it; the next when one fails before
+        its first token."""
         failures, busy = [], 0
         for worker in candidates:
             started = False
@@ -107,10 +134,11 @@ class MeshBackend:
                 failure = f"{worker.worker_id}: {exc.code().name} {exc.details()}"
                 busy += self._failed(worker, grpc_errors.error_from_rpc(exc), failure, started)
                 failures.append(failure)
-                log.warning("worker %s failed for %s: %s", worker.worker_id, model_id, failure)
+                log.warning("worker %s failed for %s: %s", worker.worker_id,
+                            request.model_id, failure)
         if busy == len(candidates):
-            raise ReplicasBusy(model_id, failures)
-        raise ReplicasFailed(model_id, failures)
+            raise ReplicasBusy(request.model_id, failures)
+        raise ReplicasFailed(request.model_id, failures)
 
     def _failed(self, worker: WorkerInfo, error: MeshError | None, failure: str,
                 started: bool) -> bool:

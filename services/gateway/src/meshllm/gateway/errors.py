@@ -110,4 +110,6 @@ def api_error_for(error: MeshError) -> ApiError:
     """The OpenAI-shaped HTTP error for a typed mesh error."""
     shape = shape_of(error)
     code = error.reason if shape.reason_as_code else shape.code
-    return ApiError(shape.status, str(error), shape.type, shape.param, code, _headers(error))
+    # an invalid request names the field at fault where the check that refused it knew it
+    param = getattr(error, "param", "") or shape.param
+    return ApiError(shape.status, str(error), shape.type, param, code, _headers(error))

@@ -7,16 +7,27 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from meshllm.common.types import ChatMessage, SamplingParams
+from meshllm.common.types import ChatMessage, Grammar, SamplingParams
+from meshllm.gateway.chat_api import (
+    parallel_tool_calls,
+    parse_messages,
+    parse_tool_choice,
+    parse_tools,
+)
 from meshllm.gateway.errors import invalid
+from meshllm.gateway.structured import output_grammar, response_format_schema, schema_grammar
 
 MAX_STOP_SEQUENCES = 4
+MAX_CHOICES = 16             # n
+MAX_TOP_LOGPROBS = 20        # chat top_logprobs, as OpenAI
+MAX_COMPLETION_LOGPROBS = 20  # completions logprobs: OpenAI allows 5, vLLM 20
+MAX_LOGIT_BIAS = 1024        # entries
 UNSUPPORTED = {
-    "tools": "tool calling is not supported yet",
-    "functions": "function calling is not supported yet",
-    "logprobs": "logprobs are not supported yet",
+    "functions": "the legacy functions parameter is not supported; use tools",
+    "function_call": "the legacy function_call parameter is not supported; use tool_choice",
     "echo": "echo is not supported",
     "suffix": "suffix (insertion) is not supported",
+    "best_of": "best_of is not supported; use n",
 }
 
 
@@ -31,6 +42,12 @@ class ApiRequest:
     include_usage: bool
     text: str | None = None
     chat: tuple[ChatMessage, ...] | None = None
+    n: int = 1                          # independent choices
+    logprobs: int | None = None         # None: none; k: each token's and its top k
+    grammar: Grammar | None = None      # the answer must match it
+    tools_json: str = ""                # the tools to render into the prompt (a JSON list)
+    tool_names: tuple[str, ...] = ()    # the answer is read for calls to these
+    parallel_tool_calls: bool = True
 
 
 def parse_json(body: bytes) -> Mapping[str, Any]:
@@ -82,6 +99,38 @@ def _seed(data: Mapping[str, Any]) -> int | None:
     return None if seed is None else seed % (1 << 64)  # the wire carries an unsigned seed
 
 
+def _logit_bias(data: Mapping[str, Any]) -> tuple[tuple[int, float], ...]:
+    value = data.get("logit_bias")
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or len(value) > MAX_LOGIT_BIAS:
+        raise invalid(f"logit_bias must be an object of at most {MAX_LOGIT_BIAS} token ids "
+                      "(as strings) to biases", "logit_bias")
+    out = []
+    for key, bias in value.items():
+        if not (isinstance(key, str) and key.isdigit() and int(key) < 1 << 32):
+            raise invalid(f"logit_bias: {key!r} is not a token id", "logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or not (
+                -100 <= bias <= 100):
+            raise invalid(f"logit_bias[{key}] must be a number from -100 to 100",
+                          "logit_bias")
+        out.append((int(key), float(bias)))
+    return tuple(sorted(out))
+
+
+def _repeat_penalty(data: Mapping[str, Any]) -> float:
+    key = "repetition_penalty" if "repetition_penalty" in data else "repeat_penalty"  # vLLM's
+    penalty = _number(data, key, 1.0, 0.0, 10.0)
+    if penalty <= 0:
+        raise invalid(f"{key} must be above 0 (1 leaves the distribution as it is)", key)
+    return penalty
+
+
+def _top_k(data: Mapping[str, Any]) -> int:
+    top_k = _integer(data, "top_k", -1, 1 << 31)
+    return 0 if top_k is None or top_k < 0 else top_k  # -1 is vLLM's "off"; 0 is ours
+
+
 def _sampling(data: Mapping[str, Any]) -> SamplingParams:
     max_tokens = _integer(data, "max_completion_tokens", 1, 1 << 30)
     if max_tokens is None:
@@ -92,9 +141,31 @@ def _sampling(data: Mapping[str, Any]) -> SamplingParams:
         top_p=_number(data, "top_p", 1.0, 0.0, 1.0) or 1.0,
         seed=_seed(data),
         stop=_stop(data),
+        top_k=_top_k(data),
         presence_penalty=_number(data, "presence_penalty", 0.0, -2.0, 2.0),
         frequency_penalty=_number(data, "frequency_penalty", 0.0, -2.0, 2.0),
+        repeat_penalty=_repeat_penalty(data),
+        min_p=_number(data, "min_p", 0.0, 0.0, 1.0),
+        logit_bias=_logit_bias(data),
     )
+
+
+def _chat_logprobs(data: Mapping[str, Any]) -> int | None:
+    wanted = data.get("logprobs")
+    if wanted not in (None, True, False):
+        raise invalid("logprobs must be a boolean (top_logprobs says how many "
+                      "alternatives)", "logprobs")
+    top = _integer(data, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    if top is not None and not wanted:
+        raise invalid("top_logprobs needs logprobs: true", "top_logprobs")
+    return (top or 0) if wanted else None
+
+
+def _completion_logprobs(data: Mapping[str, Any]) -> int | None:
+    if data.get("logprobs") is True:  # a chat-style flag sent to completions
+        raise invalid(f"logprobs must be an integer from 0 to {MAX_COMPLETION_LOGPROBS}",
+                      "logprobs")
+    return _integer(data, "logprobs", 0, MAX_COMPLETION_LOGPROBS)
 
 
 def _common(data: Mapping[str, Any]) -> tuple[str, bool, bool]:
@@ -102,10 +173,9 @@ def _common(data: Mapping[str, Any]) -> tuple[str, bool, bool]:
     if not isinstance(model, str) or not model:
         raise invalid("model is required and must be a string", "model")
     for key, why in UNSUPPORTED.items():
-        if data.get(key) not in (None, False, [], 0):
+        value = data.get(key)
+        if value not in (None, False, [], 0) and not (key == "best_of" and value == 1):
             raise invalid(f"{key}: {why}", key, "unsupported_parameter")
-    if _integer(data, "n", 1, 128) not in (None, 1):
-        raise invalid("n: only one choice per request is supported", "n", "unsupported_parameter")
     stream = data.get("stream", False)
     if not isinstance(stream, bool):
         raise invalid("stream must be a boolean", "stream")
@@ -117,41 +187,23 @@ def _common(data: Mapping[str, Any]) -> tuple[str, bool, bool]:
     return model, stream, bool(options.get("include_usage", False))
 
 
-def _content(value: Any, index: int) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        parts = []
-        for part in value:
-            if not isinstance(part, dict) or part.get("type") != "text":
-                raise invalid(f"messages[{index}].content: only text parts are supported",
-                              f"messages[{index}].content")
-            parts.append(str(part.get("text", "")))
-        return "".join(parts)
-    raise invalid(f"messages[{index}].content must be a string or a list of text parts",
-                  f"messages[{index}].content")
-
-
-def _messages(data: Mapping[str, Any]) -> tuple[ChatMessage, ...]:
-    messages = data.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise invalid("messages must be a non-empty list", "messages")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise invalid(f"messages[{i}] must be an object", f"messages[{i}]")
-        role = m.get("role")
-        if role not in ("system", "developer", "user", "assistant"):
-            raise invalid(f"messages[{i}].role must be system, developer, user or assistant",
-                          f"messages[{i}].role")
-        out.append(ChatMessage(role, _content(m.get("content"), i)))
-    return tuple(out)
-
-
 def parse_chat(data: Mapping[str, Any]) -> ApiRequest:
     model, stream, include_usage = _common(data)
-    return ApiRequest("chat", model, _sampling(data), stream, include_usage,
-                      chat=_messages(data))
+    messages = parse_messages(data)
+    tools = parse_tools(data)
+    choice = parse_tool_choice(data, tools)
+    parallel = parallel_tool_calls(data)
+    grammar = output_grammar(tools, choice, parallel,
+                             response_format_schema(data.get("response_format")))
+    calling = bool(tools) and choice.mode != "none"  # `none`: the model never sees tools
+    return ApiRequest(
+        "chat", model, _sampling(data), stream, include_usage, chat=messages,
+        n=_integer(data, "n", 1, MAX_CHOICES) or 1, logprobs=_chat_logprobs(data),
+        grammar=grammar,
+        tools_json=json.dumps([t.to_json() for t in tools], ensure_ascii=False)
+        if calling else "",
+        tool_names=tuple(t.name for t in tools) if calling else (),
+        parallel_tool_calls=parallel)
 
 
 def parse_completion(data: Mapping[str, Any]) -> ApiRequest:
@@ -162,4 +214,8 @@ def parse_completion(data: Mapping[str, Any]) -> ApiRequest:
     if not isinstance(prompt, str):
         raise invalid("prompt must be a string (token arrays and batches are not supported)",
                       "prompt")
-    return ApiRequest("completion", model, _sampling(data), stream, include_usage, text=prompt)
+    schema = response_format_schema(data.get("response_format"))
+    return ApiRequest("completion", model, _sampling(data), stream, include_usage, text=prompt,
+                      n=_integer(data, "n", 1, MAX_CHOICES) or 1,
+                      logprobs=_completion_logprobs(data),
+                      grammar=schema_grammar(schema) if schema is not None else None)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import codecs
 import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
-from meshllm.common.types import Usage
+from meshllm.common.toolcalls import parse_tool_calls
+from meshllm.common.types import TokenLogprob, ToolCall, Usage
+from meshllm.gateway.choices import ChoiceOutput
 from meshllm.gateway.openai_api import ApiRequest
 
 
@@ -26,27 +32,101 @@ def envelope(req: ApiRequest, rid: str, created: int, stream: bool) -> dict[str,
             "system_fingerprint": "mesh-llm"}
 
 
-def full_response(req: ApiRequest, rid: str, created: int, text: str, finish_reason: str,
-                  usage: Usage) -> dict[str, Any]:
-    choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
+def new_call_id() -> str:
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+def tool_call_dict(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.call_id, "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def _top(t: TokenLogprob) -> list[dict[str, Any]]:
+    return [{"token": x.token, "logprob": x.logprob, "bytes": list(x.token_bytes)}
+            for x in t.top]
+
+
+def chat_logprobs(tokens: Sequence[TokenLogprob]) -> dict[str, Any]:
+    return {"content": [{"token": t.token, "logprob": t.logprob, "bytes": list(t.token_bytes),
+                         "top_logprobs": _top(t)} for t in tokens],
+            "refusal": None}
+
+
+class TextOffsets:
+    """Character offsets of tokens in a choice's text (a character split across tokens
+    counts at the token that completes it)."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._chars = 0
+
+    def next(self, token_bytes: bytes) -> int:
+        offset = self._chars
+        self._chars += len(self._decoder.decode(token_bytes))
+        return offset
+
+
+def completion_logprobs(tokens: Sequence[TokenLogprob], offsets: TextOffsets
+                        ) -> dict[str, Any]:
+    """The legacy shape; each top_logprobs entry also holds the chosen token, as OpenAI's."""
+    return {"tokens": [t.token for t in tokens],
+            "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [{**{x.token: x.logprob for x in t.top}, t.token: t.logprob}
+                             for t in tokens],
+            "text_offset": [offsets.next(t.token_bytes) for t in tokens]}
+
+
+def logprobs_dict(req: ApiRequest, tokens: Sequence[TokenLogprob], offsets: TextOffsets
+                  ) -> dict[str, Any] | None:
+    if req.logprobs is None:
+        return None
+    return chat_logprobs(tokens) if req.kind == "chat" else completion_logprobs(tokens, offsets)
+
+
+def named_calls(req: ApiRequest, calls: Sequence[ToolCall]) -> list[ToolCall]:
+    """The calls the answer keeps (one without parallel calls), each with a new id."""
+    kept = calls if req.parallel_tool_calls else calls[:1]
+    return [replace(c, call_id=new_call_id()) for c in kept]
+
+
+def call_finish_reason(finish_reason: str) -> str:
+    """The finish reason of an answer that called tools: `length` stays (the answer was
+    cut, maybe inside a call, which then stays text)."""
+    return "tool_calls" if finish_reason == "stop" else finish_reason
+
+
+def _message(req: ApiRequest, text: str, finish_reason: str) -> tuple[dict[str, Any], str]:
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+    if req.tool_names:
+        content, calls = parse_tool_calls(text, req.tool_names)
+        if calls:
+            message["content"] = content or None
+            message["tool_calls"] = [tool_call_dict(c) for c in named_calls(req, calls)]
+            finish_reason = call_finish_reason(finish_reason)
+    return message, finish_reason
+
+
+def choice_dict(req: ApiRequest, index: int, out: ChoiceOutput) -> dict[str, Any]:
+    assert out.finished is not None
+    finish_reason = out.finished.finish_reason
+    choice: dict[str, Any] = {"index": index}
     if req.kind == "chat":
-        choice["message"] = {"role": "assistant", "content": text, "refusal": None}
+        choice["message"], finish_reason = _message(req, out.text, finish_reason)
     else:
-        choice["text"] = text
-    return {**envelope(req, rid, created, False), "choices": [choice],
+        choice["text"] = out.text
+    choice["finish_reason"] = finish_reason
+    choice["logprobs"] = logprobs_dict(req, out.logprobs, TextOffsets())
+    return choice
+
+
+def full_response(req: ApiRequest, rid: str, created: int, outputs: Sequence[ChoiceOutput],
+                  usage: Usage) -> dict[str, Any]:
+    return {**envelope(req, rid, created, False),
+            "choices": [choice_dict(req, i, out) for i, out in enumerate(outputs)],
             "usage": usage_dict(usage)}
 
 
-def chunk(req: ApiRequest, rid: str, created: int, text: str | None,
-          finish_reason: str | None = None, role: bool = False) -> dict[str, Any]:
-    choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
-    if req.kind == "chat":
-        delta: dict[str, Any] = {"role": "assistant"} if role else {}
-        if text is not None:
-            delta["content"] = text
-        choice["delta"] = delta
-    else:
-        choice["text"] = text or ""
+def chunk(req: ApiRequest, rid: str, created: int, choice: dict[str, Any]) -> dict[str, Any]:
     return {**envelope(req, rid, created, True), "choices": [choice]}
 
 

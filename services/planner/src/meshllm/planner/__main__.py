@@ -47,7 +47,10 @@ async def serve(config: PlannerConfig, stop: asyncio.Event) -> None:
     policy = PlacementPolicy(config.engine_overhead_bytes, config.max_replicas,
                              max_link_rtt_ms=config.max_link_rtt_ms)
     planner = Planner(kv, specs, policy, board, config.debounce_s)
-    task = asyncio.create_task(planner.run())
+    # On a failure (an etcd write while etcd restarts) the planner starts over: it publishes
+    # the models again, reads the placements back and re-plans from a fresh snapshot.
+    task = asyncio.create_task(lifecycle.supervise(
+        "planner", planner.run, lifecycle.restart_counter("planner")))
     await health.set("", grpcutil.SERVING)
     log.info("planner serving on port %d", port)
     try:

@@ -66,9 +66,15 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
     await worker.publish()
     log.info("worker %s on port %d, budget %d MB, %d threads", config.worker_id, port,
              config.memory_budget_bytes // 10**6, config.threads)
-    tasks = (asyncio.create_task(registration.keep_alive()),
-             asyncio.create_task(follow_placements(worker, kv)),
-             asyncio.create_task(links.run(worker.publish)))
+    # keep_alive handles its own failures. The placement follower starts over from a fresh
+    # snapshot and the link monitor from a new round when they fail (etcd writes while etcd
+    # restarts): a worker that serves must not stop serving for that.
+    restarts = lifecycle.restart_counter("worker", metrics.registry)
+    tasks = (asyncio.create_task(registration.keep_alive(), name="keep-alive"),
+             asyncio.create_task(lifecycle.supervise(
+                 "placements", lambda: follow_placements(worker, kv), restarts)),
+             asyncio.create_task(lifecycle.supervise(
+                 "links", lambda: links.run(worker.publish), restarts)))
     try:
         await lifecycle.stop_or_fail(stop, *tasks)
     finally:

@@ -12,11 +12,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import queue
 import subprocess
+import sys
 import threading
 from collections.abc import Mapping, Sequence
 from typing import IO
+
+# Run before the child's own program: the kernel kills the child when the worker's thread
+# that started it exits (a thread of the loop's default executor, which lives until the loop
+# shuts it down after the worker has stopped its children), so a worker killed outright
+# takes its engines along. Set after exec in a small interpreter, not in a preexec_fn:
+# forking a process busy with gRPC threads aborts the child (and upsets gRPC in the parent).
+_DIE_WITH_WORKER = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(1)  # the worker died before prctl: nothing would stop this child\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n")
+
+
+def _dying_with_worker(argv: Sequence[str]) -> list[str]:
+    if not sys.platform.startswith("linux"):
+        return list(argv)
+    return [sys.executable, "-I", "-S", "-c", _DIE_WITH_WORKER, str(os.getpid()), *argv]
 
 
 class ChildProcess:
@@ -38,7 +58,7 @@ class ChildProcess:
         discarded. stderr is the worker's (its log)."""
         stream = subprocess.PIPE if pipes else subprocess.DEVNULL
         popen = await asyncio.to_thread(
-            subprocess.Popen, list(argv), env=dict(env), stdout=stream,
+            subprocess.Popen, _dying_with_worker(argv), env=dict(env), stdout=stream,
             stdin=subprocess.PIPE if pipes else subprocess.DEVNULL)
         return cls(popen, asyncio.get_running_loop())
 

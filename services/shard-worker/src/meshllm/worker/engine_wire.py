@@ -13,15 +13,29 @@ Nothing here imports llama.cpp: the worker service imports this module too.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
-from typing import TypeVar, cast
+from typing import TypeVar
 
 from meshllm.common import errors
 from meshllm.common.errors import EngineUnavailable, MeshError
-from meshllm.common.types import ChatMessage, GenerateRequest, RequestId, SamplingParams, Usage
+from meshllm.common.types import (
+    ChatMessage,
+    GenerateRequest,
+    Grammar,
+    GrammarKind,
+    RequestId,
+    SamplingParams,
+    TokenLogprob,
+    ToolCall,
+    TopLogprob,
+    Usage,
+)
+from meshllm.worker.wire_fields import Fields, decoded
+from meshllm.worker.wire_fields import MalformedEngineMessage as MalformedEngineMessage
 
 DEFAULT_SLOTS = 1                # requests decoded together
 DEFAULT_MAX_QUEUE = 16           # requests waiting for a free slot before the engine is busy
@@ -31,13 +45,6 @@ DEFAULT_WEIGHT_REPACK = False    # llama.cpp's CPU weight repacking: see batch/l
 DEFAULT_LOG_LEVEL = "INFO"       # the engine child's log level
 
 T = TypeVar("T")
-
-
-class MalformedEngineMessage(EngineUnavailable):
-    """A line on the engine pipe that is no valid message: the two sides disagree, or
-    something other than the protocol wrote to the pipe."""
-
-    reason = "malformed_engine_message"
 
 
 # --- commands: worker -> engine -----------------------------------------------------
@@ -65,10 +72,14 @@ class Generate:
     text: str | None
     chat: tuple[ChatMessage, ...] | None
     sampling: SamplingParams
+    grammar: Grammar | None = None
+    logprobs: int | None = None
+    tools_json: str = ""
 
     @classmethod
     def of(cls, request: GenerateRequest) -> Generate:
-        return cls(request.request_id, request.text, request.chat, request.sampling)
+        return cls(request.request_id, request.text, request.chat, request.sampling,
+                   request.grammar, request.logprobs, request.tools_json)
 
 
 @dataclass(frozen=True)
@@ -151,6 +162,7 @@ class Delta:
     request_id: RequestId
     text: str
     tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens whose text this delta sends
 
 
 @dataclass(frozen=True)
@@ -188,6 +200,10 @@ def _plain(value: object) -> object:
         return str(value)
     if isinstance(value, Mapping):
         return dict(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, bytes):  # a token's exact bytes, which need not be UTF-8
+        return value.hex()
     raise TypeError(f"{type(value).__name__} does not cross the engine pipe")
 
 
@@ -201,158 +217,102 @@ def encode(message: Command | Event) -> bytes:
 # --- decoding -----------------------------------------------------------------------
 
 
-class _Fields:
-    """The fields of one JSON object, each read with its type checked, none left unread."""
 
-    def __init__(self, obj: object, where: str) -> None:
-        if not isinstance(obj, dict):
-            raise MalformedEngineMessage(f"{where}: expected an object, got {obj!r:.80}")
-        self._obj: dict[str, object] = obj
-        self._where = where
-        self._read: set[str] = set()
-
-    def _get(self, key: str, kinds: tuple[type, ...], what: str) -> object:
-        if key not in self._obj:
-            raise MalformedEngineMessage(f"{self._where}: {key} is missing")
-        self._read.add(key)
-        value = self._obj[key]
-        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-            raise MalformedEngineMessage(
-                f"{self._where}: {key} must be {what}, got {value!r:.80}")
-        return value
-
-    # _get has checked each value's type: the casts below only tell mypy so.
-
-    def text(self, key: str) -> str:
-        return cast(str, self._get(key, (str,), "a string"))
-
-    def optional_text(self, key: str) -> str | None:
-        return cast("str | None", self._get(key, (str, type(None)), "a string or null"))
-
-    def integer(self, key: str) -> int:
-        return cast(int, self._get(key, (int,), "an integer"))
-
-    def optional_integer(self, key: str) -> int | None:
-        return cast("int | None", self._get(key, (int, type(None)), "an integer or null"))
-
-    def number(self, key: str) -> float:
-        return float(cast(float, self._get(key, (int, float), "a number")))
-
-    def flag(self, key: str) -> bool:
-        return cast(bool, self._get(key, (bool,), "true or false"))
-
-    def _list(self, key: str, item: type, what: str) -> list[object]:
-        values = cast(list[object], self._get(key, (list,), f"a list of {what}"))
-        if not all(isinstance(v, item) and not isinstance(v, bool) for v in values):
-            raise MalformedEngineMessage(f"{self._where}: {key} must hold only {what}")
-        return values
-
-    def texts(self, key: str) -> tuple[str, ...]:
-        return tuple(cast(list[str], self._list(key, str, "strings")))
-
-    def integers(self, key: str) -> tuple[int, ...]:
-        return tuple(cast(list[int], self._list(key, int, "integers")))
-
-    def text_map(self, key: str) -> dict[str, str]:
-        inner = _Fields(self._get(key, (dict,), "an object"), f"{self._where}.{key}")
-        return {k: inner.text(k) for k in list(inner._obj)}
-
-    def nested(self, key: str, decode: Callable[[_Fields], T]) -> T:
-        return _decoded(self._get(key, (dict,), "an object"), f"{self._where}.{key}", decode)
-
-    def optional_list(self, key: str, decode: Callable[[_Fields], T]) -> tuple[T, ...] | None:
-        values = cast("list[object] | None", self._get(key, (list, type(None)), "a list or null"))
-        if values is None:
-            return None
-        return tuple(_decoded(v, f"{self._where}.{key}[{i}]", decode)
-                     for i, v in enumerate(values))
-
-    def done(self) -> None:
-        unknown = sorted(set(self._obj) - self._read)
-        if unknown:
-            raise MalformedEngineMessage(f"{self._where}: unknown fields {', '.join(unknown)}")
-
-
-def _decoded(obj: object, where: str, decode: Callable[[_Fields], T]) -> T:
-    fields = _Fields(obj, where)
-    value = decode(fields)
-    fields.done()
-    return value
-
-
-def _load(f: _Fields) -> Load:
+def _load(f: Fields) -> Load:
     return Load(Path(f.text("model_path")), f.integer("context_length_tokens"),
                 f.integer("threads"), f.texts("rpc_endpoints"), f.integers("stage_layers"),
                 f.flag("weight_repack"), f.integer("slots"), f.integer("max_queue"),
                 f.text("speculative"), f.text("rpc_library"))
 
 
-def _sampling(f: _Fields) -> SamplingParams:
+def _sampling(f: Fields) -> SamplingParams:
     return SamplingParams(
         max_tokens=f.integer("max_tokens"), temperature=f.number("temperature"),
         top_p=f.number("top_p"), seed=f.optional_integer("seed"), stop=f.texts("stop"),
         top_k=f.integer("top_k"), presence_penalty=f.number("presence_penalty"),
         frequency_penalty=f.number("frequency_penalty"),
-        repeat_penalty=f.number("repeat_penalty"))
+        repeat_penalty=f.number("repeat_penalty"), min_p=f.number("min_p"),
+        logit_bias=f.token_biases("logit_bias"))
 
 
-def _generate(f: _Fields) -> Generate:
+def _chat_message(m: Fields) -> ChatMessage:
+    calls = m.objects("tool_calls", lambda c: ToolCall(c.text("call_id"), c.text("name"),
+                                                       c.text("arguments")))
+    return ChatMessage(m.text("role"), m.text("content"), calls, m.text("tool_call_id"),
+                       m.text("name"))
+
+
+def _generate(f: Fields) -> Generate:
     return Generate(RequestId(f.text("request_id")), f.optional_text("text"),
-                    f.optional_list("chat", lambda m: ChatMessage(m.text("role"),
-                                                                  m.text("content"))),
-                    f.nested("sampling", _sampling))
+                    f.optional_list("chat", _chat_message), f.nested("sampling", _sampling),
+                    f.optional_nested("grammar", lambda g: Grammar(
+                        g.choice("kind", GrammarKind), g.text("source"))),
+                    f.optional_integer("logprobs"), f.text("tools_json"))
 
 
-def _error(f: _Fields) -> WireError:
+def _top_logprob(f: Fields) -> TopLogprob:
+    return TopLogprob(f.text("token"), f.hex_bytes("token_bytes"), f.number("logprob"))
+
+
+def _token_logprob(f: Fields) -> TokenLogprob:
+    return TokenLogprob(f.text("token"), f.hex_bytes("token_bytes"), f.number("logprob"),
+                        f.objects("top", _top_logprob))
+
+
+def _delta(f: Fields) -> Delta:
+    return Delta(RequestId(f.text("request_id")), f.text("text"), f.integer("tokens"),
+                 f.objects("logprobs", _token_logprob))
+
+
+def _error(f: Fields) -> WireError:
     return WireError(f.text("reason"), f.text("message"), f.text_map("details"))
 
 
-def _usage(f: _Fields) -> Usage:
+def _usage(f: Fields) -> Usage:
     return Usage(f.integer("prompt_tokens"), f.integer("completion_tokens"),
                  f.integer("cached_tokens"))
 
 
-def _stats(f: _Fields) -> EngineStats:
+def _stats(f: Fields) -> EngineStats:
     return EngineStats(**{s.name: f.integer(s.name) for s in dataclasses.fields(EngineStats)})
 
 
-def _finished(f: _Fields) -> Finished:
+def _finished(f: Fields) -> Finished:
     return Finished(RequestId(f.text("request_id")), f.text("finish_reason"),
                     f.nested("usage", _usage), f.integer("started_ns"),
                     f.integer("first_token_ns"))
 
 
-_COMMANDS: dict[str, Callable[[_Fields], Command]] = {
+_COMMANDS: dict[str, Callable[[Fields], Command]] = {
     "load": _load, "generate": _generate,
     "cancel": lambda f: Cancel(RequestId(f.text("request_id"))),
 }
-_EVENTS: dict[str, Callable[[_Fields], Event]] = {
+_EVENTS: dict[str, Callable[[Fields], Event]] = {
     "progress": lambda f: Progress(f.number("fraction")),
     "loaded": lambda f: Loaded(f.integer("n_ctx")),
     "load_failed": lambda f: LoadFailed(f.nested("error", _error)),
-    "delta": lambda f: Delta(RequestId(f.text("request_id")), f.text("text"),
-                             f.integer("tokens")),
+    "delta": _delta,
     "finished": _finished,
     "error": lambda f: Error(RequestId(f.text("request_id")), f.nested("error", _error)),
     "stats": lambda f: Stats(f.nested("stats", _stats)),
 }
 
 
-def _decode(line: bytes | str, key: str, decoders: Mapping[str, Callable[[_Fields], T]]) -> T:
+def _decode(line: bytes | str, key: str, decoders: Mapping[str, Callable[[Fields], T]]) -> T:
     try:
         obj = json.loads(line)
     except ValueError as exc:  # also bytes that are not UTF-8
         raise MalformedEngineMessage(f"not a JSON line ({exc}): {line!r:.80}") from exc
-    tag = _Fields(obj, "message").text(key)
+    tag = Fields(obj, "message").text(key)
     decoder = decoders.get(tag)
     if decoder is None:
         raise MalformedEngineMessage(f"unknown {key} {tag!r}")
 
-    def tagged(fields: _Fields) -> T:
+    def tagged(fields: Fields) -> T:
         fields.text(key)  # read above
         return decoder(fields)
 
-    return _decoded(obj, tag, tagged)
+    return decoded(obj, tag, tagged)
 
 
 def decode_command(line: bytes | str) -> Command:

@@ -149,7 +149,7 @@ class ProcessEngine:
                 if isinstance(event, wire.Error):
                     raise event.error.rebuild()
                 if isinstance(event, wire.Delta):
-                    yield TokenDelta(event.text, event.tokens)
+                    yield TokenDelta(event.text, event.tokens, event.logprobs)
                     continue
                 done = True
                 self._trace_phases(request, submitted_ns, event)

@@ -216,26 +216,47 @@ function postItem(post) {
     el("div", {}, post.text));
 }
 
+const BOARD_TIMEOUT_MS = 15000; // a blackboard that does not answer by then is reported
+const BOARD_RETRY_MS = 5000;
+
+// The board's posts, or why there are none to show: {posts} | {state, message, retry}.
+async function fetchBoard() {
+  const abort = new AbortController();
+  const timer = setTimeout(() => abort.abort(), BOARD_TIMEOUT_MS);
+  try {
+    const response = await fetch("/api/blackboard/posts?limit=30", { signal: abort.signal });
+    if (response.status === 404) {
+      return { state: "none", message: "no blackboard configured on this gateway " +
+        "(start the gateway with --blackboard HOST:PORT or MESHLLM_BLACKBOARD)" };
+    }
+    if (!response.ok) {
+      return { state: "unavailable", retry: true,
+        message: "blackboard unavailable (HTTP " + response.status + "); retrying" };
+    }
+    return { posts: (await response.json()).data || [] };
+  } catch (error) {
+    return { state: "unavailable", retry: true, message: "blackboard not answering; retrying" };
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 async function connectBoard() {
   const list = document.getElementById("board");
-  let response;
-  try {
-    response = await fetch("/api/blackboard/posts?limit=30");
-  } catch (error) {
-    list.replaceChildren(el("li", { class: "muted" }, "blackboard unreachable"));
+  const board = await fetchBoard();
+  if (!board.posts) {
+    list.dataset.state = board.state;
+    list.replaceChildren(el("li", { class: "muted" }, board.message));
+    if (board.retry) setTimeout(connectBoard, BOARD_RETRY_MS);
     return;
   }
-  if (!response.ok) {
-    list.replaceChildren(el("li", { class: "muted" },
-      response.status === 404 ? "no blackboard on this gateway" : "blackboard unavailable"));
-    return;
-  }
-  const posts = (await response.json()).data || [];
-  list.replaceChildren(...(posts.length ? posts.map(postItem) :
+  list.dataset.state = board.posts.length ? "posts" : "empty";
+  list.replaceChildren(...(board.posts.length ? board.posts.map(postItem) :
     [el("li", { class: "muted empty" }, "no posts yet")]));
   const feed = new EventSource("/api/blackboard/stream");
   feed.addEventListener("post", (event) => {
     list.querySelector(".empty")?.remove();
+    list.dataset.state = "posts";
     const item = postItem(JSON.parse(event.data));
     item.classList.add("new");
     list.prepend(item);

@@ -35,8 +35,10 @@ class Session:
         with self._lock:
             self._times[rid] = [time.time_ns(), 0]
         try:
-            tokens, stops = self._engine.prompt_tokens(command.text, command.chat)
-            self._engine.submit(rid, tokens, command.sampling, self.on_event, stops=stops)
+            tokens, stops = self._engine.prompt_tokens(command.text, command.chat,
+                                                       command.tools_json)
+            self._engine.submit(rid, tokens, command.sampling, self.on_event, stops=stops,
+                                grammar=command.grammar, logprobs=command.logprobs)
         except MeshError as exc:  # too long, invalid, queue full: the request's answer
             with self._lock:
                 self._times.pop(rid, None)
@@ -49,7 +51,7 @@ class Session:
                 times = self._times.get(rid)
                 if times is not None and not times[1]:
                     times[1] = time.time_ns()
-            self._out.send(wire.Delta(rid, event.text, event.tokens))
+            self._out.send(wire.Delta(rid, event.text, event.tokens, event.logprobs))
             return
         with self._lock:
             started, first = self._times.pop(rid, [0, 0])

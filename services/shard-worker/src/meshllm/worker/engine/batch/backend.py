@@ -39,6 +39,11 @@ class Backend(Protocol):
 
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]: ...
 
+    def grammar_tokenizer(self) -> Any:
+        """The vocabulary as llguidance's LLTokenizer, for constrained decoding (built on
+        the first grammar request: a second or two for a large vocabulary)."""
+        ...
+
 
 class LlamaBackend:
     """One llama.cpp model and context with n_seq sequences."""
@@ -126,6 +131,30 @@ class LlamaBackend:
             buf = (self._l.llama_token * -n)()
             n = int(self._l.llama_tokenize(self._vocab, data, len(data), buf, -n, add_bos, True))
         return list(buf[:n])
+
+    def grammar_tokenizer(self) -> Any:
+        """As llguidance.llamacpp.lltokenizer_from_vocab, without its deprecated per-token
+        call (a warning per token), and with every end-of-generation token as an EOS."""
+        from llguidance import LLTokenizer
+
+        lib, buf = self._l, ctypes.create_string_buffer(1 << 14)
+        control, user = lib.LLAMA_TOKEN_ATTR_CONTROL, lib.LLAMA_TOKEN_ATTR_USER_DEFINED
+        tokens: list[bytes] = []
+        for token in range(self.n_vocab):
+            n = int(lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True))
+            data = buf.raw[:max(n, 0)]
+            attr = int(lib.llama_vocab_get_attr(self._vocab, token))
+            # Control tokens, and user-defined ones that look like them, are special:
+            # llguidance marks them with a 0xff prefix so that no text matches them.
+            if attr & control or (attr & user and data.startswith(b"<")
+                                  and data.endswith(b">")):
+                data = b"\xff" + data
+            tokens.append(data)
+        tokenize = ctypes.cast(lib.llama_cpp._lib.llama_tokenize, ctypes.c_void_p).value
+        eog = [t for t in range(self.n_vocab) if self.is_eog(t)]
+        return LLTokenizer.from_llamacpp(  # type: ignore[attr-defined]
+            tokens=tokens, vocab_ptr=self._vocab, tokenize_fptr=tokenize, eos_token=eog,
+            slices=None)
 
     def meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(1 << 16)

@@ -7,19 +7,22 @@ chunks of new prompts; requests join between steps and leave when done. `submit`
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from meshllm.common.errors import InvalidGenerateRequest, PromptTooLong
-from meshllm.common.types import ChatMessage, SamplingParams
+from meshllm.common.types import ChatMessage, Grammar, SamplingParams
 from meshllm.worker.engine.batch.backend import Backend, LlamaBackend
 from meshllm.worker.engine.batch.config import BatchConfig, SpecMode
 from meshllm.worker.engine.batch.draft import Drafter, ModelDrafter, NgramDrafter
 from meshllm.worker.engine.batch.errors import DuplicateRequest, EngineStopped, QueueFull
 from meshllm.worker.engine.batch.events import EngineStats, Event, Failed, Finished, OnEvent
+from meshllm.worker.engine.batch.grammar import GrammarCompiler
 from meshllm.worker.engine.batch.load_options import LoadOptions
+from meshllm.worker.engine.batch.logprobs import MAX_TOP_LOGPROBS
 from meshllm.worker.engine.batch.prefix import FreeSlot, place
 from meshllm.worker.engine.batch.prompt import PromptBuilder
 from meshllm.worker.engine.batch.request import Active, Submission
@@ -66,29 +69,39 @@ class BatchEngine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._prompts: PromptBuilder | None = None
+        self.grammars = GrammarCompiler(self._backend.grammar_tokenizer, self._backend.n_vocab,
+                                        self._backend.is_eog)
 
     # --- caller side (any thread) ---------------------------------------------------
 
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         return self._backend.tokenize(text, add_bos)
 
-    def prompt_tokens(self, text: str | None, chat: tuple[ChatMessage, ...] | None
-                      ) -> tuple[list[int], tuple[str, ...]]:
-        """(tokens, the chat template's stop strings) for a text prompt or chat messages.
+    def prompt_tokens(self, text: str | None, chat: tuple[ChatMessage, ...] | None,
+                      tools_json: str = "") -> tuple[list[int], tuple[str, ...]]:
+        """(tokens, the chat template's stop strings) for a text prompt or chat messages
+        (with the request's tools, a JSON list, rendered into the chat prompt).
         Too long prompts are refused by submit(), against the slot's context."""
         if not isinstance(self._backend, LlamaBackend):
             raise InvalidGenerateRequest("prompt rendering needs the llama.cpp backend")
         if self._prompts is None:
             self._prompts = PromptBuilder(self._backend)
-        return self._prompts.prompt_tokens(text, chat)
+        return self._prompts.prompt_tokens(text, chat, tools_json)
 
     def submit(self, request_id: str, prompt_tokens: Sequence[int], sampling: SamplingParams,
-               on_event: OnEvent, *, stops: Sequence[str] = (), min_p: float = 0.0,
-               logit_bias: Mapping[int, float] | None = None) -> None:
+               on_event: OnEvent, *, stops: Sequence[str] = (), grammar: Grammar | None = None,
+               logprobs: int | None = None) -> None:
         """Queues a request; raises QueueFull past the bound, PromptTooLong, or
-        InvalidGenerateRequest. Events arrive on the engine thread."""
-        sub = self._submission(request_id, prompt_tokens, sampling, on_event, stops, min_p,
-                               logit_bias)
+        InvalidGenerateRequest (also for a grammar that is invalid or unsupported: it is
+        compiled here, on the caller's thread, not on the engine's). Events arrive on the
+        engine thread."""
+        sub = self._submission(request_id, prompt_tokens, sampling, on_event, stops)
+        if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidGenerateRequest(
+                f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}", "logprobs")
+        if grammar is not None or logprobs is not None:
+            sub = dataclasses.replace(sub, logprobs=logprobs, grammar=None if grammar is None
+                                      else self.grammars.compile(grammar))
         with self._cond:
             if self._stopping:
                 raise EngineStopped("the engine is shutting down")
@@ -102,20 +115,22 @@ class BatchEngine:
             self._cond.notify_all()
 
     def _submission(self, request_id: str, prompt: Sequence[int], sampling: SamplingParams,
-                    on_event: OnEvent, stops: Sequence[str], min_p: float,
-                    logit_bias: Mapping[int, float] | None) -> Submission:
+                    on_event: OnEvent, stops: Sequence[str]) -> Submission:
         n_ctx = self.config.n_ctx_slot
         if not prompt:
             raise InvalidGenerateRequest("the prompt has no tokens")
         if len(prompt) >= n_ctx:
             raise PromptTooLong(len(prompt), n_ctx)
         vocab = getattr(self._backend, "n_vocab", 0)
-        if any(not 0 <= t < vocab for t in (*prompt, *(logit_bias or {}))):
+        if any(not 0 <= t < vocab for t in prompt):
             raise InvalidGenerateRequest("a token id is outside the model's vocabulary")
+        if any(not 0 <= t < vocab for t, _ in sampling.logit_bias):
+            raise InvalidGenerateRequest(
+                f"logit_bias names a token id outside the vocabulary (0..{vocab - 1})",
+                "logit_bias")
         budget = n_ctx - len(prompt)
         limit = min(sampling.max_tokens or budget, budget)
-        spec = SamplerSpec.from_params(sampling, min_p=min_p, logit_bias=logit_bias,
-                                       default_seed=self.config.seed)
+        spec = SamplerSpec.from_params(sampling, default_seed=self.config.seed)
         return Submission(request_id, tuple(prompt), spec, (*sampling.stop, *stops), limit,
                           on_event)
 
@@ -207,6 +222,10 @@ class BatchEngine:
         self._thread = threading.Thread(target=self.run_forever, name="batch-engine",
                                         daemon=True)
         self._thread.start()
+        # The grammar tokenizer takes a second or two: build it before the first request
+        # with a grammar needs it, off the engine thread.
+        threading.Thread(target=self.grammars.warm_up, name="grammar-warm-up",
+                         daemon=True).start()
         return self._thread
 
     def stop(self) -> None:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from meshllm.common.errors import MeshError
+from meshllm.common.types import TokenLogprob
 from meshllm.worker.engine_wire import EngineStats
 
 __all__ = ["Delta", "EngineStats", "Event", "Failed", "Finished", "OnEvent"]
@@ -19,6 +20,9 @@ class Delta:
     text: str
     tokens: int
     token_ids: tuple[int, ...] = ()  # the tokens behind `text` (tests compare outputs by them)
+    # When asked: the logprobs of the tokens whose text this delta sends, in order (text held
+    # back for a possible stop string holds its tokens' logprobs until it is sent).
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)

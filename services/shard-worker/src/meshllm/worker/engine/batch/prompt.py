@@ -18,10 +18,11 @@ class PromptBuilder:
             backend.meta("tokenizer.chat_template"), backend.meta("general.architecture") or "")
         self._bos, self._eos = backend.special_piece("bos"), backend.special_piece("eos")
 
-    def prompt_tokens(self, text: str | None, chat: tuple[ChatMessage, ...] | None
-                      ) -> tuple[list[int], tuple[str, ...]]:
+    def prompt_tokens(self, text: str | None, chat: tuple[ChatMessage, ...] | None,
+                      tools_json: str = "") -> tuple[list[int], tuple[str, ...]]:
+        """`tools_json`: the request's tools (a JSON list) to render into a chat prompt."""
         if chat is not None:
-            prompt = render_chat(self._template, chat, self._bos, self._eos)
+            prompt = render_chat(self._template, chat, self._bos, self._eos, tools_json)
             stops = self._template.stop
         else:
             prompt, stops = text or "", ()

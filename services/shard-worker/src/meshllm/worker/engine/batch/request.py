@@ -6,8 +6,11 @@ import codecs
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
+from meshllm.common.types import TokenLogprob
 from meshllm.worker.engine.batch.events import Delta, Event, Finished, OnEvent
+from meshllm.worker.engine.batch.grammar import GrammarState
+from meshllm.worker.engine.batch.logprobs import LogprobRelease
+from meshllm.worker.engine.batch.picker import Picker
 from meshllm.worker.engine.batch.sampling import SamplerSpec
 from meshllm.worker.engine.batch.stops import StopMatcher
 
@@ -20,6 +23,8 @@ class Submission:
     stops: tuple[str, ...]
     limit: int  # most completion tokens (max_tokens capped by the slot's context)
     on_event: OnEvent
+    grammar: GrammarState | None = None  # compiled at submit, advanced by the engine thread
+    logprobs: int | None = None  # None: no logprobs; n: each token's and its n most likely
 
 
 class Active:
@@ -32,13 +37,14 @@ class Active:
         self.reused = reused
         self.admitted = admitted
         self.generated: list[int] = []
-        self.rng = np.random.Generator(np.random.PCG64(sub.spec.seed))
+        self.picker = Picker(sub.spec, sub.grammar, sub.logprobs, piece)
         self.reason: str | None = None
         self._piece, self._is_eog = piece, is_eog
         self._matcher = StopMatcher(sub.stops)
         self._stop_hit = False
         # A token may end inside a UTF-8 sequence: decode incrementally.
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._logprobs = LogprobRelease() if sub.logprobs is not None else None
 
     @property
     def prompt_left(self) -> int:
@@ -51,33 +57,51 @@ class Active:
     def history(self, extra: Sequence[int] = ()) -> list[int]:
         return [*self.sub.prompt, *self.generated, *extra]
 
-    def emit(self, tokens: Sequence[int], out: list[Event]) -> int:
-        """Appends tokens until one ends the request; returns how many were taken."""
+    def emit(self, tokens: Sequence[int], out: list[Event],
+             entries: Sequence[TokenLogprob] = ()) -> int:
+        """Appends tokens until one ends the request; returns how many were taken.
+        `entries`: the tokens' logprobs, when the request asked for them."""
         text, start = "", len(self.generated)
-        for token in tokens:
+        sent: list[TokenLogprob] = []
+        for k, token in enumerate(tokens):
             if self._is_eog(token):
                 self.reason = "stop"
                 break
             self.generated.append(token)
-            piece, stopped = self._matcher.feed(self._decoder.decode(self._piece(token)))
+            piece = self._decoder.decode(self._piece(token))
+            if self._logprobs is not None:
+                self._logprobs.add(entries[k], len(piece))
+            piece, stopped = self._matcher.feed(piece)
             text += piece
-            if stopped:
-                self.reason, self._stop_hit = "stop", True
-                break
-            if self.remaining <= 0:
-                self.reason = "length"
+            if self._logprobs is not None:
+                sent += self._logprobs.release(len(piece))
+            if self._ends(stopped):
                 break
         taken = tuple(self.generated[start:])
         if taken or text:
-            out.append(Delta(self.sub.request_id, text, len(taken), taken))
+            out.append(Delta(self.sub.request_id, text, len(taken), taken, tuple(sent)))
         return len(taken)
+
+    def _ends(self, stopped: bool) -> bool:
+        """Whether the token just appended ends the request (setting the reason)."""
+        grammar = self.sub.grammar
+        if stopped:
+            self.reason, self._stop_hit = "stop", True
+            if self._logprobs is not None:
+                self._logprobs.drop()  # the stop string's tokens go with its text
+        elif grammar is not None and grammar.stopped_at == len(self.generated):
+            self.reason = "stop"  # the grammar is complete: nothing but its end may follow
+        elif self.remaining <= 0:
+            self.reason = "length"
+        return self.reason is not None
 
     def finish(self, reason: str, out: list[Event]) -> None:
         self.reason = reason
         # Nothing follows a stop string, not even held-back bytes.
         tail = "" if self._stop_hit else (
             self._matcher.flush() + self._decoder.decode(b"", final=True))
-        if tail:
-            out.append(Delta(self.sub.request_id, tail, 0))
+        held = self._logprobs.flush() if self._logprobs is not None else ()
+        if tail or held:
+            out.append(Delta(self.sub.request_id, tail, 0, (), held))
         out.append(Finished(self.sub.request_id, reason, len(self.sub.prompt), self.reused,
                             len(self.generated)))

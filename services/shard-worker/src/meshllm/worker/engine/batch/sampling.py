@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,16 +46,14 @@ class SamplerSpec:
                 and self.frequency_penalty == 0.0 and not self.logit_bias)
 
     @classmethod
-    def from_params(cls, p: SamplingParams, *, min_p: float = 0.0,
-                    logit_bias: Mapping[int, float] | None = None,
-                    default_seed: int | None = None) -> SamplerSpec:
+    def from_params(cls, p: SamplingParams, *, default_seed: int | None = None) -> SamplerSpec:
         seed = p.seed if p.seed is not None else default_seed
         if seed is None:
             seed = secrets.randbits(32)
-        return cls(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=min_p,
+        return cls(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
                    repeat_penalty=p.repeat_penalty or 1.0, presence_penalty=p.presence_penalty,
                    frequency_penalty=p.frequency_penalty,
-                   logit_bias=tuple(sorted((logit_bias or {}).items())), seed=int(seed))
+                   logit_bias=tuple(sorted(p.logit_bias)), seed=int(seed))
 
 
 @dataclass(frozen=True)

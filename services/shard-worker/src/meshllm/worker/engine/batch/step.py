@@ -12,23 +12,14 @@ from meshllm.worker.engine.batch.draft import Drafter
 from meshllm.worker.engine.batch.errors import engine_error
 from meshllm.worker.engine.batch.events import Event, Failed
 from meshllm.worker.engine.batch.request import Active
-from meshllm.worker.engine.batch.sampling import (
-    Logits,
-    distribution,
-    greedy_choice,
-    sample,
-)
+from meshllm.worker.engine.batch.sampling import Logits
 from meshllm.worker.engine.batch.scheduler import (
     SlotState,
     StepPlan,
     draft_budget,
     plan_step,
 )
-from meshllm.worker.engine.batch.speculative import (
-    Verdict,
-    accept_greedy,
-    accept_sampled,
-)
+from meshllm.worker.engine.batch.speculative import Verdict
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +135,7 @@ class StepRunner:
             a.done += n
             self._c.prompt_processed += n
             if a.prompt_left == 0:
-                self._emit(i, (sample(rows[r], a.sub.spec, a.history(), a.rng),), out)
+                self._emit(i, (a.picker.pick(rows[r], self._history(a)),), out)
                 r += 1
 
     def _advance(self, i: int, draft: list[int], rows: list[Logits], out: list[Event]) -> None:
@@ -159,20 +150,17 @@ class StepRunner:
         self._c.accepted += verdict.accepted
         self._emit(i, verdict.tokens, out)
 
+    @staticmethod
+    def _history(a: Active) -> Sequence[int]:
+        """What penalties look at; nothing when the request has none."""
+        return () if a.sub.spec.plain_logits else a.history()
+
     def _verify(self, a: Active, draft: list[int], rows: list[Logits]) -> Verdict:
-        spec = a.sub.spec
-        hist = () if spec.plain_logits else a.history()
-        if not draft:
-            return Verdict(0, (sample(rows[0], spec, hist, a.rng),))
-        if spec.greedy:
-            return accept_greedy(draft, lambda j: greedy_choice(rows[j], spec,
-                                                                [*hist, *draft[:j]]))
-        return accept_sampled(draft, lambda j: distribution(rows[j], spec, [*hist, *draft[:j]]),
-                              lambda j: None, lambda: float(a.rng.random()))
+        return a.picker.verify(draft, rows, self._history(a))
 
     def _emit(self, i: int, tokens: Sequence[int], out: list[Event]) -> None:
         a = self._active(i)
-        self._c.generated += a.emit(tokens, out)
+        self._c.generated += a.emit(tokens, out, a.picker.take_entries())
         if a.reason is not None:
             a.finish(a.reason, out)
             self._free(i)

@@ -1,0 +1,128 @@
+"""How one request chooses its tokens: its sampler, seeded generator, grammar and logprobs.
+
+With a grammar, the request samples from D: its sampler's candidates (after top-k/top-p/
+min-p) that the grammar allows, renormalized; when the grammar allows none of them, the
+candidates chosen among the allowed tokens only. The fast path draws x from the unmasked
+candidates and keeps it when the grammar allows it, else draws again from D with the full
+mask. That is exactly D: with A the candidates' allowed mass, an allowed x comes first with
+probability p(x), or after a refusal (1 - A) from D with p(x)/A, in all p(x)/A = D(x); when
+A = 0 every first draw is refused. Greedy is the case of one candidate, so a greedy request
+pays for a mask only when the model's favourite token is forbidden.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from meshllm.common.types import TokenLogprob
+from meshllm.worker.engine.batch.grammar import GrammarState, Mask
+from meshllm.worker.engine.batch.logprobs import logprob_entry
+from meshllm.worker.engine.batch.sampling import (
+    Dist,
+    Logits,
+    SamplerSpec,
+    distribution,
+    draw,
+    greedy_choice,
+    sample,
+)
+from meshllm.worker.engine.batch.speculative import Verdict, accept_greedy, accept_sampled
+
+
+def allowed_dist(logits: Logits, spec: SamplerSpec, history: Sequence[int],
+                 mask: Mask) -> Dist:
+    """D above, as a distribution."""
+    dist = distribution(logits, spec, history)
+    keep = mask[dist.ids]
+    if keep.any():
+        probs = dist.probs[keep]
+        return Dist(dist.ids[keep], probs / probs.sum())
+    masked = np.where(mask, logits, np.float32(-np.inf)).astype(np.float32)
+    return distribution(masked, spec, history)
+
+
+class Picker:
+    """Mutable: the engine thread alone uses it, one position at a time."""
+
+    def __init__(self, spec: SamplerSpec, grammar: GrammarState | None,
+                 logprobs: int | None, piece: Callable[[int], bytes]) -> None:
+        self.spec = spec
+        self.grammar = grammar
+        self.logprobs = logprobs
+        self.rng = np.random.Generator(np.random.PCG64(spec.seed))
+        self._piece = piece
+        self.entries: list[TokenLogprob] = []  # of the tokens picked, until taken
+
+    @property
+    def plain(self) -> bool:
+        return self.grammar is None and self.logprobs is None
+
+    def take_entries(self) -> list[TokenLogprob]:
+        out, self.entries = self.entries, []
+        return out
+
+    def pick(self, row: Logits, history: Sequence[int]) -> int:
+        """The token at this position; the grammar moves past it."""
+        spec, g, hist = self.spec, self.grammar, history
+        token = sample(row, spec, hist, self.rng)
+        mask: Mask | None = None
+        if g is not None and not g.allows(token):
+            mask = g.mask()
+            token = draw(allowed_dist(row, spec, hist, mask), float(self.rng.random()))
+        self._record(row, hist, mask, token)
+        return token
+
+    def _record(self, row: Logits, hist: Sequence[int], mask: Mask | None,
+                token: int) -> None:
+        g = self.grammar
+        if self.logprobs is not None:
+            if g is not None and mask is None:
+                mask = g.mask()
+            self.entries.append(logprob_entry(row, self.spec, hist, mask, token,
+                                              self.logprobs, self._piece))
+        if g is not None:
+            g.consume(token)
+
+    def verify(self, draft: Sequence[int], rows: Sequence[Logits],
+               history: Sequence[int]) -> Verdict:
+        """`history`: what penalties look at (empty when the request has none).
+        Speculative verification: the verdict's tokens are picked as `pick` would have
+        picked them one by one, so a drafted token the grammar forbids is never kept."""
+        if not draft:
+            return Verdict(0, (self.pick(rows[0], history),))
+        spec = self.spec
+        if self.plain:
+            if spec.greedy:
+                return accept_greedy(draft, lambda j: greedy_choice(rows[j], spec,
+                                                                    [*history, *draft[:j]]))
+            return accept_sampled(draft, lambda j: distribution(rows[j], spec,
+                                                                [*history, *draft[:j]]),
+                                  lambda j: None, lambda: float(self.rng.random()))
+        if spec.greedy:
+            # Each choice is the next token of the verdict: picking consumes it.
+            return accept_greedy(draft, lambda j: self.pick(rows[j], [*history, *draft[:j]]))
+        return self._verify_sampled(draft, rows, history)
+
+    def _verify_sampled(self, draft: Sequence[int], rows: Sequence[Logits],
+                        history: Sequence[int]) -> Verdict:
+        spec, g, hist = self.spec, self.grammar, history
+        masks: list[Mask | None] = []
+
+        def target(j: int) -> Dist:
+            if g is not None and j > 0:
+                g.consume(draft[j - 1])  # target(j) comes only once draft[j - 1] is kept
+            masks.append(None if g is None else g.mask())
+            m = masks[-1]
+            h = [*hist, *draft[:j]]
+            return distribution(rows[j], spec, h) if m is None else allowed_dist(
+                rows[j], spec, h, m)
+
+        verdict = accept_sampled(draft, target, lambda j: None, lambda: float(self.rng.random()))
+        if self.logprobs is not None:
+            for j, token in enumerate(verdict.tokens):
+                self.entries.append(logprob_entry(rows[j], spec, [*hist, *draft[:j]],
+                                                  masks[j], token, self.logprobs, self._piece))
+        if g is not None:
+            g.consume(verdict.tokens[-1])
+        return verdict
