@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from meshllm.common import convert
 from meshllm.common.errors import InvalidRecord
@@ -50,6 +52,9 @@ def test_worker_round_trip() -> None:
 
 def test_spec_and_placement_round_trip() -> None:
     assert convert.parse_model_spec(convert.model_spec_to_pb(SPEC).SerializeToString()) == SPEC
+    for template in ("name:gemma", "text:{% for m in messages %}{{ m.content }}{% endfor %}"):
+        spec = dataclasses.replace(SPEC, chat_template=template)
+        assert convert.model_spec_from_pb(convert.model_spec_to_pb(spec)) == spec
     raw = convert.placement_to_pb(PLACEMENT).SerializeToString()
     assert convert.parse_placement(raw) == PLACEMENT
     unplaced = Placement(ModelId("m"), (), 5, "too big")

@@ -50,6 +50,8 @@ COMMANDS: list[wire.Command] = [
     wire.Load(Path("/m.gguf"), 512, 1, rpc_endpoints=("10.0.0.2:50052", "10.0.0.3:50052"),
               stage_layers=(6, 5), weight_repack=True, slots=4, max_queue=3,
               speculative="draft:/d.gguf", rpc_library="stock"),
+    wire.Load(Path("/m.gguf"), 512, 1, chat_template="name:chatml"),
+    wire.Load(Path("/m.gguf"), 512, 1, chat_template="text:{{ messages[0].content }}\n✓"),
     wire.Generate(R, "Once upon a time", None, SAMPLING),
     wire.Generate(R, None, (ChatMessage("system", "be brief"), ChatMessage("user", "héllo ✓")),
                   SamplingParams()),

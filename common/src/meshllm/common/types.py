@@ -48,6 +48,10 @@ class WorkerInfo:
         return next((m for m in self.models if m.model_id == model_id), None)
 
 
+# The built-in chat templates `--chat-template` may name (the worker's chat.NAMED_TEMPLATES).
+CHAT_TEMPLATE_NAMES = ("gemma", "chatml")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     model_id: ModelId
@@ -64,6 +68,9 @@ class ModelSpec:
     slots: int = 1                       # sequences an engine runs at once, each with
                                          # the full context
     speculative: str = "none"            # none | ngram | draft:<model source>
+    chat_template: str = ""              # "": automatic (the GGUF's own, else its family's);
+                                         # "name:NAME": a built-in (CHAT_TEMPLATE_NAMES);
+                                         # "text:SOURCE": a Jinja template's text
 
     @property
     def kv_cache_bytes(self) -> int:

@@ -48,7 +48,8 @@ def start_services(group: ProcessGroup, cfg: UpConfig, etcd: str) -> None:
     group.start("planner", service_argv(
         "meshllm.planner", "--etcd", etcd, "--listen", f"127.0.0.1:{free_port()}",
         "--models", ",".join((*cfg.models, *(s for s in cfg.split if s not in cfg.models))),
-        "--split", ",".join(cfg.split), "--context-length", str(cfg.context_length_tokens)))
+        "--split", ",".join(cfg.split), "--context-length", str(cfg.context_length_tokens),
+        "--chat-template", ",".join(cfg.chat_templates)))
     group.start("blackboard", service_argv(
         "meshllm.blackboard", "--etcd", etcd, "--listen", blackboard,
         "--data-dir", str(cfg.data_dir / "blackboard"), "--node-id", "local"))

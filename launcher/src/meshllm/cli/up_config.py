@@ -23,6 +23,7 @@ from meshllm.common.config import (
 )
 from meshllm.gateway.config import OPTIONS as GATEWAY_OPTIONS
 from meshllm.planner.config import OPTIONS as PLANNER_OPTIONS
+from meshllm.planner.config import chat_templates
 from meshllm.worker.config import OPTIONS as WORKER_OPTIONS
 from meshllm.worker.config import spare_memory_bytes
 
@@ -37,6 +38,7 @@ class UpConfig:
     workers: int
     models: tuple[str, ...]     # catalog names or .gguf paths
     split: tuple[str, ...]      # models to split across workers even when one holds them
+    chat_templates: tuple[str, ...]  # NAME | FILE | MODEL=NAME|FILE, for the planner
     rpc_transport: str          # tunnel | direct
     port: int                   # TCP port of the gateway
     blackboard_port: int        # TCP port of the local blackboard node (the CLI's default)
@@ -75,6 +77,9 @@ UP_OPTIONS = (
            "model to serve: a catalog name or a .gguf path", repeat=True),
     Option("--split", "MESHLLM_SPLIT", str, "",
            "split this model across workers even if one could hold it", repeat=True),
+    Option("--chat-template", "MESHLLM_CHAT_TEMPLATE", str, "",
+           "chat template override: a built-in NAME (gemma, chatml) or a Jinja FILE, for "
+           "all models or as MODEL=NAME|FILE", repeat=True),
     Option("--rpc-transport", "MESHLLM_RPC_TRANSPORT", choice("tunnel", "direct"), "tunnel",
            "how split stages talk: ggml RPC inside gRPC (tunnel) or plain TCP (direct)"),
     Option("--port", "MESHLLM_UP_PORT", port_number, "9337", "gateway port"),
@@ -111,8 +116,10 @@ def load_up_config(argv: Sequence[str], env: Mapping[str, str]) -> UpConfig:
     and the variable."""
     v = read_options("mesh-llm up", UP_OPTIONS, _switches_valued(argv), env)
     workers = v["workers"]
+    chat_templates(v["chat_template"])  # a bad name or file fails here, before any service
     return UpConfig(
         workers=workers, models=v["model"] or (DEFAULT_MODEL,), split=v["split"],
+        chat_templates=v["chat_template"],
         rpc_transport=v["rpc_transport"], port=v["port"],
         blackboard_port=v["blackboard_port"],
         worker_memory_bytes=v["worker_memory"] or spare_memory_bytes() // workers,

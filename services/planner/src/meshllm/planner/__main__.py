@@ -26,7 +26,9 @@ async def describe_models(config: PlannerConfig) -> list[ModelSpec]:
         spec = await asyncio.to_thread(models.describe, source, config.context_length_tokens,
                                        source in config.split)
         mode = config.speculative.get(source, config.speculative.get("*", "none"))
-        spec = dataclasses.replace(spec, slots=config.slots, speculative=mode)
+        template = config.chat_templates.get(source, config.chat_templates.get("*", ""))
+        spec = dataclasses.replace(spec, slots=config.slots, speculative=mode,
+                                   chat_template=template)
         log.info("model %s: %d layers, %d MB weights, context %d", spec.model_id,
                  spec.n_layers, spec.weights_bytes // 10**6, spec.context_length)
         specs.append(spec)

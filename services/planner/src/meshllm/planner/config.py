@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from meshllm.common.config import (
     ETCD_OPTION,
@@ -20,6 +21,7 @@ from meshllm.common.config import (
 from meshllm.common.errors import ConfigError
 from meshllm.common.telemetry import TraceSettings, trace_settings
 from meshllm.common.tls import TLS_OPTIONS, GrpcSecurity, security_from
+from meshllm.common.types import CHAT_TEMPLATE_NAMES
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class PlannerConfig:
     max_link_rtt_ms: float          # never split a model over a slower link
     slots: int                      # sequences each engine decodes together, full context each
     speculative: dict[str, str]     # model -> none | ngram | draft:<model>; "*" for all
+    chat_templates: dict[str, str]  # model -> name:NAME | text:SOURCE (ModelSpec.chat_template)
     context_length_tokens: int      # context each engine serves, capped at the trained one
     engine_overhead_bytes: int      # memory an engine needs beside weights and KV cache
     max_replicas: int               # 0: as many as fit
@@ -55,6 +58,10 @@ OPTIONS = (
     Option("--speculative", "MESHLLM_SPECULATIVE", csv_list, "none",
            "speculative decoding: none | ngram | draft:MODEL, for all models or as "
            "MODEL=MODE entries"),
+    Option("--chat-template", "MESHLLM_CHAT_TEMPLATE", csv_list, "",
+           f"chat template override: {' | '.join(CHAT_TEMPLATE_NAMES)} or a Jinja FILE, "
+           "for all models or as MODEL=VALUE entries (default: the GGUF's own, else its "
+           "family's)"),
     Option("--context-length", "MESHLLM_CONTEXT_LENGTH", positive_int, "4096",
            "context length in tokens per engine"),
     Option("--engine-overhead", "MESHLLM_ENGINE_OVERHEAD", parse_size, "96MiB",
@@ -81,6 +88,32 @@ def speculative_modes(entries: Sequence[str]) -> dict[str, str]:
     return modes
 
 
+def _chat_template(entry: str, value: str, read: Callable[[Path], str]) -> str:
+    if value in CHAT_TEMPLATE_NAMES:
+        return f"name:{value}"
+    try:
+        source = read(Path(value).expanduser())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("--chat-template / MESHLLM_CHAT_TEMPLATE",
+                          f"{entry!r}: not one of {', '.join(CHAT_TEMPLATE_NAMES)} and not a "
+                          f"readable template file ({exc})") from exc
+    if not source.strip():
+        raise ConfigError("--chat-template / MESHLLM_CHAT_TEMPLATE",
+                          f"{entry!r}: the template file is empty")
+    return f"text:{source}"
+
+
+def chat_templates(entries: Sequence[str], read: Callable[[Path], str] = Path.read_text
+                   ) -> dict[str, str]:
+    """{"*": "name:chatml", "m.gguf": "text:{% for ..."} from "chatml,m.gguf=tpl.jinja":
+    a name stays a name; a file is read here, so its text travels and workers need no file."""
+    resolved = {}
+    for entry in entries:
+        model, _, value = entry.rpartition("=") if "=" in entry else ("*", "", entry)
+        resolved[model or "*"] = _chat_template(entry, value, read)
+    return resolved
+
+
 def load_config(argv: Sequence[str], env: Mapping[str, str]) -> PlannerConfig:
     v = read_options("mesh-llm planner", OPTIONS, argv, env)
     unknown = set(v["split"]) - set(v["models"])
@@ -91,6 +124,7 @@ def load_config(argv: Sequence[str], env: Mapping[str, str]) -> PlannerConfig:
         etcd_url=v["etcd"], listen=v["listen"], models=v["models"], split=v["split"],
         max_link_rtt_ms=v["max_link_rtt_ms"], slots=v["slots"],
         speculative=speculative_modes(v["speculative"]),
+        chat_templates=chat_templates(v["chat_template"]),
         context_length_tokens=v["context_length"], engine_overhead_bytes=v["engine_overhead"],
         max_replicas=v["max_replicas"], debounce_s=v["debounce_s"],
         metrics_port=v["metrics_port"], log_level=v["log_level"],

@@ -64,6 +64,7 @@ class Load:
     max_queue: int = DEFAULT_MAX_QUEUE
     speculative: str = DEFAULT_SPECULATIVE
     rpc_library: str = DEFAULT_RPC_LIBRARY
+    chat_template: str = ""              # ModelSpec.chat_template: "" | name:NAME | text:SOURCE
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,7 @@ def _load(f: Fields) -> Load:
     return Load(Path(f.text("model_path")), f.integer("context_length_tokens"),
                 f.integer("threads"), f.texts("rpc_endpoints"), f.integers("stage_layers"),
                 f.flag("weight_repack"), f.integer("slots"), f.integer("max_queue"),
-                f.text("speculative"), f.text("rpc_library"))
+                f.text("speculative"), f.text("rpc_library"), f.text("chat_template"))
 
 
 def _sampling(f: Fields) -> SamplingParams:

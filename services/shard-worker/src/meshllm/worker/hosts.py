@@ -126,7 +126,7 @@ class ModelHost:
             stage_layers=tuple(p.n_layers for p in self.plan.peers),
             weight_repack=self._deps.weight_repack, slots=self.spec.slots,
             max_queue=self._deps.max_queue, speculative=await self._speculative(),
-            rpc_library=self._deps.rpc_library)
+            rpc_library=self._deps.rpc_library, chat_template=self.spec.chat_template)
         return EngineSettings(load, self._deps.child_env, on_progress=self._loading_progress,
                               log_level=self._deps.log_level)
 

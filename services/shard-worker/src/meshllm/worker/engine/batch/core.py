@@ -68,7 +68,9 @@ class BatchEngine:
         self._running = 0
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._prompts: PromptBuilder | None = None
+        # Built at load so the log says which chat template the model uses.
+        self._prompts = (PromptBuilder(self._backend, config.chat_template)
+                         if isinstance(self._backend, LlamaBackend) else None)
         self.grammars = GrammarCompiler(self._backend.grammar_tokenizer, self._backend.n_vocab,
                                         self._backend.is_eog)
 
@@ -85,7 +87,7 @@ class BatchEngine:
         if not isinstance(self._backend, LlamaBackend):
             raise InvalidGenerateRequest("prompt rendering needs the llama.cpp backend")
         if self._prompts is None:
-            self._prompts = PromptBuilder(self._backend)
+            self._prompts = PromptBuilder(self._backend, self.config.chat_template)
         return self._prompts.prompt_tokens(text, chat, tools_json)
 
     def submit(self, request_id: str, prompt_tokens: Sequence[int], sampling: SamplingParams,

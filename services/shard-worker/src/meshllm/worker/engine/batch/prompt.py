@@ -6,16 +6,24 @@ is added unless the rendered prompt already starts with it.
 
 from __future__ import annotations
 
+import logging
+
 from meshllm.common.types import ChatMessage
 from meshllm.worker.engine.batch.backend import LlamaBackend
-from meshllm.worker.engine.batch.chat import ChatTemplate, render_chat, template_for
+from meshllm.worker.engine.batch.chat import ChatTemplate, choose_template, render_chat
+
+log = logging.getLogger(__name__)
 
 
 class PromptBuilder:
-    def __init__(self, backend: LlamaBackend) -> None:
+    def __init__(self, backend: LlamaBackend, override: str = "") -> None:
+        """`override`: the model's ModelSpec.chat_template ("" for automatic)."""
         self._b = backend
-        self._template: ChatTemplate = template_for(
-            backend.meta("tokenizer.chat_template"), backend.meta("general.architecture") or "")
+        self._template: ChatTemplate
+        self._template, origin = choose_template(
+            override, backend.meta("tokenizer.chat_template"),
+            backend.meta("general.architecture") or "")
+        log.info("chat template: %s", origin)
         self._bos, self._eos = backend.special_piece("bos"), backend.special_piece("eos")
 
     def prompt_tokens(self, text: str | None, chat: tuple[ChatMessage, ...] | None,
