@@ -29,6 +29,21 @@ def test_models_lists_short_ids(client: openai.OpenAI) -> None:
     assert ids == {MODEL, "huge-test"}
 
 
+def test_one_model_by_id(client: openai.OpenAI) -> None:
+    model = client.models.retrieve(MODEL)
+    assert model.id == MODEL and model.object == "model" and model.owned_by == "mesh-llm"
+    extra = model.model_dump()
+    assert extra["context_length"] > 0 and extra["capabilities"] == ["generation"]
+    assert extra == next(m for m in client.models.list().model_dump()["data"]
+                         if m["id"] == MODEL)
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("no-such-model")
+    assert err.value.status_code == 404
+    body = err.value.response.json()["error"]
+    assert body["code"] == "model_not_found" and body["param"] == "model"
+    assert MODEL in body["message"]  # it lists the models served
+
+
 def test_chat_completion(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=16,
                                        temperature=0)

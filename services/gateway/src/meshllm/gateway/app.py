@@ -10,8 +10,9 @@ from typing import Any
 
 from meshllm.common import telemetry
 from meshllm.common.errors import MeshError
+from meshllm.common.meshview import MeshSnapshot
 from meshllm.common.status import mesh_status
-from meshllm.common.types import Finished, GenerateEvent, TokenDelta
+from meshllm.common.types import Finished, GenerateEvent, ModelId, TokenDelta
 from meshllm.gateway import responses
 from meshllm.gateway.backend import MeshBackend
 from meshllm.gateway.choices import ChoiceOutput, Traced, total_usage
@@ -40,13 +41,12 @@ class Api:
 
     async def models(self, request: Request) -> Response:
         snapshot = self.backend.snapshot
-        data = [
-            {"id": model_id, "object": "model", "created": 0, "owned_by": "mesh-llm",
-             "context_length": spec.context_length,
-             "ready_replicas": len(ready_replicas(snapshot, model_id))}
-            for model_id, spec in sorted(snapshot.models.items())
-        ]
+        data = [model_object(snapshot, model_id) for model_id in sorted(snapshot.models)]
         return JSONResponse({"object": "list", "data": data})
+
+    async def model(self, request: Request) -> Response:
+        model_id = self.backend.resolve(request.path_params["model"])  # unknown: 404
+        return JSONResponse(model_object(self.backend.snapshot, model_id))
 
     async def chat(self, request: Request) -> Response:
         return await self._complete(parse_chat(parse_json(await request.body())))
@@ -150,6 +150,14 @@ class Api:
         return Response(body, media_type=content_type)
 
 
+def model_object(snapshot: MeshSnapshot, model_id: ModelId) -> dict[str, Any]:
+    """A served model in OpenAI's shape, with what it serves and its context beside."""
+    spec = snapshot.models[model_id]
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "mesh-llm",
+            "context_length": spec.context_length, "capabilities": ["generation"],
+            "ready_replicas": len(ready_replicas(snapshot, model_id))}
+
+
 async def _chain(first: Choice, rest: AsyncIterator[Choice]) -> AsyncIterator[Choice]:
     yield first
     async for event in rest:
@@ -177,6 +185,7 @@ def build_app(api: Api, extra_routes: Sequence[BaseRoute] = (),
               lifespan: Callable[[Starlette], Any] | None = None) -> Starlette:
     routes: list[BaseRoute] = [
         Route("/v1/models", api.models, methods=["GET"]),
+        Route("/v1/models/{model:path}", api.model, methods=["GET"]),
         Route("/v1/chat/completions", api.chat, methods=["POST"]),
         Route("/v1/completions", api.completions, methods=["POST"]),
         Route("/health", api.health, methods=["GET"]),
