@@ -108,6 +108,7 @@ class Option:
     help: str
     repeat: bool = False         # flag given once per item; variable and default comma-separated
     per_process: bool = False    # names or addresses one process: never inherited from a launcher
+    switch: bool = False         # a bare flag means "true" (parse with on_off); =false also works
 
     @property
     def dest(self) -> str:
@@ -129,6 +130,9 @@ def read_options(
         if opt.repeat:
             parser.add_argument(opt.flag, dest=opt.dest, action="append",
                                 help=f"{opt.help}; repeatable [env {opt.env}, comma-separated]")
+        elif opt.switch:
+            parser.add_argument(opt.flag, dest=opt.dest, nargs="?", const="true",
+                                metavar="true|false", help=f"{opt.help} [env {opt.env}]")
         else:
             parser.add_argument(opt.flag, dest=opt.dest, help=f"{opt.help} [env {opt.env}]")
     namespace = parser.parse_args(list(argv))
@@ -147,6 +151,14 @@ def _value(opt: Option, given: str | list[str] | None, env: Mapping[str, str]) -
         return opt.parse(raw)
     except ValueError as exc:
         raise ConfigError(opt.key, f"bad value {raw!r}: {exc}") from exc
+
+
+def on_off(text: str) -> bool:
+    """A yes/no setting: on, true, yes, 1 or off, false, no, 0 (any case)."""
+    word = text.strip().lower()
+    if word not in ("on", "true", "yes", "1", "off", "false", "no", "0"):
+        raise ValueError("expected on or off (true or false)")
+    return word in ("on", "true", "yes", "1")
 
 
 def listen_option(env: str, default: str, what: str) -> Option:

@@ -15,6 +15,7 @@ from meshllm.common.config import (
     ETCD_OPTION,
     Option,
     choice,
+    on_off,
     parse_size,
     port_number,
     positive_float,
@@ -64,13 +65,6 @@ def _threads(text: str) -> int:
     return value
 
 
-def _switch(text: str) -> bool:
-    word = text.strip().lower()
-    if word not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
-        raise ValueError("expected true or false")
-    return word in ("1", "true", "yes", "on")
-
-
 UP_OPTIONS = (
     Option("--workers", "MESHLLM_UP_WORKERS", positive_int, "2", "shard-workers to start"),
     Option("--model", "MESHLLM_MODELS", str, DEFAULT_MODEL,
@@ -98,23 +92,15 @@ UP_OPTIONS = (
            "context length in tokens per engine"),
     Option("--ready-timeout-s", "MESHLLM_UP_READY_TIMEOUT_S", positive_float, "900",
            "seconds to wait for every model to serve"),
-    Option("--require-models", "MESHLLM_UP_REQUIRE_MODELS", _switch, "false",
-           "a switch: stop the mesh and exit non-zero when a model is not served"),
-    Option("--open", "MESHLLM_UP_OPEN", _switch, "false",
-           "a switch: open the console in a browser once ready"),
+    Option("--require-models", "MESHLLM_UP_REQUIRE_MODELS", on_off, "false",
+           "stop the mesh and exit non-zero when a model is not served", switch=True),
+    Option("--open", "MESHLLM_UP_OPEN", on_off, "false",
+           "open the console in a browser once ready", switch=True),
 )
-# Options given as bare flags (`--open`); their variables take true/false.
-SWITCHES = frozenset({"--require-models", "--open"})
-
-
-def _switches_valued(argv: Sequence[str]) -> list[str]:
-    return [f"{arg}=true" if arg in SWITCHES else arg for arg in argv]
-
-
 def load_up_config(argv: Sequence[str], env: Mapping[str, str]) -> UpConfig:
     """`mesh-llm up`'s whole configuration; a bad value raises ConfigError naming the flag
     and the variable."""
-    v = read_options("mesh-llm up", UP_OPTIONS, _switches_valued(argv), env)
+    v = read_options("mesh-llm up", UP_OPTIONS, argv, env)
     workers = v["workers"]
     chat_templates(v["chat_template"])  # a bad name or file fails here, before any service
     return UpConfig(

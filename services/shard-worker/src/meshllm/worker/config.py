@@ -16,6 +16,7 @@ from meshllm.common.config import (
     METRICS_PORT_OPTION,
     Option,
     listen_option,
+    on_off,
     parse_host_port,
     parse_size,
     positive_float,
@@ -70,12 +71,6 @@ def _threads(text: str) -> int:
     return os.cpu_count() or 1 if text == "auto" else positive_int(text)
 
 
-def _on_off(text: str) -> bool:
-    if text.lower() not in ("on", "off", "true", "false", "1", "0"):
-        raise ValueError("expected on or off")
-    return text.lower() in ("on", "true", "1")
-
-
 OPTIONS = (
     ETCD_OPTION,
     listen_option("MESHLLM_WORKER_LISTEN", "0.0.0.0:9340", "gRPC"),
@@ -99,7 +94,7 @@ OPTIONS = (
            "(default ~/.cache/mesh-llm/rpc-<worker id>)", per_process=True),
     Option("--ping-interval-s", "MESHLLM_PING_INTERVAL_S", positive_float, "5",
            "seconds between round-trip measurements to other workers"),
-    Option("--weight-repack", "MESHLLM_WEIGHT_REPACK", _on_off, "off",
+    Option("--weight-repack", "MESHLLM_WEIGHT_REPACK", on_off, "off",
            "on: llama.cpp's CPU weight repacking (faster on some CPUs; split models then "
            "answer slightly differently from whole ones)"),
     Option("--max-queue", "MESHLLM_MAX_QUEUE", int, str(DEFAULT_MAX_QUEUE),
