@@ -27,6 +27,28 @@ class ServiceConfig(Protocol):
 
 
 C = TypeVar("C", bound=ServiceConfig)
+T = TypeVar("T")
+
+
+class Stopped(Exception):
+    """The service was told to stop while still starting (see `unless_stopped`)."""
+
+
+async def unless_stopped(stop: asyncio.Event, step: Awaitable[T]) -> T:
+    """Await a start-up step (waiting for etcd, reading the models...), abandoning it when
+    `stop` is set: a service told to stop while it starts exits then, not when the step
+    ends, so that a container stops on SIGTERM without being killed."""
+    task = asyncio.ensure_future(step)
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise Stopped
+    return task.result()
 
 
 def service_main(name: str, load: Callable[[Sequence[str], Mapping[str, str]], C],
@@ -62,6 +84,8 @@ def run_service(name: str, main: Callable[[asyncio.Event], Awaitable[None]]) -> 
         # paths than asyncio's own loop (bench/tunnel_latency.py).
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as loop_runner:
             loop_runner.run(runner())
+    except Stopped:
+        log.info("%s stopped while starting", name)
     except MeshError as exc:
         log.error("%s cannot run: %s", name, exc)
         print(f"{name}: {exc}", file=sys.stderr)

@@ -17,7 +17,7 @@ async def serve(config: BlackboardConfig, stop: asyncio.Event) -> None:
     tel = telemetry.build_telemetry(config.trace, instance=config.node_id)
     node = Node(config, telemetry.server_interceptors(tel))
     try:
-        await node.start()
+        await lifecycle.unless_stopped(stop, node.start())
         await node.run_until(stop)
     finally:
         await node.stop()

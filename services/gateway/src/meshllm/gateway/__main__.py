@@ -26,7 +26,7 @@ UNTRACED_PATHS = ("/metrics", "/health", "/console", "/api/status", "/static/")
 
 async def serve(config: GatewayConfig, stop: asyncio.Event) -> None:
     kv = EtcdStore(config.etcd_url)
-    await kv.connect()
+    await lifecycle.unless_stopped(stop, kv.connect())
     tel = telemetry.build_telemetry(config.trace)
     backend = MeshBackend(kv, config.first_token_timeout_s, config.token_timeout_s,
                           tel.tracer, telemetry.client_interceptors(tel), config.security)

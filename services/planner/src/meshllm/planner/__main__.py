@@ -37,8 +37,8 @@ async def describe_models(config: PlannerConfig) -> list[ModelSpec]:
 
 async def serve(config: PlannerConfig, stop: asyncio.Event) -> None:
     kv = EtcdStore(config.etcd_url)
-    await kv.connect()
-    specs = await describe_models(config)
+    await lifecycle.unless_stopped(stop, kv.connect())
+    specs = await lifecycle.unless_stopped(stop, describe_models(config))
     board = PlacementBoard()
     tel = telemetry.build_telemetry(config.trace)
     server, health, port = grpcutil.new_server(config.listen, telemetry.server_interceptors(tel),
