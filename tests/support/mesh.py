@@ -42,6 +42,7 @@ class LocalMesh:
     worker_ports: dict[str, int] = field(default_factory=dict)
     etcd_url: str = ""
     gateway_port: int = 0
+    planner_port: int = 0
 
     @property
     def base_url(self) -> str:
@@ -53,8 +54,10 @@ class LocalMesh:
         etcd, self.etcd_url = start_etcd(self.root / "etcd", logs)
         self.procs["etcd"] = etcd
         o = self.options
+        self.planner_port = free_port()
         self.procs["planner"] = Proc("planner", python_module(
-            "meshllm.planner", "--etcd", self.etcd_url, "--listen", f"127.0.0.1:{free_port()}",
+            "meshllm.planner", "--etcd", self.etcd_url,
+            "--listen", f"127.0.0.1:{self.planner_port}",
             "--models", ",".join(o.models), "--context-length", str(o.context_length),
             *o.planner_args), logs)
         for i in range(1, o.workers + 1):

@@ -44,6 +44,13 @@ class InvalidRecord(MeshError):
     reason = "invalid_record"
 
 
+class MalformedMessage(MeshError):
+    """A gRPC request whose bytes are not a message of the method's request type: a
+    client built from other protos, or not a mesh-llm client at all."""
+
+    reason = "malformed_message"
+
+
 class ModelNotFound(MeshError):
     reason = "model_not_found"
 

@@ -16,6 +16,7 @@ from meshllm.common.errors import (
     EngineUnavailable,
     InvalidGenerateRequest,
     InvalidRecord,
+    MalformedMessage,
     MeshError,
     ModelNotFound,
     Overloaded,
@@ -29,6 +30,7 @@ DETAIL_PREFIX = "meshllm-error-"
 STATUS_CODES: dict[type[MeshError], grpc.StatusCode] = {
     InvalidGenerateRequest: grpc.StatusCode.INVALID_ARGUMENT,
     InvalidRecord: grpc.StatusCode.INVALID_ARGUMENT,
+    MalformedMessage: grpc.StatusCode.INVALID_ARGUMENT,
     ConfigError: grpc.StatusCode.FAILED_PRECONDITION,
     ModelNotFound: grpc.StatusCode.NOT_FOUND,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from meshllm.common.config import process_env
 from meshllm.common.errors import ConfigError
+from meshllm.common.grpc_guard import MalformedRequestGuard
 from meshllm.common.tls import PLAINTEXT, GrpcSecurity, security_from_env
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -26,7 +27,8 @@ def new_server(listen: str, interceptors: Sequence[Any] = (),
     Returns the server, its health servicer (initially NOT_SERVING) and the bound port,
     which differs from the requested one when port 0 was asked for.
     """
-    server = grpc.aio.server(interceptors=list(interceptors),
+    # The guard goes last, next to the servicers, to parse what they are about to receive.
+    server = grpc.aio.server(interceptors=[*interceptors, MalformedRequestGuard()],
                              options=[("grpc.so_reuseport", 0)])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

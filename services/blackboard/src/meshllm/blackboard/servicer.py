@@ -23,6 +23,9 @@ from meshllm.v1 import blackboard_pb2_grpc as pb_grpc
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 1000
 MAX_FETCH_IDS = 1000
+# The end of year 9999: a time (or a width) beyond it is not a clock's, and two of them
+# added would overflow SQLite's 64-bit integers.
+MAX_UNIX_MS = 253_402_300_799_999
 
 _Req = TypeVar("_Req")
 _Rep = TypeVar("_Rep")
@@ -95,6 +98,8 @@ class BlackboardServicer(pb_grpc.BlackboardServicer):
     @_edge
     async def ListIds(self, request: pb.ListIdsRequest, context: Any) -> pb.ListIdsReply:
         _check_buckets(request.bucket_width_ms, len(request.bucket_starts_unix_ms))
+        for start in request.bucket_starts_unix_ms:
+            _check_time("bucket start", start)
         ids = self._board.ids_in(request.since_unix_ms, request.bucket_width_ms,
                                  list(request.bucket_starts_unix_ms))
         return pb.ListIdsReply(post_ids=ids)
@@ -107,9 +112,15 @@ class BlackboardServicer(pb_grpc.BlackboardServicer):
         return pb.FetchReply(posts=[wire.post_to_pb(p) for p in posts])
 
 
+def _check_time(what: str, unix_ms: int) -> None:
+    if abs(unix_ms) > MAX_UNIX_MS:
+        raise InvalidRecord(f"{what} {unix_ms} ms is not a time (beyond year 9999)")
+
+
 def _check_buckets(width_ms: int, n_buckets: int) -> None:
     if width_ms < 1000:
         raise InvalidRecord(f"bucket width {width_ms} ms is below 1000 ms")
+    _check_time("bucket width", width_ms)
     if n_buckets > digest.MAX_BUCKETS:
         raise InvalidRecord(f"{n_buckets} buckets requested; at most {digest.MAX_BUCKETS}")
 

@@ -142,7 +142,11 @@ class ShardWorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
     async def Generate(
         self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
-        events = self._worker.generate(convert.generate_request_from_pb(request), self._tracer)
+        try:
+            generate = convert.generate_request_from_pb(request)
+        except MeshError as exc:
+            await grpc_errors.abort(context, exc)
+        events = self._worker.generate(generate, self._tracer)
         async with contextlib.aclosing(events):  # a caller gone mid-stream frees its slot now
             try:
                 async for event in events:
@@ -163,7 +167,9 @@ class ShardWorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
         self, request_iterator: AsyncIterator[worker_pb2.TunnelFrame],
         context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.TunnelFrame]:
-        opening = await anext(request_iterator)
+        opening = await anext(request_iterator, None)
+        if opening is None:  # the caller closed the tunnel before opening it
+            return
         try:
             port = self._worker.stage_port(opening.model_id)
         except MeshError as exc:
