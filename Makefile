@@ -56,6 +56,8 @@ bench: install
 	$(BIN)/python bench/batching.py
 	$(BIN)/python bench/constrained_decoding.py
 	$(BIN)/python bench/blackboard_gossip.py
+	$(BIN)/python bench/embeddings.py
+	$(BIN)/python bench/responses_overhead.py
 
 llama-server:
 	bash scripts/build_llama_server.sh

@@ -33,7 +33,8 @@ def test_one_model_by_id(client: openai.OpenAI) -> None:
     model = client.models.retrieve(MODEL)
     assert model.id == MODEL and model.object == "model" and model.owned_by == "mesh-llm"
     extra = model.model_dump()
-    assert extra["context_length"] > 0 and extra["capabilities"] == ["generation"]
+    assert extra["context_length"] > 0
+    assert extra["capabilities"] == ["generation", "embeddings"]  # held whole: mean pooling
     assert extra == next(m for m in client.models.list().model_dump()["data"]
                          if m["id"] == MODEL)
     with pytest.raises(openai.NotFoundError) as err:

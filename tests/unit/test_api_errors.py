@@ -28,6 +28,7 @@ from meshllm.common.errors import (
 from meshllm.common.store import KeyValueStore
 from meshllm.common.types import GenerateEvent, TokenDelta
 from meshllm.gateway.app import Api, build_app
+from meshllm.gateway.auth import InvalidApiKey, ModelNotAllowed
 from meshllm.gateway.backend import MeshBackend
 from meshllm.gateway.errors import API_ERRORS, api_error_for
 from meshllm.gateway.failures import (
@@ -39,6 +40,8 @@ from meshllm.gateway.failures import (
     UnknownModel,
     WorkerSilent,
 )
+from meshllm.gateway.key_limits import RequestRateExceeded, TokenRateExceeded
+from meshllm.gateway.limits import InputLimitExceeded, NestingTooDeep, RequestTooLarge
 from meshllm.gateway.metrics import GatewayMetrics
 from meshllm.gateway.openai_api import ApiRequest
 from starlette.testclient import TestClient
@@ -72,6 +75,18 @@ ROWS: list[tuple[MeshError, int, str, str | None, str | None]] = [
     (SecretDetected("looks like a key"), 422, "invalid_request_error", "text",
      "secret_detected"),
     (BlackboardUnavailable("cannot reach"), 503, "service_unavailable", None, "unavailable"),
+    (InvalidApiKey("Incorrect API key provided."), 401, "invalid_request_error", None,
+     "invalid_api_key"),
+    (ModelNotAllowed("alice", "m"), 403, "invalid_request_error", "model", "model_not_allowed"),
+    (RequestRateExceeded("60 requests per minute", 3.0), 429, "requests", None,
+     "rate_limit_exceeded"),
+    (TokenRateExceeded("1000 tokens per minute", 3.0), 429, "tokens", None,
+     "rate_limit_exceeded"),
+    (InputLimitExceeded("n may be at most 4", "n"), 400, "invalid_request_error", "n",
+     "input_limit_exceeded"),
+    (NestingTooDeep("deeper than 64"), 400, "invalid_request_error", None, "json_too_deep"),
+    (RequestTooLarge("larger than 4 MiB"), 413, "invalid_request_error", None,
+     "request_too_large"),
 ]
 
 

@@ -10,6 +10,8 @@ from meshllm.common.errors import InvalidRecord
 from meshllm.common.types import (
     Assignment,
     ChatMessage,
+    Embeddings,
+    EmbedRequest,
     Finished,
     GenerateRequest,
     Grammar,
@@ -31,7 +33,7 @@ from meshllm.common.types import (
     WorkerInfo,
     WorkerStats,
 )
-from meshllm.v1 import mesh_pb2
+from meshllm.v1 import mesh_pb2, worker_pb2
 
 WORKER = WorkerInfo(WorkerId("w1"), "10.0.0.1:9340", "cuda", 8 << 30, 4, 12.5,
                     (ModelState(ModelId("m"), LoadState.READY, "", 2),
@@ -131,3 +133,30 @@ def test_spec_with_wrong_layer_count_is_rejected() -> None:
     bad.layer_bytes.append(1)
     with pytest.raises(InvalidRecord, match="3 layer sizes for 2 layers"):
         convert.parse_model_spec(bad.SerializeToString())
+
+
+@pytest.mark.parametrize("request_", [
+    EmbedRequest(RequestId("r"), ModelId("m"), ("hello",)),
+    EmbedRequest(RequestId("r"), ModelId("m"), ("a", "", (2, 651, 1000))),
+    EmbedRequest(RequestId("r"), ModelId("m"), ((1,), ())),
+], ids=["one text", "texts and tokens", "token lists"])
+def test_embed_request_round_trip(request_: EmbedRequest) -> None:
+    assert convert.embed_request_from_pb(convert.embed_request_to_pb(request_)) == request_
+
+
+def test_embeddings_round_trip() -> None:
+    # float32 values: what the wire carries exactly
+    embeddings = Embeddings(((0.5, -0.25, 0.0), (1.0, 0.125, -0.75)), 9)
+    assert convert.embeddings_from_pb(convert.embeddings_to_pb(embeddings)) == embeddings
+
+
+@pytest.mark.parametrize(("message", "problem"), [
+    (worker_pb2.EmbedRequest(inputs=[worker_pb2.EmbedInput(text="x")]), "without model_id"),
+    (worker_pb2.EmbedRequest(model_id="m"), "without inputs"),
+    (worker_pb2.EmbedRequest(model_id="m", inputs=[worker_pb2.EmbedInput()]),
+     "without text or tokens"),
+])
+def test_invalid_embed_requests_are_rejected(message: worker_pb2.EmbedRequest,
+                                             problem: str) -> None:
+    with pytest.raises(InvalidRecord, match=problem):
+        convert.embed_request_from_pb(message)

@@ -16,6 +16,7 @@ from meshllm.common.errors import (
 )
 from meshllm.common.types import (
     ChatMessage,
+    EmbedRequest,
     GenerateRequest,
     Grammar,
     GrammarKind,
@@ -61,6 +62,8 @@ COMMANDS: list[wire.Command] = [
                   grammar=Grammar(GrammarKind.LARK, 'start: "<tool_call>" %json {}'),
                   logprobs=0),
     wire.Cancel(R),
+    wire.Embed(R, ("héllo ✓",)),
+    wire.Embed(R, ("a", "", (2, 651, 1000), ())),
 ]
 
 EVENTS: list[wire.Event] = [
@@ -74,6 +77,9 @@ EVENTS: list[wire.Event] = [
     wire.Finished(R, "stop", Usage(12, 5, 8), 1_700_000_000_000_000_000,
                   1_700_000_000_100_000_000),
     wire.Error(R, wire.WireError.of(PromptTooLong(5000, 4096))),
+    wire.Embedded(R, (b"\x00\x00\x80?\x00\x00\x00\xbf", b"\x00" * 8), 12),
+    wire.Embedded(R, (), 0),
+    wire.Error(R, wire.WireError.of(InvalidGenerateRequest("token id 9 >= vocab", "input"))),
     wire.Stats(wire.EngineStats(1, 2, 16, 4, 100, 90, 120, 300, 40, 50, 30)),
     wire.Stats(wire.EngineStats()),
 ]
@@ -98,6 +104,12 @@ def test_generate_carries_the_request() -> None:
     sent = wire.decode_command(wire.encode(wire.Generate.of(request)))
     assert isinstance(sent, wire.Generate)
     assert (sent.request_id, sent.text, sent.chat, sent.sampling) == (R, "hi", None, SAMPLING)
+
+
+def test_embed_carries_the_request() -> None:
+    request = EmbedRequest(R, ModelId("m"), ("hi", (5, 6)))
+    sent = wire.decode_command(wire.encode(wire.Embed.of(request)))
+    assert sent == wire.Embed(R, ("hi", (5, 6)))
 
 
 def test_generate_carries_grammar_logprobs_tools_and_tool_turns() -> None:
@@ -191,6 +203,9 @@ MALFORMED_COMMANDS = {
         "tool_calls": [{"call_id": "c", "name": "f"}]}])),
     "chat message not an object": _line(**_good_generate(chat=["hello"])),
     "chat message without content": _line(**_good_generate(chat=[{"role": "user"}])),
+    "embed input neither text nor tokens": _line(op="embed", request_id="r", inputs=[1]),
+    "embed tokens not integers": _line(op="embed", request_id="r", inputs=[[1, "2"]]),
+    "embed tokens with a bool": _line(op="embed", request_id="r", inputs=[[True]]),
     "list of the wrong items": _line(**_good_generate(sampling={
         **json.loads(json.dumps(SamplingParams().__dict__)), "stop": [1]})),
 }
@@ -204,6 +219,8 @@ MALFORMED_EVENTS = {
     "usage missing a count": _line(ev="finished", request_id="r", finish_reason="stop",
                                    usage={"prompt_tokens": 1, "completion_tokens": 2},
                                    started_ns=0, first_token_ns=0),
+    "vector not hex": _line(ev="embedded", request_id="r", vectors=["xx"], prompt_tokens=1),
+    "embedded without usage": _line(ev="embedded", request_id="r", vectors=[]),
     "stats not an object": _line(ev="stats", stats=[1, 2, 3]),
     "token bytes not hex": _line(ev="delta", request_id="r", text="a", tokens=1, logprobs=[
         {"token": "a", "token_bytes": "zz", "logprob": -1.0, "top": []}]),

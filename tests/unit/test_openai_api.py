@@ -32,6 +32,15 @@ def test_chat_full() -> None:
     assert req.stream and req.include_usage
 
 
+def test_null_means_the_default_as_the_api_describes() -> None:
+    nulls = {"stream": None, "temperature": None, "top_p": None, "max_tokens": None,
+             "n": None, "stop": None, "seed": None, "logprobs": None, "top_logprobs": None,
+             "stream_options": None, "response_format": None, "tools": None}
+    assert parse_chat({**CHAT, **nulls}) == parse_chat(CHAT)
+    assert parse_completion({"model": "m", "prompt": "p", **nulls}) == parse_completion(
+        {"model": "m", "prompt": "p"})
+
+
 def test_max_completion_tokens_wins() -> None:
     req = parse_chat({**CHAT, "max_completion_tokens": 3, "max_tokens": 9})
     assert req.sampling.max_tokens == 3

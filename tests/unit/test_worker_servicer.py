@@ -14,9 +14,17 @@ import grpc
 import pytest
 from grpc_health.v1 import health
 from meshllm.common import convert, grpc_errors
-from meshllm.common.errors import EngineBusy, EngineUnavailable, MeshError, PromptTooLong
+from meshllm.common.errors import (
+    EngineBusy,
+    EngineUnavailable,
+    InvalidGenerateRequest,
+    MeshError,
+    PromptTooLong,
+)
 from meshllm.common.membership import Registration
 from meshllm.common.types import (
+    Embeddings,
+    EmbedRequest,
     Finished,
     GenerateEvent,
     GenerateRequest,
@@ -64,6 +72,11 @@ class ScriptedEngine:
             yield Finished("stop", Usage(3, 1))
         finally:
             self.closed.set()
+
+    async def embed(self, request: EmbedRequest) -> Embeddings:
+        if request.inputs == ((999,),):
+            raise InvalidGenerateRequest("input 0: token id 999 is outside", "input")
+        return Embeddings(tuple((0.5, -0.5) for _ in request.inputs), 2 * len(request.inputs))
 
     async def wait_exited(self) -> int:
         return 0
@@ -172,3 +185,18 @@ async def test_tunnel_to_a_model_that_is_no_stage_here_is_refused() -> None:
     refused = grpc_errors.error_from_rpc(info.value)
     assert isinstance(refused, EngineUnavailable)
     assert str(refused) == "this worker serves no stage of 'm'"
+
+
+async def test_embed_answers_vectors_and_errors_travel_as_their_reason() -> None:
+    worker, host, _ = _worker()
+    async with serving(worker) as stub:
+        request = EmbedRequest(RequestId("e1"), M, ("a", (1, 2)))
+        reply = await stub.Embed(convert.embed_request_to_pb(request))
+        assert convert.embeddings_from_pb(reply) == Embeddings(((0.5, -0.5), (0.5, -0.5)), 4)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Embed(convert.embed_request_to_pb(
+                EmbedRequest(RequestId("e2"), M, ((999,),))))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    refused = grpc_errors.error_from_rpc(info.value)
+    assert isinstance(refused, InvalidGenerateRequest) and refused.param == "input"
+    assert (worker.prompt_tokens, host.in_flight) == (4, 0)

@@ -12,6 +12,9 @@ from meshllm.common.errors import InvalidRecord
 from meshllm.common.types import (
     Assignment,
     ChatMessage,
+    Embeddings,
+    EmbedInput,
+    EmbedRequest,
     Finished,
     GenerateEvent,
     GenerateRequest,
@@ -312,3 +315,37 @@ def stats_from_pb(m: worker_pb2.WorkerStats) -> WorkerStats:
         prompt_tokens_total=m.prompt_tokens_total,
         models=tuple(model_state_from_pb(x) for x in m.models),
     )
+
+
+def _embed_input_to_pb(i: EmbedInput) -> worker_pb2.EmbedInput:
+    if isinstance(i, str):
+        return worker_pb2.EmbedInput(text=i)
+    return worker_pb2.EmbedInput(tokens=worker_pb2.TokenIds(ids=i))
+
+
+def _embed_input_from_pb(m: worker_pb2.EmbedInput) -> EmbedInput:
+    kind = m.WhichOneof("input")
+    _require(kind is not None, "embed input without text or tokens")
+    return m.text if kind == "text" else tuple(m.tokens.ids)
+
+
+def embed_request_to_pb(r: EmbedRequest) -> worker_pb2.EmbedRequest:
+    return worker_pb2.EmbedRequest(request_id=r.request_id, model_id=r.model_id,
+                                   inputs=[_embed_input_to_pb(i) for i in r.inputs])
+
+
+def embed_request_from_pb(m: worker_pb2.EmbedRequest) -> EmbedRequest:
+    _require(bool(m.model_id), "embed request without model_id")
+    _require(len(m.inputs) > 0, "embed request without inputs")
+    return EmbedRequest(RequestId(m.request_id), ModelId(m.model_id),
+                        tuple(_embed_input_from_pb(i) for i in m.inputs))
+
+
+def embeddings_to_pb(e: Embeddings) -> worker_pb2.EmbedResponse:
+    return worker_pb2.EmbedResponse(
+        embeddings=[worker_pb2.Embedding(values=v) for v in e.vectors],
+        prompt_tokens=e.prompt_tokens)
+
+
+def embeddings_from_pb(m: worker_pb2.EmbedResponse) -> Embeddings:
+    return Embeddings(tuple(tuple(x.values) for x in m.embeddings), m.prompt_tokens)

@@ -15,6 +15,8 @@ from urllib.parse import urlparse
 
 import aetcd
 from meshllm.common.errors import ConfigError, MeshError
+from meshllm.common.etcd_tls import TlsEtcdClient
+from meshllm.common.tls import PLAINTEXT, GrpcSecurity
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +60,19 @@ def parse_etcd_url(url: str) -> tuple[str, int]:
 class EtcdStore:
     """`KeyValueStore` over etcd v3."""
 
-    def __init__(self, url: str, timeout_s: float = 5.0) -> None:
+    def __init__(self, url: str, security: GrpcSecurity = PLAINTEXT,
+                 timeout_s: float = 5.0) -> None:
+        """An https:// URL is reached over mutual TLS with `security` (the mesh's
+        certificate: etcd then admits only nodes that hold one); http:// in plaintext."""
         host, port = parse_etcd_url(url)
         self.url = url
-        self._client = aetcd.Client(host=host, port=port, timeout=timeout_s)
+        if not url.startswith("https://"):
+            self._client = aetcd.Client(host=host, port=port, timeout=timeout_s)
+        elif security.tls:
+            self._client = TlsEtcdClient(host, port, timeout_s, security)
+        else:
+            raise ConfigError("etcd", f"{url} is https: give this node the mesh's certificate "
+                              "(--tls-cert, --tls-key, --tls-ca or MESHLLM_TLS_*) to reach it")
 
     async def connect(self, wait_s: float = 30.0) -> None:
         """Connect, retrying for `wait_s`: services may start before etcd is up."""

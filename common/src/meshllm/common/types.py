@@ -248,3 +248,23 @@ class WorkerStats:
     generated_tokens_total: int
     prompt_tokens_total: int
     models: tuple[ModelState, ...] = ()
+
+
+# An input to embed: text (tokenized by the worker) or token ids (used as given).
+EmbedInput = str | tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    request_id: RequestId
+    model_id: ModelId
+    inputs: tuple[EmbedInput, ...]
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """One vector per input, in order: mean-pooled over the input's tokens, L2-normalised,
+    float32 values."""
+
+    vectors: tuple[tuple[float, ...], ...]
+    prompt_tokens: int  # tokens embedded, over every input

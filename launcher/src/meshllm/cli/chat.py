@@ -7,6 +7,7 @@ httpx and a small event-stream reader: the launcher does not need the openai pac
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,4 +137,12 @@ def first_model(client: httpx.Client, url: str) -> str:
 def default_url(data_dir: str) -> str:
     """Where the `mesh-llm up` of `data_dir` serves, else the usual port."""
     local = read_local_mesh(Path(data_dir).expanduser())
-    return f"http://localhost:{local.gateway_port}/v1" if local else DEFAULT_URL
+    return local.api_url if local else DEFAULT_URL
+
+
+def trusted(data_dir: str) -> ssl.SSLContext | bool:
+    """What to trust for HTTPS: the CA of the `mesh-llm up --tls` of `data_dir`, else the
+    system's (True; httpx also honours SSL_CERT_FILE)."""
+    local = read_local_mesh(Path(data_dir).expanduser())
+    context = local.ssl_context() if local else None
+    return context if context is not None else True

@@ -27,6 +27,7 @@ from meshllm.cli.chat import (
     parse_line,
     request_body,
     stream_reply,
+    trusted,
 )
 from meshllm.cli.up_config import DEFAULT_DATA_DIR
 
@@ -134,7 +135,7 @@ def run_chat(args: argparse.Namespace) -> int:
         import readline  # noqa: F401  (line editing and history for input())
     url = (args.url or default_url(args.data_dir)).rstrip("/")
     try:
-        with httpx.Client(timeout=TIMEOUT) as client:
+        with httpx.Client(timeout=TIMEOUT, verify=trusted(args.data_dir)) as client:
             model = args.model or first_model(client, url)
             return Repl(client, url, Conversation(model, args.system), args, sys.stdout).run()
     except KeyboardInterrupt:  # before the first prompt (listing the models)

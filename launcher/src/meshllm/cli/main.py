@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 from meshllm.cli.blackboard_cmd import add_blackboard_parser, run_blackboard
 from meshllm.cli.chat_cmd import add_chat_parser, run_chat
+from meshllm.cli.keys_cmd import add_keys_parser, run_keys
 from meshllm.cli.status_cmd import add_status_parser, run_status
 from meshllm.common.config import process_env
 from meshllm.common.errors import MeshError
@@ -43,6 +44,7 @@ def parser() -> argparse.ArgumentParser:
     add_status_parser(sub)
     add_chat_parser(sub)
     add_blackboard_parser(sub)
+    add_keys_parser(sub)
     for name in ("gateway", "planner", "worker"):
         sub.add_parser(name, help=f"run the {name} service (flags: mesh-llm {name} --help)",
                        add_help=False)
@@ -76,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                               lambda: asyncio.run(run_blackboard(args, process_env())))
     if args.command == "chat":
         return _report_errors("chat", lambda: run_chat(args))
+    if args.command == "keys":
+        return _report_errors("keys", lambda: run_keys(args))
     return _report_errors(args.command, lambda: run_status(args))
 
 

@@ -8,6 +8,7 @@ import time
 import urllib.error
 import urllib.request
 
+from meshllm.cli.local_mesh import LocalMesh
 from meshllm.cli.output import say
 from meshllm.cli.procs import ProcessGroup
 from meshllm.common.errors import MeshError
@@ -15,11 +16,14 @@ from meshllm.common.status import ABSENT, MeshStatus, ModelStatus, ServingState,
 from meshllm.common.types import LoadState
 
 
-def fetch_status(port: int) -> MeshStatus | None:
+def fetch_status(mesh: LocalMesh, api_key: str = "") -> MeshStatus | None:
     """The gateway's status; None while it does not answer (still starting). A document
     that does not parse raises InvalidRecord: the gateway is ours, so that is a bug."""
+    url = mesh.api_url.removesuffix("/v1") + "/api/status"
+    request = urllib.request.Request(url, headers=(
+        {"Authorization": f"Bearer {api_key}"} if api_key else {}))
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=2) as r:
+        with urllib.request.urlopen(request, timeout=2, context=mesh.ssl_context()) as r:
             document = json.load(r)
     except (urllib.error.URLError, OSError, ValueError):
         return None
@@ -48,8 +52,8 @@ def all_models_decided(status: MeshStatus, models: int) -> bool:
     return len(status.models) >= models and all(m.decided for m in status.models)
 
 
-def wait_ready(group: ProcessGroup, port: int, models: int, timeout_s: float
-               ) -> MeshStatus:
+def wait_ready(group: ProcessGroup, mesh: LocalMesh, models: int, timeout_s: float,
+               api_key: str = "") -> MeshStatus:
     deadline = time.monotonic() + timeout_s
     last = ""
     while time.monotonic() < deadline:
@@ -57,7 +61,7 @@ def wait_ready(group: ProcessGroup, port: int, models: int, timeout_s: float
             child = dead[0]
             raise MeshError(f"{child.name} exited with code {child.popen.returncode}:\n"
                             f"{child.log_tail()}\n(full log: {child.log_path})")
-        status = fetch_status(port)
+        status = fetch_status(mesh, api_key)
         line = progress_line(status) if status else "starting services"
         if line != last:
             say(f"  {line}")

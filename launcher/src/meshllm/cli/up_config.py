@@ -22,6 +22,7 @@ from meshllm.common.config import (
     positive_int,
     read_options,
 )
+from meshllm.gateway.config import API_KEY_OPTION, API_KEYS_FILE_OPTION
 from meshllm.gateway.config import OPTIONS as GATEWAY_OPTIONS
 from meshllm.planner.config import OPTIONS as PLANNER_OPTIONS
 from meshllm.planner.config import chat_templates
@@ -51,6 +52,9 @@ class UpConfig:
     ready_timeout_s: float
     require_models: bool        # exit non-zero (after stopping) when a model is not served
     open_console: bool          # open the console in a browser once ready
+    api_keys: tuple[str, ...]   # keys the gateway accepts (() : it takes anyone)
+    api_keys_file: str          # a keys file for the gateway ("" : none)
+    tls: bool                   # mutual TLS on every gRPC link, HTTPS at the gateway
     child_env: Mapping[str, str]  # environment every child starts with: child_environment()
 
 
@@ -96,6 +100,11 @@ UP_OPTIONS = (
            "stop the mesh and exit non-zero when a model is not served", switch=True),
     Option("--open", "MESHLLM_UP_OPEN", on_off, "false",
            "open the console in a browser once ready", switch=True),
+    Option("--tls", "MESHLLM_UP_TLS", on_off, "false",
+           "make a local CA under the data directory: mutual TLS between every service, "
+           "HTTPS at the gateway", switch=True),
+    API_KEY_OPTION,  # handed to the gateway in its environment: argv would show in `ps`
+    API_KEYS_FILE_OPTION,
 )
 def load_up_config(argv: Sequence[str], env: Mapping[str, str]) -> UpConfig:
     """`mesh-llm up`'s whole configuration; a bad value raises ConfigError naming the flag
@@ -112,6 +121,8 @@ def load_up_config(argv: Sequence[str], env: Mapping[str, str]) -> UpConfig:
         threads=v["threads"] or max(1, (os.cpu_count() or 1) // workers),
         data_dir=v["data_dir"].expanduser().resolve(), etcd_url=v["etcd"],
         context_length_tokens=v["context_length"], ready_timeout_s=v["ready_timeout_s"],
-        require_models=v["require_models"], open_console=v["open"],
+        require_models=v["require_models"], open_console=v["open"], api_keys=v["api_key"],
+        api_keys_file=str(Path(v["api_keys_file"]).expanduser().resolve())
+        if v["api_keys_file"] else "", tls=v["tls"],
         child_env=child_environment(env, SERVICE_OPTIONS),
     )

@@ -55,7 +55,7 @@ class Node:
         ), self.board, self.metrics)
         servicer = BlackboardServicer(self.board, self.gossip, self.address)
         pb_grpc.add_BlackboardServicer_to_server(servicer, self.server)
-        self.etcd = EtcdStore(config.etcd_url)
+        self.etcd = EtcdStore(config.etcd_url, config.security)
         self._registration: Registration | None = None
         self._tasks: list[asyncio.Task[None]] = []
 

@@ -6,16 +6,19 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import uvicorn
 from meshllm.common import lifecycle, telemetry
 from meshllm.common.blackboard.client import BlackboardClient
 from meshllm.common.store import EtcdStore
 from meshllm.gateway.app import Api, build_app
+from meshllm.gateway.auth import KeyRing, exposure_warning
 from meshllm.gateway.backend import MeshBackend
 from meshllm.gateway.blackboard_api import blackboard_routes
 from meshllm.gateway.config import GatewayConfig, load_config
 from meshllm.gateway.console import console_routes
+from meshllm.gateway.gate import Gate, front_door, gate_routes
 from meshllm.gateway.metrics import GatewayMetrics
 from meshllm.gateway.status_stream import StatusStream
 
@@ -25,7 +28,9 @@ UNTRACED_PATHS = ("/metrics", "/health", "/console", "/api/status", "/static/")
 
 
 async def serve(config: GatewayConfig, stop: asyncio.Event) -> None:
-    kv = EtcdStore(config.etcd_url)
+    if warning := exposure_warning(config.host, bool(config.api_keys)):
+        log.warning(warning)
+    kv = EtcdStore(config.etcd_url, config.security)
     await lifecycle.unless_stopped(stop, kv.connect())
     tel = telemetry.build_telemetry(config.trace)
     backend = MeshBackend(kv, config.first_token_timeout_s, config.token_timeout_s,
@@ -35,20 +40,18 @@ async def serve(config: GatewayConfig, stop: asyncio.Event) -> None:
                   if config.blackboard_address else None)
     metrics = GatewayMetrics()
     extra = [*console_routes(StatusStream(backend, metrics.registry, metrics.recent)),
-             *(blackboard_routes(blackboard) if blackboard else [])]
-    app = build_app(Api(backend, metrics, tel.tracer), extra)
-    server = uvicorn.Server(uvicorn.Config(
-        telemetry.instrument_asgi(app, tel, UNTRACED_PATHS),
-        host=config.host, port=config.port, log_config=None, access_log=False,
-        timeout_graceful_shutdown=5,
-    ))
+             *(blackboard_routes(blackboard) if blackboard else []), *gate_routes()]
+    app = front_door(build_app(Api(backend, metrics, tel.tracer), extra),
+                     Gate(KeyRing(config.api_keys), config.limits), config.cors_origins)
+    server = http_server(config, telemetry.instrument_asgi(app, tel, UNTRACED_PATHS))
     # The mesh follower starts over from a fresh snapshot when it fails; the HTTP server
     # ending (its port taken...) stops the gateway.
     restarts = lifecycle.restart_counter("gateway", metrics.registry)
     follower = asyncio.create_task(lifecycle.supervise("mesh-follower", backend.follow,
                                                        restarts))
     serving = asyncio.create_task(server.serve())
-    log.info("gateway on http://%s:%d/v1", config.host, config.port)
+    log.info("gateway on %s://%s:%d/v1", "https" if config.https else "http", config.host,
+             config.port)
     try:
         await lifecycle.stop_or_fail(stop, follower, serving)
     finally:
@@ -59,6 +62,16 @@ async def serve(config: GatewayConfig, stop: asyncio.Event) -> None:
             await blackboard.close()
         await kv.close()
         tel.shutdown()
+
+
+def http_server(config: GatewayConfig, app: Any) -> uvicorn.Server:
+    https = config.https
+    return uvicorn.Server(uvicorn.Config(
+        app, host=config.host, port=config.port, log_config=None, access_log=False,
+        timeout_graceful_shutdown=5,
+        ssl_certfile=str(https.cert) if https else None,
+        ssl_keyfile=str(https.key) if https else None,
+    ))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,15 +12,18 @@ from meshllm.common import telemetry
 from meshllm.common.errors import MeshError
 from meshllm.common.meshview import MeshSnapshot
 from meshllm.common.status import mesh_status
-from meshllm.common.types import Finished, GenerateEvent, ModelId, TokenDelta
-from meshllm.gateway import responses
+from meshllm.common.types import Finished, GenerateEvent, ModelId, TokenDelta, Usage
+from meshllm.gateway import embeddings_api, responses
 from meshllm.gateway.backend import MeshBackend
 from meshllm.gateway.choices import ChoiceOutput, Traced, total_usage
 from meshllm.gateway.errors import ApiError, api_error_for
 from meshllm.gateway.failures import IncompleteAnswer
 from meshllm.gateway.metrics import GatewayMetrics, RequestTimer
 from meshllm.gateway.openai_api import ApiRequest, parse_chat, parse_completion, parse_json
-from meshllm.gateway.routing import ready_replicas
+from meshllm.gateway.responses_api import parse_responses
+from meshllm.gateway.responses_endpoint import response_stream
+from meshllm.gateway.responses_events import ResponseHead, full_response, new_id
+from meshllm.gateway.routing import ready_replicas, serves_embeddings
 from meshllm.gateway.streaming import ChoiceStream
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -61,13 +64,27 @@ class Api:
                 self.tracer, telemetry.api_call(req.kind, req.model, req.sampling), events)
         return traced
 
-    async def _complete(self, req: ApiRequest) -> Response:
-        rid = ("chatcmpl-" if req.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
+    async def responses(self, request: Request) -> Response:
+        req = parse_responses(parse_json(await request.body()))
+        head = ResponseHead(req, new_id("resp"), int(time.time()))
+        timer, first, choices = await self._open(req.chat, head.response_id)
+        if req.chat.stream:
+            return StreamingResponse(
+                response_stream(head, _chain(first, choices), choices, timer),
+                media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        outputs, usage = await self._gather(req.chat, first, choices, timer)
+        choice = responses.choice_dict(req.chat, 0, outputs[0])
+        return JSONResponse(full_response(head, choice["message"], choice["finish_reason"],
+                                          usage, int(time.time())))
+
+    async def _open(self, req: ApiRequest, rid: str
+                    ) -> tuple[RequestTimer, Choice, AsyncGenerator[Choice, None]]:
+        """The request's choices, started: errors before the first token are raised here,
+        to become HTTP errors."""
         timer = self.metrics.request_timer(req.model, req.kind, rid)
         choices = self.backend.generate_choices(req, self._traced(req))
         try:
-            first = await anext(choices)  # errors before the first token are HTTP errors
+            first = await anext(choices)
         except StopAsyncIteration:
             timer.done("error")
             raise IncompleteAnswer("the worker ended the stream without an answer") from None
@@ -75,6 +92,12 @@ class Api:
             timer.done("rejected")
             raise
         timer.first_token()
+        return timer, first, choices
+
+    async def _complete(self, req: ApiRequest) -> Response:
+        rid = ("chatcmpl-" if req.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        timer, first, choices = await self._open(req, rid)
         if req.stream:
             return StreamingResponse(
                 self._stream(req, rid, created, first, choices, timer),
@@ -84,6 +107,11 @@ class Api:
 
     async def _collect(self, req: ApiRequest, rid: str, created: int, first: Choice,
                        choices: AsyncIterator[Choice], timer: RequestTimer) -> Response:
+        outputs, usage = await self._gather(req, first, choices, timer)
+        return JSONResponse(responses.full_response(req, rid, created, outputs, usage))
+
+    async def _gather(self, req: ApiRequest, first: Choice, choices: AsyncIterator[Choice],
+                      timer: RequestTimer) -> tuple[list[ChoiceOutput], Usage]:
         outputs = [ChoiceOutput() for _ in range(req.n)]
         try:
             async for index, event in _chain(first, choices):
@@ -100,7 +128,7 @@ class Api:
         usage = total_usage([f.usage for f in finished])
         timer.finished(Finished(finished[0].finish_reason, usage))
         timer.done("ok")
-        return JSONResponse(responses.full_response(req, rid, created, outputs, usage))
+        return outputs, usage
 
     async def _stream(self, req: ApiRequest, rid: str, created: int, first: Choice,
                       choices: AsyncGenerator[Choice, None], timer: RequestTimer
@@ -153,8 +181,10 @@ class Api:
 def model_object(snapshot: MeshSnapshot, model_id: ModelId) -> dict[str, Any]:
     """A served model in OpenAI's shape, with what it serves and its context beside."""
     spec = snapshot.models[model_id]
+    capabilities = ["generation", *(["embeddings"] if serves_embeddings(snapshot, model_id)
+                                    else [])]
     return {"id": model_id, "object": "model", "created": 0, "owned_by": "mesh-llm",
-            "context_length": spec.context_length, "capabilities": ["generation"],
+            "context_length": spec.context_length, "capabilities": capabilities,
             "ready_replicas": len(ready_replicas(snapshot, model_id))}
 
 
@@ -188,6 +218,8 @@ def build_app(api: Api, extra_routes: Sequence[BaseRoute] = (),
         Route("/v1/models/{model:path}", api.model, methods=["GET"]),
         Route("/v1/chat/completions", api.chat, methods=["POST"]),
         Route("/v1/completions", api.completions, methods=["POST"]),
+        Route("/v1/responses", api.responses, methods=["POST"]),
+        embeddings_api.route(api.backend),
         Route("/health", api.health, methods=["GET"]),
         Route("/api/status", api.status, methods=["GET"]),
         Route("/metrics", api.metrics_endpoint, methods=["GET"]),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import replace
@@ -20,7 +21,17 @@ from meshllm.common.errors import InvalidGenerateRequest, MeshError, Overloaded
 from meshllm.common.meshview import MeshSnapshot, follow_mesh
 from meshllm.common.store import KeyValueStore
 from meshllm.common.tls import PLAINTEXT, GrpcSecurity
-from meshllm.common.types import GenerateEvent, GenerateRequest, ModelId, WorkerId, WorkerInfo
+from meshllm.common.types import (
+    Embeddings,
+    EmbedInput,
+    EmbedRequest,
+    GenerateEvent,
+    GenerateRequest,
+    ModelId,
+    RequestId,
+    WorkerId,
+    WorkerInfo,
+)
 from meshllm.gateway.choices import Traced, generate_request, merged
 from meshllm.gateway.failures import (
     NoLiveWorker,
@@ -31,10 +42,18 @@ from meshllm.gateway.failures import (
     WorkerSilent,
 )
 from meshllm.gateway.openai_api import ApiRequest
-from meshllm.gateway.routing import WorkerLoad, ready_replicas, route, why_unavailable
+from meshllm.gateway.routing import (
+    WorkerLoad,
+    ready_replicas,
+    route,
+    serves_embeddings,
+    why_unavailable,
+)
 from meshllm.v1 import worker_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+EMBED_SEQS_PER_DECODE = 64  # inputs a worker embeds in one decode at most (sizes timeouts)
 
 
 def _untraced(events: AsyncGenerator[GenerateEvent, None]
@@ -86,8 +105,9 @@ class MeshBackend:
             last_failure_at_s=time.monotonic() if failed else load.last_failure_at_s,
         )
 
-    def _candidates(self, model_id: ModelId) -> list[WorkerInfo]:
-        candidates = route(ready_replicas(self.snapshot, model_id), self.loads, time.monotonic())
+    def _candidates(self, model_id: ModelId, whole_only: bool = False) -> list[WorkerInfo]:
+        replicas = ready_replicas(self.snapshot, model_id, whole_only)
+        candidates = route(replicas, self.loads, time.monotonic())
         telemetry.record_route(self._tracer, model_id, [w.worker_id for w in candidates])
         if not candidates:
             raise NoLiveWorker(why_unavailable(self.snapshot, model_id))
@@ -152,6 +172,40 @@ class MeshBackend:
         if started:
             raise StreamBroken(f"worker {failure} after the stream began")
         return busy
+
+    async def embed(self, model: str, inputs: tuple[EmbedInput, ...]) -> Embeddings:
+        """The inputs' vectors from one replica held whole (a split one serves none);
+        the next replica when one fails, as for generation."""
+        model_id = self.resolve(model)
+        if not serves_embeddings(self.snapshot, model_id):
+            raise InvalidGenerateRequest(
+                f"model {model_id} is split across workers: it serves no embeddings", "model")
+        request = EmbedRequest(RequestId("emb-" + uuid.uuid4().hex[:24]), model_id, inputs)
+        candidates = self._candidates(model_id, whole_only=True)
+        failures, busy = [], 0
+        for worker in candidates:
+            try:
+                return await self._embed_call(worker, request)
+            except grpc.aio.AioRpcError as exc:
+                failure = f"{worker.worker_id}: {exc.code().name} {exc.details()}"
+                busy += self._failed(worker, grpc_errors.error_from_rpc(exc), failure, False)
+                failures.append(failure)
+                log.warning("worker %s failed embeddings for %s: %s", worker.worker_id,
+                            model_id, failure)
+        if busy == len(candidates):
+            raise ReplicasBusy(model_id, failures)
+        raise ReplicasFailed(model_id, failures)
+
+    async def _embed_call(self, worker: WorkerInfo, request: EmbedRequest) -> Embeddings:
+        # As long as a first token may take, for every engine decode the inputs may need.
+        timeout_s = self._first_timeout_s * (1 + len(request.inputs) // EMBED_SEQS_PER_DECODE)
+        self._note(worker, +1)
+        try:
+            reply = await self._stub(worker.address).Embed(
+                convert.embed_request_to_pb(request), timeout=timeout_s)
+        finally:
+            self._note(worker, -1)
+        return convert.embeddings_from_pb(reply)
 
     async def _call(self, worker: WorkerInfo, request: GenerateRequest
                     ) -> AsyncIterator[GenerateEvent]:

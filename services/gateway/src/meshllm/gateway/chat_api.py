@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from meshllm.common.types import ChatMessage, ToolCall
 from meshllm.gateway.errors import invalid
+from meshllm.gateway.limits import MAX_TOOLS
 from meshllm.gateway.structured import NAME, FunctionTool, ToolChoice, check_schema
 
-MAX_TOOLS = 128
 ROLES = ("system", "developer", "user", "assistant", "tool")
 NO_PARAMETERS: Mapping[str, Any] = {"type": "object", "properties": {}}
+ToolReader = Callable[[Any, str], FunctionTool]  # (a tool as sent, where it is) -> the tool
 
 
 def _content(value: Any, param: str) -> str:
@@ -108,21 +109,26 @@ def _tool(value: Any, param: str) -> FunctionTool:
     function = value.get("function")
     if not isinstance(function, dict):
         raise invalid(f"{param}.function must be an object", f"{param}.function")
+    return function_tool(function, f"{param}.function")
+
+
+def function_tool(function: Mapping[str, Any], param: str) -> FunctionTool:
+    """A function's {name, description, parameters, strict}, found at `param`."""
     name = function.get("name")
     if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise invalid(f"{param}.function.name must be 1 to 64 letters, digits, _ or -",
-                      f"{param}.function.name")
+        raise invalid(f"{param}.name must be 1 to 64 letters, digits, _ or -", f"{param}.name")
     description = function.get("description", "")
     if not isinstance(description, str):
-        raise invalid(f"{param}.function.description must be a string",
-                      f"{param}.function.description")
+        raise invalid(f"{param}.description must be a string", f"{param}.description")
     if function.get("strict") not in (None, True, False):
-        raise invalid(f"{param}.function.strict must be a boolean", f"{param}.function.strict")
+        raise invalid(f"{param}.strict must be a boolean", f"{param}.strict")
     return FunctionTool(name, description,
-                        _parameters(function.get("parameters"), f"{param}.function.parameters"))
+                        _parameters(function.get("parameters"), f"{param}.parameters"))
 
 
-def parse_tools(data: Mapping[str, Any]) -> tuple[FunctionTool, ...]:
+def parse_tools(data: Mapping[str, Any], read: ToolReader = _tool,
+                name_at: str = ".function.name") -> tuple[FunctionTool, ...]:
+    """The tools, each read by `read`; `name_at` is where a tool keeps its name."""
     tools = data.get("tools")
     if tools is None:
         return ()
@@ -130,10 +136,10 @@ def parse_tools(data: Mapping[str, Any]) -> tuple[FunctionTool, ...]:
         raise invalid(f"tools must be a list of at most {MAX_TOOLS} tools", "tools")
     parsed, seen = [], set()
     for i, value in enumerate(tools):
-        tool = _tool(value, f"tools[{i}]")
+        tool = read(value, f"tools[{i}]")
         if tool.name in seen:
-            raise invalid(f"tools[{i}].function.name: {tool.name} is defined twice",
-                          f"tools[{i}].function.name")
+            raise invalid(f"tools[{i}]{name_at}: {tool.name} is defined twice",
+                          f"tools[{i}]{name_at}")
         seen.add(tool.name)
         parsed.append(tool)
     return tuple(parsed)

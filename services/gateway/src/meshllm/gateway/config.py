@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from meshllm.common.config import (
     ETCD_OPTION,
     LOG_LEVEL_OPTION,
     Option,
+    csv_list,
     listen_option,
     parse_host_port,
+    parse_size,
     positive_float,
+    positive_int,
     read_options,
 )
 from meshllm.common.errors import ConfigError
 from meshllm.common.telemetry import TraceSettings, trace_settings
 from meshllm.common.tls import TLS_OPTIONS, GrpcSecurity, security_from
+from meshllm.gateway.auth import ApiKey, keys_checked, parse_keys_file, plain_key, plain_keys
+from meshllm.gateway.limits import MAX_CHOICES, MAX_STOP_SEQUENCES, MAX_TOOLS, InputLimits
 
 
 @dataclass(frozen=True)
@@ -30,9 +38,26 @@ class GatewayConfig:
     log_level: str                # logging level name
     trace: TraceSettings        # what the OTEL_* variables ask for
     security: GrpcSecurity      # plaintext or mutual TLS towards workers and blackboard
+    api_keys: tuple[ApiKey, ...]  # () : the gateway takes anyone
+    limits: InputLimits           # on each request's size and fields
+    cors_origins: tuple[str, ...]  # origins browsers may call from (() : CORS off)
+    https: HttpsFiles | None = None  # None: plain HTTP
 
 
-OPTIONS = (
+@dataclass(frozen=True)
+class HttpsFiles:
+    cert: Path  # PEM: the server certificate, then any intermediates
+    key: Path   # PEM: its private key
+
+
+HTTPS_OPTIONS = (
+    Option("--https-cert", "MESHLLM_HTTPS_CERT", str, "",
+           "PEM certificate (chain) to serve the API over HTTPS with (empty: plain HTTP)"),
+    Option("--https-key", "MESHLLM_HTTPS_KEY", str, "", "the HTTPS certificate's key, PEM"),
+)
+
+
+BASE_OPTIONS = (
     ETCD_OPTION,
     listen_option("MESHLLM_GATEWAY_LISTEN", "0.0.0.0:9337", "HTTP"),
     Option("--blackboard", "MESHLLM_BLACKBOARD", str, "",
@@ -44,6 +69,41 @@ OPTIONS = (
     LOG_LEVEL_OPTION,
     *TLS_OPTIONS,
 )
+API_KEY_OPTION = Option("--api-key", "MESHLLM_API_KEYS", plain_key, "",
+                        "API key the gateway accepts (Authorization: Bearer KEY)", repeat=True)
+API_KEYS_FILE_OPTION = Option(
+    "--api-keys-file", "MESHLLM_API_KEYS_FILE", str, "",
+    "file of accepted keys, one a line: NAME sha256:HEX [rpm=N] [tpm=N] [concurrent=N] "
+    "[models=A,B]")
+ACCESS_OPTIONS = (
+    API_KEY_OPTION,
+    API_KEYS_FILE_OPTION,
+    Option("--cors-origins", "MESHLLM_CORS_ORIGINS", csv_list, "",
+           "comma-separated origins browsers may call the API from (* : any; empty: CORS off)"),
+)
+# The gateway's limits on one request: (option, InputLimits field). Defaults: InputLimits.
+LIMIT_OPTIONS = (
+    (Option("--max-body-size", "MESHLLM_MAX_BODY_SIZE", parse_size, "4MiB",
+            "largest request body (413 above), e.g. 4MiB"), "max_body_bytes"),
+    (Option("--max-json-depth", "MESHLLM_MAX_JSON_DEPTH", positive_int, "64",
+            "deepest nesting of arrays and objects in a request"), "max_json_depth"),
+    (Option("--max-messages", "MESHLLM_MAX_MESSAGES", positive_int, "2048",
+            "most messages (or input items) in a request"), "max_messages"),
+    (Option("--max-tools", "MESHLLM_MAX_TOOLS", positive_int, str(MAX_TOOLS),
+            "most tools in a request"), "max_tools"),
+    (Option("--max-output-tokens", "MESHLLM_MAX_OUTPUT_TOKENS", int, "0",
+            "largest max_tokens a request may ask for, in tokens (0: up to the context)"),
+     "max_output_tokens"),
+    (Option("--max-n", "MESHLLM_MAX_N", positive_int, str(MAX_CHOICES),
+            "most choices (n) per request"), "max_n"),
+    (Option("--max-stop", "MESHLLM_MAX_STOP", positive_int, str(MAX_STOP_SEQUENCES),
+            "most stop sequences per request"), "max_stop"),
+    (Option("--max-stop-chars", "MESHLLM_MAX_STOP_CHARS", positive_int, "256",
+            "longest stop sequence, in characters"), "max_stop_chars"),
+)
+# What the request parsers themselves accept: a limit may tighten these, not widen them.
+PARSER_MAXIMA = {"max_tools": MAX_TOOLS, "max_n": MAX_CHOICES, "max_stop": MAX_STOP_SEQUENCES}
+OPTIONS = (*BASE_OPTIONS, *ACCESS_OPTIONS, *HTTPS_OPTIONS, *(opt for opt, _ in LIMIT_OPTIONS))
 
 
 def load_config(argv: Sequence[str], env: Mapping[str, str]) -> GatewayConfig:
@@ -57,4 +117,47 @@ def load_config(argv: Sequence[str], env: Mapping[str, str]) -> GatewayConfig:
         first_token_timeout_s=v["first_token_timeout_s"],
         token_timeout_s=v["token_timeout_s"], log_level=v["log_level"],
         trace=trace_settings("gateway", env), security=security_from(v),
+        api_keys=api_keys(v["api_key"], v["api_keys_file"]), limits=input_limits(v),
+        cors_origins=v["cors_origins"], https=https_files(v["https_cert"], v["https_key"]),
     )
+
+
+def https_files(cert: str, key: str) -> HttpsFiles | None:
+    """Both files or neither; a pair that does not load (unreadable, not PEM, a key that
+    is not the certificate's) fails at start naming the option, not at the first client."""
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        missing = "--https-key / MESHLLM_HTTPS_KEY" if cert else "--https-cert / MESHLLM_HTTPS_CERT"
+        raise ConfigError(missing, "HTTPS needs both a certificate and its key")
+    files = HttpsFiles(Path(cert).expanduser(), Path(key).expanduser())
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(files.cert,
+                                                                            files.key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("--https-cert / --https-key (MESHLLM_HTTPS_CERT / MESHLLM_HTTPS_KEY)",
+                          f"cannot load {files.cert} with {files.key}: {exc}") from exc
+    return files
+
+
+def api_keys(plain: tuple[str, ...], keys_file: str) -> tuple[ApiKey, ...]:
+    """The plain keys (hashed here) and the keys file's entries."""
+    from_file: tuple[ApiKey, ...] = ()
+    if keys_file:
+        try:
+            text = Path(keys_file).expanduser().read_text()
+        except OSError as exc:
+            raise ConfigError("--api-keys-file / MESHLLM_API_KEYS_FILE", str(exc)) from exc
+        from_file = parse_keys_file(text, keys_file)
+    return keys_checked((*plain_keys(plain), *from_file), "--api-key / --api-keys-file")
+
+
+def input_limits(v: dict[str, Any]) -> InputLimits:
+    values = {name: v[opt.dest] for opt, name in LIMIT_OPTIONS}
+    if values["max_output_tokens"] < 0:
+        raise ConfigError("--max-output-tokens / MESHLLM_MAX_OUTPUT_TOKENS", "must be >= 0")
+    for (opt, name) in LIMIT_OPTIONS:
+        if name in PARSER_MAXIMA and values[name] > PARSER_MAXIMA[name]:
+            raise ConfigError(opt.key, f"at most {PARSER_MAXIMA[name]} (what the request "
+                              "parser accepts)")
+    return InputLimits(**values)

@@ -5,6 +5,7 @@ OpenAI error; request parsing, at the edge itself, raises `ApiError` directly.""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ from meshllm.common.errors import (
     Overloaded,
     PromptTooLong,
 )
+from meshllm.gateway.auth import InvalidApiKey, ModelNotAllowed
 from meshllm.gateway.failures import (
     IncompleteAnswer,
     NoLiveWorker,
@@ -31,6 +33,8 @@ from meshllm.gateway.failures import (
     StreamBroken,
     WorkerSilent,
 )
+from meshllm.gateway.key_limits import KeyRateExceeded, RequestRateExceeded, TokenRateExceeded
+from meshllm.gateway.limits import InputLimitExceeded, RequestTooLarge
 from starlette.responses import JSONResponse
 
 
@@ -90,6 +94,14 @@ API_ERRORS: dict[type[MeshError], ErrorShape] = {
                                reason_as_code=True),
     BlackboardUnavailable: ErrorShape(503, "service_unavailable", None, None,
                                       reason_as_code=True),
+    InvalidApiKey: ErrorShape(401, "invalid_request_error", None, "invalid_api_key"),
+    ModelNotAllowed: ErrorShape(403, "invalid_request_error", "model", "model_not_allowed"),
+    RequestRateExceeded: ErrorShape(429, "requests", None, "rate_limit_exceeded"),
+    TokenRateExceeded: ErrorShape(429, "tokens", None, "rate_limit_exceeded"),
+    InputLimitExceeded: ErrorShape(400, "invalid_request_error", None, None,
+                                   reason_as_code=True),
+    RequestTooLarge: ErrorShape(413, "invalid_request_error", None, None,
+                                reason_as_code=True),
 }
 
 
@@ -103,6 +115,10 @@ def shape_of(error: MeshError) -> ErrorShape:
 def _headers(error: MeshError) -> dict[str, str]:
     if isinstance(error, RateLimited):
         return {"Retry-After": str(max(1, round(error.retry_after_s)))}
+    if isinstance(error, KeyRateExceeded):  # a key's window: a second early is refused again
+        return {"Retry-After": str(max(1, math.ceil(error.retry_after_s)))}
+    if isinstance(error, InvalidApiKey):
+        return {"WWW-Authenticate": "Bearer"}
     return {}
 
 

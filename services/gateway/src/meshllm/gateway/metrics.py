@@ -7,6 +7,7 @@ import time
 
 from meshllm.common import telemetry
 from meshllm.common.types import Finished
+from meshllm.gateway.key_limits import charge_tokens
 from meshllm.gateway.recent import RecentRequests, RequestRecord
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -85,6 +86,8 @@ class RequestTimer:
         self._m.duration.labels(self._model).observe(duration_s)
         if self._end is not None:
             self._m.prompt_tokens.labels(self._model).inc(self._end.usage.prompt_tokens)
+        usage = self._end.usage if self._end else None  # a key's tokens-per-minute
+        charge_tokens(usage.total_tokens if usage else self._tokens)
         self._m.recent.add(self._record(outcome, duration_s))
 
     def _record(self, outcome: str, duration_s: float) -> RequestRecord:

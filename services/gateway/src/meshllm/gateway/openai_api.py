@@ -15,10 +15,15 @@ from meshllm.gateway.chat_api import (
     parse_tools,
 )
 from meshllm.gateway.errors import invalid
-from meshllm.gateway.structured import output_grammar, response_format_schema, schema_grammar
+from meshllm.gateway.limits import MAX_CHOICES, MAX_STOP_SEQUENCES
+from meshllm.gateway.structured import (
+    FunctionTool,
+    ToolChoice,
+    output_grammar,
+    response_format_schema,
+    schema_grammar,
+)
 
-MAX_STOP_SEQUENCES = 4
-MAX_CHOICES = 16             # n
 MAX_TOP_LOGPROBS = 20        # chat top_logprobs, as OpenAI
 MAX_COMPLETION_LOGPROBS = 20  # completions logprobs: OpenAI allows 5, vLLM 20
 MAX_LOGIT_BIAS = 1024        # entries
@@ -131,10 +136,14 @@ def _top_k(data: Mapping[str, Any]) -> int:
     return 0 if top_k is None or top_k < 0 else top_k  # -1 is vLLM's "off"; 0 is ours
 
 
-def _sampling(data: Mapping[str, Any]) -> SamplingParams:
-    max_tokens = _integer(data, "max_completion_tokens", 1, 1 << 30)
-    if max_tokens is None:
-        max_tokens = _integer(data, "max_tokens", 1, 1 << 30)
+def sampling(data: Mapping[str, Any],
+             max_tokens_keys: tuple[str, ...] = ("max_completion_tokens", "max_tokens")
+             ) -> SamplingParams:
+    """The sampling of a request; the first of `max_tokens_keys` given bounds the answer."""
+    max_tokens = None
+    for key in max_tokens_keys:
+        if max_tokens is None:
+            max_tokens = _integer(data, key, 1, 1 << 30)
     return SamplingParams(
         max_tokens=max_tokens or 0,
         temperature=_number(data, "temperature", 1.0, 0.0, 2.0),
@@ -176,7 +185,9 @@ def _common(data: Mapping[str, Any]) -> tuple[str, bool, bool]:
         value = data.get(key)
         if value not in (None, False, [], 0) and not (key == "best_of" and value == 1):
             raise invalid(f"{key}: {why}", key, "unsupported_parameter")
-    stream = data.get("stream", False)
+    stream = data.get("stream")
+    if stream is None:  # nullable in the API, as most optional fields are
+        stream = False
     if not isinstance(stream, bool):
         raise invalid("stream must be a boolean", "stream")
     options = data.get("stream_options") or {}
@@ -187,23 +198,40 @@ def _common(data: Mapping[str, Any]) -> tuple[str, bool, bool]:
     return model, stream, bool(options.get("include_usage", False))
 
 
+@dataclass(frozen=True)
+class ChatTools:
+    """A chat request's validated tools, tool_choice and parallel_tool_calls."""
+
+    tools: tuple[FunctionTool, ...]
+    choice: ToolChoice
+    parallel: bool
+
+
+def chat_request(model: str, messages: tuple[ChatMessage, ...], params: SamplingParams,
+                 stream: bool, tools: ChatTools, answer: Mapping[str, Any] | None,
+                 include_usage: bool = False, n: int = 1, logprobs: int | None = None
+                 ) -> ApiRequest:
+    """A chat request from its validated parts (chat completions and the Responses API):
+    the grammar its tools and answer schema need, the tools the model is shown."""
+    calling = bool(tools.tools) and tools.choice.mode != "none"  # `none`: never seen
+    return ApiRequest(
+        "chat", model, params, stream, include_usage, chat=messages, n=n, logprobs=logprobs,
+        grammar=output_grammar(tools.tools, tools.choice, tools.parallel, answer),
+        tools_json=json.dumps([t.to_json() for t in tools.tools], ensure_ascii=False)
+        if calling else "",
+        tool_names=tuple(t.name for t in tools.tools) if calling else (),
+        parallel_tool_calls=tools.parallel)
+
+
 def parse_chat(data: Mapping[str, Any]) -> ApiRequest:
     model, stream, include_usage = _common(data)
     messages = parse_messages(data)
     tools = parse_tools(data)
-    choice = parse_tool_choice(data, tools)
-    parallel = parallel_tool_calls(data)
-    grammar = output_grammar(tools, choice, parallel,
-                             response_format_schema(data.get("response_format")))
-    calling = bool(tools) and choice.mode != "none"  # `none`: the model never sees tools
-    return ApiRequest(
-        "chat", model, _sampling(data), stream, include_usage, chat=messages,
-        n=_integer(data, "n", 1, MAX_CHOICES) or 1, logprobs=_chat_logprobs(data),
-        grammar=grammar,
-        tools_json=json.dumps([t.to_json() for t in tools], ensure_ascii=False)
-        if calling else "",
-        tool_names=tuple(t.name for t in tools) if calling else (),
-        parallel_tool_calls=parallel)
+    chat_tools = ChatTools(tools, parse_tool_choice(data, tools), parallel_tool_calls(data))
+    answer = response_format_schema(data.get("response_format"))
+    return chat_request(model, messages, sampling(data), stream, chat_tools, answer,
+                        include_usage, n=_integer(data, "n", 1, MAX_CHOICES) or 1,
+                        logprobs=_chat_logprobs(data))
 
 
 def parse_completion(data: Mapping[str, Any]) -> ApiRequest:
@@ -215,7 +243,7 @@ def parse_completion(data: Mapping[str, Any]) -> ApiRequest:
         raise invalid("prompt must be a string (token arrays and batches are not supported)",
                       "prompt")
     schema = response_format_schema(data.get("response_format"))
-    return ApiRequest("completion", model, _sampling(data), stream, include_usage, text=prompt,
+    return ApiRequest("completion", model, sampling(data), stream, include_usage, text=prompt,
                       n=_integer(data, "n", 1, MAX_CHOICES) or 1,
                       logprobs=_completion_logprobs(data),
                       grammar=schema_grammar(schema) if schema is not None else None)

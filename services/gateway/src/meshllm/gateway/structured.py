@@ -65,9 +65,8 @@ def check_schema(schema: Any, param: str) -> Mapping[str, Any]:
     return schema
 
 
-def _json_schema_format(value: Mapping[str, Any]) -> Mapping[str, Any]:
-    spec = value.get("json_schema")
-    param = "response_format.json_schema"
+def json_schema_spec(spec: Any, param: str) -> Mapping[str, Any]:
+    """The schema of a json_schema format ({name, schema, strict, description}) at `param`."""
     if not isinstance(spec, dict):
         raise invalid(f"{param} must be an object with name and schema", param)
     name = spec.get("name")
@@ -92,7 +91,7 @@ def response_format_schema(value: Any) -> Mapping[str, Any] | None:
     if kind == "json_object":
         return ANY_OBJECT
     if kind == "json_schema":
-        return _json_schema_format(value)
+        return json_schema_spec(value.get("json_schema"), "response_format.json_schema")
     raise invalid("response_format.type must be text, json_object or json_schema",
                   "response_format.type" if isinstance(value, dict) else "response_format")
 

@@ -36,7 +36,7 @@ async def describe_models(config: PlannerConfig) -> list[ModelSpec]:
 
 
 async def serve(config: PlannerConfig, stop: asyncio.Event) -> None:
-    kv = EtcdStore(config.etcd_url)
+    kv = EtcdStore(config.etcd_url, config.security)
     await lifecycle.unless_stopped(stop, kv.connect())
     specs = await lifecycle.unless_stopped(stop, describe_models(config))
     board = PlacementBoard()

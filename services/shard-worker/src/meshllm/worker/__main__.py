@@ -49,7 +49,7 @@ def host_deps(config: WorkerConfig, tel: telemetry.Telemetry) -> HostDeps:
 
 
 async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
-    kv = EtcdStore(config.etcd_url)
+    kv = EtcdStore(config.etcd_url, config.security)
     await lifecycle.unless_stopped(stop, kv.connect())
     tel = telemetry.build_telemetry(config.trace, instance=config.worker_id)
     server, health, port = grpcutil.new_server(config.listen, telemetry.server_interceptors(tel),

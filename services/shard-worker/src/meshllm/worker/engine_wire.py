@@ -24,6 +24,8 @@ from meshllm.common import errors
 from meshllm.common.errors import EngineUnavailable, MeshError
 from meshllm.common.types import (
     ChatMessage,
+    EmbedInput,
+    EmbedRequest,
     GenerateRequest,
     Grammar,
     GrammarKind,
@@ -88,7 +90,19 @@ class Cancel:
     request_id: RequestId
 
 
-Command = Load | Generate | Cancel
+@dataclass(frozen=True)
+class Embed:
+    """Inputs to embed together: texts (tokenized by the engine) or token id lists."""
+
+    request_id: RequestId
+    inputs: tuple[EmbedInput, ...]
+
+    @classmethod
+    def of(cls, request: EmbedRequest) -> Embed:
+        return cls(request.request_id, request.inputs)
+
+
+Command = Load | Generate | Cancel | Embed
 
 
 # --- events: engine -> worker -------------------------------------------------------
@@ -176,6 +190,16 @@ class Finished:
 
 
 @dataclass(frozen=True)
+class Embedded:
+    """An Embed command's answer: one vector per input, each its float32 values in
+    little-endian bytes (a tenth of the pipe's bytes as JSON numbers would take)."""
+
+    request_id: RequestId
+    vectors: tuple[bytes, ...]
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
 class Error:
     request_id: RequestId
     error: WireError
@@ -186,10 +210,11 @@ class Stats:
     stats: EngineStats
 
 
-Event = Progress | Loaded | LoadFailed | Delta | Finished | Error | Stats
+Event = Progress | Loaded | LoadFailed | Delta | Finished | Embedded | Error | Stats
 
 _TAGS: dict[type, tuple[str, str]] = {
     Load: ("op", "load"), Generate: ("op", "generate"), Cancel: ("op", "cancel"),
+    Embed: ("op", "embed"), Embedded: ("ev", "embedded"),
     Progress: ("ev", "progress"), Loaded: ("ev", "loaded"), LoadFailed: ("ev", "load_failed"),
     Delta: ("ev", "delta"), Finished: ("ev", "finished"), Error: ("ev", "error"),
     Stats: ("ev", "stats"),
@@ -287,6 +312,7 @@ def _finished(f: Fields) -> Finished:
 _COMMANDS: dict[str, Callable[[Fields], Command]] = {
     "load": _load, "generate": _generate,
     "cancel": lambda f: Cancel(RequestId(f.text("request_id"))),
+    "embed": lambda f: Embed(RequestId(f.text("request_id")), f.texts_or_token_lists("inputs")),
 }
 _EVENTS: dict[str, Callable[[Fields], Event]] = {
     "progress": lambda f: Progress(f.number("fraction")),
@@ -294,6 +320,8 @@ _EVENTS: dict[str, Callable[[Fields], Event]] = {
     "load_failed": lambda f: LoadFailed(f.nested("error", _error)),
     "delta": _delta,
     "finished": _finished,
+    "embedded": lambda f: Embedded(RequestId(f.text("request_id")), f.hex_list("vectors"),
+                                   f.integer("prompt_tokens")),
     "error": lambda f: Error(RequestId(f.text("request_id")), f.nested("error", _error)),
     "stats": lambda f: Stats(f.nested("stats", _stats)),
 }

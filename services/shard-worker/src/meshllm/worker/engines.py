@@ -4,6 +4,7 @@ service. The two speak `engine_wire` and nothing else."""
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import logging
@@ -15,16 +16,31 @@ from typing import Protocol
 
 from meshllm.common import telemetry
 from meshllm.common.errors import EngineCrashed, EngineUnavailable
-from meshllm.common.types import Finished, GenerateEvent, GenerateRequest, TokenDelta
+from meshllm.common.types import (
+    Embeddings,
+    EmbedRequest,
+    Finished,
+    GenerateEvent,
+    GenerateRequest,
+    TokenDelta,
+)
 from meshllm.worker import engine_wire as wire
 from meshllm.worker.child import ChildProcess
 
 log = logging.getLogger(__name__)
 
+
+def float32_values(raw: bytes) -> tuple[float, ...]:
+    """A vector as the engine sends it (float32 little-endian) as numbers."""
+    values = array.array("f", raw)
+    if sys.byteorder != "little":
+        values.byteswap()
+    return tuple(values)
+
 DEFAULT_LOAD_TIMEOUT_S = 600.0
 
 # What a request's stream receives: its events, or None once the engine process is gone.
-StreamEvent = wire.Delta | wire.Finished | wire.Error | None
+StreamEvent = wire.Delta | wire.Finished | wire.Embedded | wire.Error | None
 
 
 @dataclass(frozen=True)
@@ -39,6 +55,9 @@ class EngineSettings:
 class Engine(Protocol):
     async def start(self) -> None: ...
     def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]: ...
+    async def embed(self, request: EmbedRequest) -> Embeddings:
+        """One vector per input, batched in the engine; raises typed errors."""
+        ...
     @property
     def stats(self) -> wire.EngineStats:
         """The engine's last report of its counters."""
@@ -123,7 +142,7 @@ class ProcessEngine:
                 break
             if isinstance(event, wire.Stats):
                 self._stats = event.stats
-            elif isinstance(event, wire.Delta | wire.Finished | wire.Error):
+            elif isinstance(event, wire.Delta | wire.Finished | wire.Embedded | wire.Error):
                 stream = self._streams.get(event.request_id)
                 if stream is not None:
                     stream.put_nowait(event)
@@ -151,6 +170,8 @@ class ProcessEngine:
                 if isinstance(event, wire.Delta):
                     yield TokenDelta(event.text, event.tokens, event.logprobs)
                     continue
+                if isinstance(event, wire.Embedded):
+                    raise EngineCrashed("the engine answered a generation with embeddings")
                 done = True
                 self._trace_phases(request, submitted_ns, event)
                 yield Finished(event.finish_reason, event.usage)
@@ -159,6 +180,25 @@ class ProcessEngine:
             if not done and self._proc is not None and self._proc.returncode is None:
                 with contextlib.suppress(EngineCrashed):
                     self._send(wire.Cancel(request.request_id))
+
+    async def embed(self, request: EmbedRequest) -> Embeddings:
+        stream: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        self._streams[request.request_id] = stream
+        try:
+            if self._reader is None or self._reader.done():
+                raise EngineCrashed("the engine process is not running")
+            self._send(wire.Embed.of(request))
+            event = await stream.get()
+        finally:
+            del self._streams[request.request_id]
+        if event is None:
+            code = await self.wait_exited()
+            raise EngineCrashed(f"the engine process died (exit code {code})")
+        if isinstance(event, wire.Error):
+            raise event.error.rebuild()
+        if not isinstance(event, wire.Embedded):
+            raise EngineCrashed(f"the engine answered an embedding with {type(event).__name__}")
+        return Embeddings(tuple(float32_values(v) for v in event.vectors), event.prompt_tokens)
 
     def _trace_phases(self, request: GenerateRequest, submitted_ns: int,
                       finished: wire.Finished) -> None:

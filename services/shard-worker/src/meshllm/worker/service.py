@@ -14,6 +14,8 @@ from meshllm.common import convert, grpc_errors, grpcutil, telemetry
 from meshllm.common.errors import EngineUnavailable, MeshError
 from meshllm.common.membership import Registration
 from meshllm.common.types import (
+    Embeddings,
+    EmbedRequest,
     Finished,
     GenerateEvent,
     GenerateRequest,
@@ -118,6 +120,19 @@ class Worker:
             if host.engine is not None:
                 self.metrics.set_engine(request.model_id, host.engine.stats)
 
+    async def embed(self, request: EmbedRequest) -> Embeddings:
+        """The inputs' vectors from their model's engine (a head of a split refuses)."""
+        host = self.hosts.get(request.model_id)
+        if host is None:
+            raise EngineUnavailable(f"model {request.model_id} is not placed on this worker")
+        host.in_flight += 1
+        try:
+            embeddings = await host.ready_engine().embed(request)
+        finally:
+            host.in_flight -= 1
+        self.prompt_tokens += embeddings.prompt_tokens
+        return embeddings
+
     def stats(self) -> WorkerStats:
         # Counted here, not from the engine's once-a-second reports, so they are current.
         running = sum(min(h.in_flight, h.spec.slots) for h in self.hosts.values())
@@ -153,6 +168,14 @@ class ShardWorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
                     yield convert.event_to_pb(event)
             except MeshError as exc:
                 await grpc_errors.abort(context, exc)
+
+    async def Embed(self, request: worker_pb2.EmbedRequest, context: grpc.aio.ServicerContext
+                    ) -> worker_pb2.EmbedResponse:
+        try:
+            embeddings = await self._worker.embed(convert.embed_request_from_pb(request))
+        except MeshError as exc:
+            await grpc_errors.abort(context, exc)
+        return convert.embeddings_to_pb(embeddings)
 
     async def GetStats(
         self, request: worker_pb2.GetStatsRequest, context: grpc.aio.ServicerContext

@@ -95,6 +95,26 @@ class Fields:
         except ValueError as exc:
             raise MalformedEngineMessage(f"{self._where}: {key} must be hex bytes") from exc
 
+    def hex_list(self, key: str) -> tuple[bytes, ...]:
+        try:
+            return tuple(bytes.fromhex(v) for v in self.texts(key))
+        except ValueError as exc:
+            raise MalformedEngineMessage(f"{self._where}: {key} must hold hex bytes") from exc
+
+    def texts_or_token_lists(self, key: str) -> tuple[str | tuple[int, ...], ...]:
+        """A list whose items are each a string or a list of token ids."""
+        values = cast(list[object], self._get(key, (list,), "a list"))
+        items: list[str | tuple[int, ...]] = []
+        for v in values:
+            if isinstance(v, str):
+                items.append(v)
+            elif isinstance(v, list) and all(type(t) is int for t in v):
+                items.append(tuple(cast(list[int], v)))
+            else:
+                raise MalformedEngineMessage(
+                    f"{self._where}: {key} must hold strings or lists of token ids")
+        return tuple(items)
+
     def choice(self, key: str, kind: type[E]) -> E:
         try:
             return kind(self.text(key))

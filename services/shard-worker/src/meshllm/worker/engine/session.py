@@ -10,6 +10,7 @@ import meshllm.worker.engine_wire as wire
 from meshllm.common.errors import MeshError
 from meshllm.common.types import RequestId, Usage
 from meshllm.worker.engine.batch import BatchEngine, Delta, EngineStats, Event, Finished
+from meshllm.worker.engine.batch.embed import EmbedResult
 from meshllm.worker.engine.channel import Channel
 
 STATS_PERIOD_S = 1.0
@@ -27,6 +28,8 @@ class Session:
             self.generate(command)
         elif isinstance(command, wire.Cancel):
             self._engine.cancel(command.request_id)
+        elif isinstance(command, wire.Embed):
+            self.embed(command)
         else:
             raise wire.MalformedEngineMessage("a second load command: the model is loaded")
 
@@ -43,6 +46,20 @@ class Session:
             with self._lock:
                 self._times.pop(rid, None)
             self._out.send(wire.Error(rid, wire.WireError.of(exc)))
+
+    def embed(self, command: wire.Embed) -> None:
+        rid = command.request_id
+
+        def answer(result: EmbedResult | MeshError) -> None:
+            if isinstance(result, EmbedResult):
+                self._out.send(wire.Embedded(rid, result.vectors, result.prompt_tokens))
+            else:
+                self._out.send(wire.Error(rid, wire.WireError.of(result)))
+
+        try:
+            self._engine.submit_embed(rid, command.inputs, answer)
+        except MeshError as exc:  # an invalid input, a split model, the queue full
+            answer(exc)
 
     def on_event(self, event: Event) -> None:
         rid = RequestId(event.request_id)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from meshllm.worker.engine.batch.embed import LlamaEmbedder
 from meshllm.worker.engine.batch.errors import DecodeFailed, ModelLoadFailed
 from meshllm.worker.engine.batch.load_options import LoadOptions, model_params
 from meshllm.worker.engine.batch.sampling import Logits
@@ -70,8 +71,10 @@ class LlamaBackend:
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self.n_vocab: int = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
         self.n_batch = n_batch
+        self._n_threads = n_threads
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._pieces: dict[int, bytes] = {}
+        self._embedder: LlamaEmbedder | None = None
 
     def _context_params(self, n_ctx: int, n_seq: int, n_threads: int, n_batch: int,
                         kv_unified: bool) -> Any:
@@ -156,6 +159,13 @@ class LlamaBackend:
             tokens=tokens, vocab_ptr=self._vocab, tokenize_fptr=tokenize, eos_token=eog,
             slices=None)
 
+    def embedder(self, max_tokens: int, max_seqs: int) -> LlamaEmbedder:
+        """The embedding context on this model, made on first use (see batch/embed)."""
+        if self._embedder is None:
+            self._embedder = LlamaEmbedder(self._l, self._model, self._n_threads,
+                                           max_tokens, max_seqs)
+        return self._embedder
+
     def meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(1 << 16)
         n = int(self._l.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf)))
@@ -172,6 +182,8 @@ class LlamaBackend:
         return buf.raw[:max(n, 0)].decode("utf-8", "replace")
 
     def close(self) -> None:
+        if self._embedder is not None:
+            self._embedder.close()
         if self._ctx:
             self._l.llama_batch_free(self._batch)
             self._l.llama_free(self._ctx)

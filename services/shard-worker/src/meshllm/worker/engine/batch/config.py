@@ -35,6 +35,11 @@ class BatchConfig:
     seed: int | None = None  # default seed of requests without one; None: random
     load: LoadOptions = field(default_factory=LoadOptions)  # how llama.cpp loads the models
     chat_template: str = ""  # override: "" (automatic) | name:NAME | text:SOURCE
+    embed_tokens: int = 512  # most tokens in one embedding decode (so in one input)
+    embed_seqs: int = 64     # most inputs in one embedding decode
+    # An embedding context unused this long is freed: with a large vocabulary it holds a
+    # gigabyte (llama.cpp computes logits for every token it embeds); made again on use.
+    embed_idle_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.n_slots < 1:

@@ -11,14 +11,26 @@ import dataclasses
 import logging
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from meshllm.common.errors import InvalidGenerateRequest, PromptTooLong
+from meshllm.common.errors import InvalidGenerateRequest, MeshError, PromptTooLong
 from meshllm.common.types import ChatMessage, Grammar, SamplingParams
 from meshllm.worker.engine.batch.backend import Backend, LlamaBackend
 from meshllm.worker.engine.batch.config import BatchConfig, SpecMode
 from meshllm.worker.engine.batch.draft import Drafter, ModelDrafter, NgramDrafter
-from meshllm.worker.engine.batch.errors import DuplicateRequest, EngineStopped, QueueFull
+from meshllm.worker.engine.batch.embed import (
+    Embedder,
+    EmbedJob,
+    EmbedResult,
+    OnEmbedded,
+    check_inputs,
+)
+from meshllm.worker.engine.batch.errors import (
+    DuplicateRequest,
+    EngineStopped,
+    QueueFull,
+    engine_error,
+)
 from meshllm.worker.engine.batch.events import EngineStats, Event, Failed, Finished, OnEvent
 from meshllm.worker.engine.batch.grammar import GrammarCompiler
 from meshllm.worker.engine.batch.load_options import LoadOptions
@@ -50,7 +62,8 @@ def make_drafter(config: BatchConfig, n_batch: int) -> Drafter | None:
 
 class BatchEngine:
     def __init__(self, config: BatchConfig, backend: Backend | None = None,
-                 drafter: Drafter | None = None) -> None:
+                 drafter: Drafter | None = None,
+                 embedder: Callable[[], Embedder] | None = None) -> None:
         self.config = config
         self._backend: Backend = backend or LlamaBackend(
             config.model_path, n_ctx=config.n_ctx, n_seq=config.n_slots,
@@ -67,12 +80,23 @@ class BatchEngine:
         self._dropped: list[Event] = []  # events for requests that never reached a slot
         self._running = 0
         self._stopping = False
+        self._embeds: deque[EmbedJob] = deque()
+        self._embedder: Embedder | None = None
+        # A split head would need its stages to run a second context too: refused for now.
+        self._make_embedder = (None if config.load.offload is not None
+                               else embedder or self._llama_embedder())
         self._thread: threading.Thread | None = None
         # Built at load so the log says which chat template the model uses.
         self._prompts = (PromptBuilder(self._backend, config.chat_template)
                          if isinstance(self._backend, LlamaBackend) else None)
         self.grammars = GrammarCompiler(self._backend.grammar_tokenizer, self._backend.n_vocab,
                                         self._backend.is_eog)
+
+    def _llama_embedder(self) -> Callable[[], Embedder] | None:
+        backend, c = self._backend, self.config
+        if not isinstance(backend, LlamaBackend):
+            return None
+        return lambda: backend.embedder(c.embed_tokens, c.embed_seqs)
 
     # --- caller side (any thread) ---------------------------------------------------
 
@@ -136,6 +160,28 @@ class BatchEngine:
         return Submission(request_id, tuple(prompt), spec, (*sampling.stop, *stops), limit,
                           on_event)
 
+    def submit_embed(self, request_id: str, inputs: Sequence[str | Sequence[int]],
+                     on_done: OnEmbedded) -> None:
+        """Queues inputs to embed: texts are tokenized here (with the BOS a prompt gets),
+        token lists are used as given. Raises InvalidGenerateRequest (a bad input, a model
+        that cannot embed), QueueFull or EngineStopped; `on_done` gets the result on the
+        engine thread."""
+        if self._make_embedder is None:
+            why = ("is split across workers" if self.config.load.offload is not None
+                   else "runs on a backend without embeddings")
+            raise InvalidGenerateRequest(f"this model {why}: it serves no embeddings", "model")
+        tokens = tuple(tuple(self._backend.tokenize(i)) if isinstance(i, str) else tuple(i)
+                       for i in inputs)
+        check_inputs(tokens, self._backend.n_vocab, self.config.embed_tokens)
+        job = EmbedJob(request_id, tokens, on_done)
+        with self._cond:
+            if self._stopping:
+                raise EngineStopped("the engine is shutting down")
+            if len(self._embeds) > self.config.max_queue:
+                raise QueueFull(1, len(self._embeds), self.config.max_queue)
+            self._embeds.append(job)
+            self._cond.notify_all()
+
     def cancel(self, request_id: str) -> bool:
         """Ends a request: at once if still queued, else at the next step."""
         with self._cond:
@@ -171,7 +217,45 @@ class BatchEngine:
             self._admit(sub)
         did = self._runner.run(cancelled, events) or bool(subs)
         self._dispatch(events)
-        return did or bool(events)
+        embedded = self._embed_step()  # after the streams' step: they never wait on two
+        return did or embedded or bool(events)
+
+    def _embed_step(self) -> bool:
+        """One chunk of the oldest embedding request: at most one bounded decode."""
+        with self._cond:
+            job = self._embeds[0] if self._embeds else None
+        if job is None:
+            return False
+        result: EmbedResult | MeshError | None
+        try:
+            if self._embedder is None:
+                assert self._make_embedder is not None  # submit_embed checked it
+                self._embedder = self._make_embedder()
+            # While streams run, a chunk costs them no more than a prompt chunk would.
+            budget = self.config.prefill_chunk if self._running else self.config.embed_tokens
+            result = job.run_chunk(self._embedder, budget)
+        except Exception as exc:  # the request's answer; the engine serves on
+            log.exception("embedding request %s failed", job.request_id)
+            result = engine_error(exc)
+        if result is not None:
+            with self._cond:
+                self._embeds.popleft()
+            self._answer_embed(job, result)
+        return True
+
+    def release_embedder(self) -> None:
+        """Free the embedding context (engine thread only); the next request makes one."""
+        if self._embedder is not None:
+            self._embedder.close()
+            self._embedder = None
+            log.info("embedding context freed (made again by the next embedding request)")
+
+    @staticmethod
+    def _answer_embed(job: EmbedJob, result: EmbedResult | MeshError) -> None:
+        try:
+            job.on_done(result)
+        except Exception:  # a broken consumer must not stop the engine
+            log.exception("result handler of embedding request %s failed", job.request_id)
 
     def _take_admissible(self) -> list[Submission]:
         free = self.config.n_slots - self._running
@@ -207,8 +291,11 @@ class BatchEngine:
         """The engine loop; returns after stop()."""
         while True:
             with self._cond:
-                while not (self._stopping or self._queue or self._dropped or self._running):
-                    self._cond.wait()
+                while not (self._stopping or self._queue or self._dropped or self._running
+                           or self._embeds):
+                    idle_s = self.config.embed_idle_s if self._embedder else None
+                    if not self._cond.wait(idle_s):  # nothing for idle_s: free the context
+                        self.release_embedder()
                 if self._stopping:
                     break
             try:
@@ -241,6 +328,10 @@ class BatchEngine:
         events: list[Event] = []
         with self._cond:
             subs, self._queue = list(self._queue), deque()
+            embeds, self._embeds = list(self._embeds), deque()
+        for job in embeds:
+            self._answer_embed(job, EngineStopped("the engine shut down"))
+        self.release_embedder()
         for sub in subs:
             events.append(Failed(sub.request_id, EngineStopped("the engine shut down")))
         self._runner.fail_all(EngineStopped("the engine shut down"), events)
