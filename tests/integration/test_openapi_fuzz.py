@@ -10,17 +10,17 @@ from typing import Any
 
 import pytest
 import requests
+import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import response_schema_conformance
 
 from tests.support import openapi
 from tests.support.mesh import LocalMesh
 from tests.support.openapi import SPEC
 
 pytestmark = pytest.mark.integration
-schemathesis = pytest.importorskip("schemathesis")
-from schemathesis.checks import not_a_server_error  # noqa: E402
-from schemathesis.specs.openapi.checks import response_schema_conformance  # noqa: E402
 
 SERVED = (("GET", "/models"), ("GET", "/models/{model}"), ("POST", "/chat/completions"),
           ("POST", "/completions"), ("POST", "/embeddings"), ("POST", "/responses"))
