@@ -21,6 +21,7 @@ from meshllm.gateway.embeddings_api import (
     route,
 )
 from meshllm.gateway.errors import ApiError, api_error_for
+from meshllm.gateway.metrics import GatewayMetrics
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
@@ -106,6 +107,7 @@ def test_the_answer_has_openais_shape() -> None:
 class ScriptedBackend:
     def __init__(self) -> None:
         self.calls: list[tuple[str, tuple[EmbedInput, ...]]] = []
+        self.metrics = GatewayMetrics()  # what the route records, checked by the test
 
     async def embed(self, model: str, inputs: tuple[EmbedInput, ...]) -> Embeddings:
         self.calls.append((model, inputs))
@@ -126,7 +128,7 @@ def http() -> tuple[TestClient, ScriptedBackend]:
         assert isinstance(exc, ApiError)
         return exc.response()
 
-    app = Starlette(routes=[route(backend)], exception_handlers={
+    app = Starlette(routes=[route(backend, backend.metrics)], exception_handlers={
         ApiError: api_error, InvalidGenerateRequest: mesh_error})
     return TestClient(app), backend
 
@@ -147,3 +149,8 @@ def test_the_route_answers_and_maps_errors(http: tuple[TestClient, ScriptedBacke
     assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_value"
     r = client.post("/v1/embeddings", content=b"{not json")
     assert r.status_code == 400
+    count = backend.metrics.registry.get_sample_value
+    assert count("meshllm_gateway_requests_total", {"model": "m", "outcome": "ok"}) == 1
+    assert count("meshllm_gateway_requests_total", {"model": "m", "outcome": "rejected"}) == 2
+    assert count("meshllm_gateway_prompt_tokens_total", {"model": "m"}) == 6
+    assert [r.operation for r in backend.metrics.recent.latest()][:1] == ["embeddings"]

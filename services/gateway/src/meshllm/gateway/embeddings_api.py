@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import base64
 import sys
+import time
+import uuid
 from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from meshllm.common.errors import MeshError
 from meshllm.common.types import Embeddings, EmbedInput
-from meshllm.gateway.errors import invalid
+from meshllm.gateway.errors import ApiError, invalid
 from meshllm.gateway.openai_api import parse_json
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -126,13 +129,27 @@ class EmbeddingsBackend(Protocol):
     async def embed(self, model: str, inputs: tuple[EmbedInput, ...]) -> Embeddings: ...
 
 
-def route(backend: EmbeddingsBackend) -> Route:
+class EmbeddingsMetrics(Protocol):
+    """What the handler records (gateway.metrics.GatewayMetrics)."""
+
+    def embedded(self, model: str, outcome: str, duration_s: float, prompt_tokens: int,
+                 request_id: str) -> None: ...
+
+
+def route(backend: EmbeddingsBackend, metrics: EmbeddingsMetrics) -> Route:
     """The /v1/embeddings route over `backend`."""
 
     async def embeddings(request: Request) -> Response:
         req = parse_embeddings(parse_json(await request.body()))
-        result = await backend.embed(req.model, req.inputs)
-        check_dimensions(req, len(result.vectors[0]) if result.vectors else 0)
+        start, rid = time.perf_counter(), f"embd-{uuid.uuid4().hex[:24]}"
+        try:
+            result = await backend.embed(req.model, req.inputs)
+            check_dimensions(req, len(result.vectors[0]) if result.vectors else 0)
+        except (MeshError, ApiError):
+            metrics.embedded(req.model, "rejected", time.perf_counter() - start, 0, rid)
+            raise
+        metrics.embedded(req.model, "ok", time.perf_counter() - start, result.prompt_tokens,
+                         rid)
         return JSONResponse(embeddings_response(req, result))
 
     return Route("/v1/embeddings", embeddings, methods=["POST"])

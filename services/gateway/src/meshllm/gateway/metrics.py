@@ -39,6 +39,19 @@ class GatewayMetrics:
         """The timer of one OpenAI request (`kind`: "chat" or "completion")."""
         return RequestTimer(self, model, telemetry.api_operation(kind), request_id)
 
+    def embedded(self, model: str, outcome: str, duration_s: float, prompt_tokens: int,
+                 request_id: str) -> None:
+        """One /v1/embeddings request: counted with the others, its tokens charged to the
+        caller's key, and a record for the console."""
+        self.requests.labels(model, outcome).inc()
+        self.duration.labels(model).observe(duration_s)
+        self.prompt_tokens.labels(model).inc(prompt_tokens)
+        charge_tokens(prompt_tokens)
+        self.recent.add(RequestRecord(
+            at_unix_s=time.time(), request_id=request_id, model=model, operation="embeddings",
+            outcome=outcome, finish_reason="", input_tokens=prompt_tokens, output_tokens=0,
+            duration_s=duration_s, ttft_s=None, trace_id=telemetry.current_trace_id()))
+
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
