@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from meshllm.common.types import ModelId, ModelSpec, Placement, WorkerId, WorkerInfo, whole
 from meshllm.planner.place import MiB, PlacementPolicy, place, required_bytes
@@ -85,3 +87,45 @@ def test_deterministic_under_input_order() -> None:
     first = place(models, workers, policy=POLICY)
     again = place(list(reversed(models)), list(reversed(workers)), policy=POLICY)
     assert first == again
+
+
+def reference_place(models: list[ModelSpec], workers: list[WorkerInfo],
+                    previous: dict[ModelId, Placement]) -> dict[str, list[str]]:
+    """The growth rule written plainly (sort every worker for every replica), to check
+    that the heap in `place` picks exactly the same hosts."""
+    first = place(models, workers, previous, PlacementPolicy(0, max_replicas=1))
+    free = {w.worker_id: w.memory_budget_bytes for w in workers}
+    hosts = {m.model_id: [r.head.worker_id for r in first[m.model_id].replicas] for m in models}
+    for m in models:
+        for w in hosts[m.model_id]:
+            free[w] -= required_bytes(m, POLICY)
+    order = sorted(models, key=lambda m: (-required_bytes(m, POLICY), m.model_id))
+    growing = True
+    while growing:
+        growing = False
+        for m in order:
+            if not hosts[m.model_id]:
+                continue
+            held = set(previous[m.model_id].head_ids) if m.model_id in previous else set()
+            need = required_bytes(m, POLICY)
+            fits = [w for w, f in free.items() if f >= need and w not in hosts[m.model_id]]
+            if fits:
+                choice = sorted(fits, key=lambda w: (w not in held, -free[w], w))[0]
+                hosts[m.model_id].append(choice)
+                free[choice] -= required_bytes(m, POLICY)
+                growing = True
+    return {str(k): sorted(v) for k, v in hosts.items()}
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_growth_picks_the_hosts_the_plain_rule_picks(seed: int) -> None:
+    rng = random.Random(seed)
+    models = [model(f"m{i}", rng.choice((50, 100, 150, 300))) for i in range(rng.randint(1, 6))]
+    workers = [worker(f"w{i:02d}", rng.choice((100, 200, 450, 700)))
+               for i in range(rng.randint(1, 12))]
+    previous = {m.model_id: Placement(m.model_id, (whole(WorkerId(rng.choice(workers).worker_id),
+                                                         10),), required_bytes(m, POLICY))
+                for m in models if rng.random() < 0.5}
+    placed = place(models, workers, previous, POLICY)
+    got = {str(k): sorted(r.head.worker_id for r in p.replicas) for k, p in placed.items()}
+    assert got == reference_place(models, workers, previous)
