@@ -5,7 +5,7 @@ from __future__ import annotations
 import codecs
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -134,8 +134,18 @@ def usage_chunk(req: ApiRequest, rid: str, created: int, usage: Usage) -> dict[s
     return {**envelope(req, rid, created, True), "choices": [], "usage": usage_dict(usage)}
 
 
+# Legal inside an SSE line, but every client that splits lines with str.splitlines()
+# (httpx's and requests' iter_lines among them) breaks a chunk there: escaped, as JSON allows.
+LINE_BREAKING = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
+def sse_json(data: Mapping[str, Any]) -> bytes:
+    """`data` as one line of UTF-8 JSON that no line splitter breaks."""
+    return json.dumps(data, ensure_ascii=False).translate(LINE_BREAKING).encode()
+
+
 def sse(data: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n"
+    return b"data: " + sse_json(data) + b"\n\n"
 
 
 SSE_DONE = b"data: [DONE]\n\n"

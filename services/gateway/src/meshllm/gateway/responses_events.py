@@ -8,7 +8,6 @@ event sequence, each event numbered (`sequence_number`)."""
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import Any
 
 from meshllm.common.types import Usage
 from meshllm.gateway.errors import ApiError
+from meshllm.gateway.responses import sse_json
 from meshllm.gateway.responses_api import ResponsesRequest
 
 # An API error's type -> the Responses error code (a closed list in the API).
@@ -103,8 +103,7 @@ def final_status(finish_reason: str) -> str:
 
 
 def sse_event(event: Mapping[str, Any]) -> bytes:
-    return (f"event: {event['type']}\ndata: ".encode()
-            + json.dumps(event, ensure_ascii=False).encode() + b"\n\n")
+    return f"event: {event['type']}\ndata: ".encode() + sse_json(event) + b"\n\n"
 
 
 def full_response(head: ResponseHead, message: Mapping[str, Any], finish_reason: str,
