@@ -58,6 +58,9 @@ bench: install
 	$(BIN)/python bench/blackboard_gossip.py
 	$(BIN)/python bench/embeddings.py
 	$(BIN)/python bench/responses_overhead.py
+	$(BIN)/python bench/blackboard_search.py
+	$(BIN)/python bench/planner_scale.py
+	$(BIN)/python bench/rebalance_sim.py
 
 llama-server:
 	bash scripts/build_llama_server.sh

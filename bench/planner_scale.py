@@ -22,10 +22,10 @@ from meshllm.common.types import ModelId, ModelSpec, WorkerId, WorkerInfo  # noq
 from meshllm.planner.demand import (  # noqa: E402
     CurrentAssignment,
     HeldReplica,
-    ModelDeclaration,
     ModelDemand,
     Moves,
     ReplicaPhase,
+    SizedModel,
     WorkerCapacity,
 )
 from meshllm.planner.place import PlacementPolicy, place  # noqa: E402
@@ -87,7 +87,7 @@ SCENARIOS = {  # name: utilizations the models' loads are drawn from
 }
 
 
-def time_rebalance(rounds: int, declared: list[ModelDeclaration],
+def time_rebalance(rounds: int, declared: list[SizedModel],
                    capacities: list[WorkerCapacity], wanted: dict[ModelId, ModelDemand],
                    current: CurrentAssignment) -> tuple[float, Moves]:
     answers: list[Moves] = []
@@ -107,7 +107,7 @@ def main() -> None:
     first = PlacementPolicy(engine_overhead_bytes=0, max_replicas=1)
     place_s = best_of(args.rounds, lambda: place(specs, workers, policy=first))
     capacities, current = mesh_state(specs, workers, rng, 10_000.0)
-    declared = [ModelDeclaration(s.model_id, s.weights_bytes) for s in specs]
+    declared = [SizedModel(s.model_id, s.weights_bytes) for s in specs]
     print(f"{args.workers} workers, {args.models} models, {len(current.replicas)} replicas "
           f"held; place (first replicas) {place_s * 1000:.1f} ms")
     for name, shares in SCENARIOS.items():

@@ -11,10 +11,10 @@ from meshllm.common.types import ModelId, WorkerId
 from meshllm.planner.demand import (
     CurrentAssignment,
     HeldReplica,
-    ModelDeclaration,
     ModelDemand,
     RebalancePolicy,
     ReplicaPhase,
+    SizedModel,
     WorkerCapacity,
 )
 from meshllm.planner.rebalance import rebalance
@@ -120,7 +120,7 @@ class Rebalancer:
     def __init__(self, cfg: SimConfig, sizes: Mapping[str, int], name: str = "rebalance",
                  policy: RebalancePolicy | None = None) -> None:
         self.cfg, self.name, self.policy = cfg, name, policy or RebalancePolicy()
-        self.models = [ModelDeclaration(ModelId(m), size, slots=cfg.slots)
+        self.models = [SizedModel(ModelId(m), size, slots=cfg.slots)
                        for m, size in sizes.items()]
         self.last_grew_s: dict[ModelId, float] = {}
         self.last_shrank_s: dict[ModelId, float] = {}

@@ -179,6 +179,14 @@ async def test_search(mesh: list[BlackboardNode]) -> None:
     assert len(limited.json_lines()) == 1
     text = await on(a, "search", word, other)
     assert text.rc == 0 and "(2 hits)" in text.out and "(1 hits)" in text.out
+    # No embeddings model on this mesh: --mode semantic falls back to words, says so on
+    # stderr and keeps stdout one hit per line.
+    semantic = await on(a, "--json", "search", word, "--mode", "semantic")
+    assert semantic.rc == 0 and "note: no worker" in semantic.err
+    assert [h["id"] for h in semantic.json_lines()] == [one["id"], both["id"]]
+    words = await on(a, "--json", "search", word, "--mode", "words")
+    assert words.rc == 0 and "note:" not in words.err
+    assert (await on(a, "search", word, "--mode", "fuzzy")).rc == 2
 
 
 @integration

@@ -60,6 +60,15 @@ async def test_http_post_feed_and_search(gateway: str) -> None:
                    ["data"]) == 1
         found = (await http.get("/api/blackboard/search", params={"q": "wombat burrow"})).json()
         assert found["data"][0]["id"] == post["id"] and found["data"][0]["hits"] == 2
+        # No worker serves an embeddings model here: ranked by words, and the reply says so.
+        assert found["mode_used"] == "words" and "no worker" in found["note"]
+        words = (await http.get("/api/blackboard/search",
+                                params={"q": "wombat", "mode": "words"})).json()
+        assert (words["mode_used"], words["note"], len(words["data"])) == ("words", "", 2)
+        bad = await http.get("/api/blackboard/search", params={"q": "wombat", "mode": "fuzzy"})
+        assert bad.status_code == 400
+        assert (bad.json()["error"]["param"], bad.json()["error"]["code"]) == ("mode",
+                                                                              "invalid_value")
 
 
 @pytest.mark.parametrize(("body", "status", "code", "param"), [
@@ -176,6 +185,11 @@ async def test_mcp_tools_through_an_mcp_client(mesh: list[BlackboardNode]) -> No
         found = await mcp.call_tool("search", {"query": "hello"})
         assert found.structured_content is not None
         assert post["id"] in [h["id"] for h in found.structured_content["hits"]]
+        by_meaning = await mcp.call_tool("search", {"query": "hello", "mode": "semantic"})
+        assert by_meaning.structured_content is not None
+        assert by_meaning.structured_content["mode_used"] == "words"
+        assert "no worker" in by_meaning.structured_content["note"]
+        assert (await mcp.call_tool("search", {"query": "hello", "mode": "fuzzy"})).is_error
         refused = await mcp.call_tool("post", {"text": "key sk-abcdefghijklmnop123456"})
         assert refused.is_error
         assert "api-key" in str(refused.content)

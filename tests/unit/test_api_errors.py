@@ -33,6 +33,7 @@ from meshllm.gateway.backend import MeshBackend
 from meshllm.gateway.errors import API_ERRORS, api_error_for
 from meshllm.gateway.failures import (
     IncompleteAnswer,
+    ModelAlreadyDeclared,
     NoLiveWorker,
     ReplicasBusy,
     ReplicasFailed,
@@ -58,6 +59,8 @@ ROWS: list[tuple[MeshError, int, str, str | None, str | None]] = [
      "model_not_found"),
     (NoLiveWorker("model m has not been placed yet"), 503, "service_unavailable", None,
      "no_live_worker"),
+    (ModelAlreadyDeclared("model m is declared already"), 409, "invalid_request_error",
+     "model", "model_already_declared"),
     (ReplicasFailed("m", ["w1: UNAVAILABLE gone"]), 502, "server_error", None,
      "worker_failed"),
     (StreamBroken("worker w1: UNAVAILABLE gone after the stream began"), 502, "server_error",

@@ -43,6 +43,9 @@ class FlakyStore:
     async def snapshot(self, prefix: str) -> tuple[dict[str, bytes], int]:
         raise NotImplementedError
 
+    async def create(self, key: str, value: bytes) -> bool:
+        raise NotImplementedError
+
     async def delete(self, key: str) -> None:
         raise NotImplementedError
 

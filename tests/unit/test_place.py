@@ -69,6 +69,28 @@ def test_max_replicas_caps_copies() -> None:
     assert len(result[ModelId("a")].replicas) == 2
 
 
+CAP_CASES = [
+    # (description, global cap, per-model caps, replicas per model; 4 workers fit 2 each)
+    ("no caps: every worker holds both", 0, {}, {"a": 4, "b": 4}),
+    ("a per-model cap limits that model only", 0, {"a": 1}, {"a": 1, "b": 4}),
+    ("a per-model cap overrides the global one", 2, {"a": 3}, {"a": 3, "b": 2}),
+    ("a per-model 0 falls back to the global cap", 2, {"a": 0}, {"a": 2, "b": 2}),
+    ("a cap above what fits: what fits", 0, {"a": 9}, {"a": 4, "b": 4}),
+    ("caps for models not placed are ignored", 1, {"z": 3}, {"a": 1, "b": 1}),
+]
+
+
+@pytest.mark.parametrize(("global_cap", "caps", "counts"), [c[1:] for c in CAP_CASES],
+                         ids=[c[0] for c in CAP_CASES])
+def test_per_model_max_replicas(global_cap: int, caps: dict[str, int],
+                                counts: dict[str, int]) -> None:
+    workers = [worker(f"w{i}", 200) for i in range(4)]
+    result = place([model("a", 100), model("b", 100)], workers,
+                   policy=PlacementPolicy(0, max_replicas=global_cap),
+                   max_replicas={ModelId(m): n for m, n in caps.items()})
+    assert {m: len(p.replicas) for m, p in result.items()} == counts
+
+
 def test_previous_hosts_are_kept_when_they_still_fit() -> None:
     previous = {ModelId("a"): Placement(ModelId("a"), (whole(WorkerId("w3"), 10),), 0)}
     workers = [worker("w1", 300), worker("w2", 300), worker("w3", 150)]

@@ -14,11 +14,11 @@ from meshllm.common.types import ModelId, WorkerId
 from meshllm.planner.demand import (
     CurrentAssignment,
     HeldReplica,
-    ModelDeclaration,
     ModelDemand,
     Moves,
     RebalancePolicy,
     ReplicaPhase,
+    SizedModel,
     WorkerCapacity,
 )
 from meshllm.planner.place import MiB
@@ -33,8 +33,8 @@ YOUNG = NOW - 10  # inside min_age_s
 
 
 def decl(name: str, mib: int = 100, lo: int = 0, hi: int | None = None,
-         prio: int = 0) -> ModelDeclaration:
-    return ModelDeclaration(ModelId(name), mib * MiB, lo, hi, prio)
+         prio: int = 0) -> SizedModel:
+    return SizedModel(ModelId(name), mib * MiB, lo, hi, prio)
 
 
 def idle(name: str) -> ModelDemand:
@@ -60,7 +60,7 @@ class Mesh:
     last_grew_s: dict[ModelId, float] = field(default_factory=dict)
     last_shrank_s: dict[ModelId, float] = field(default_factory=dict)
 
-    def workers(self, models: Sequence[ModelDeclaration]) -> list[WorkerCapacity]:
+    def workers(self, models: Sequence[SizedModel]) -> list[WorkerCapacity]:
         size = {m.model_id: m.replica_bytes for m in models}
         return [WorkerCapacity(WorkerId(w), mib * MiB - sum(
             size.get(r.model_id, 0) for r in self.held if r.worker_id == w),
@@ -70,7 +70,7 @@ class Mesh:
         return CurrentAssignment(self.now_s, tuple(self.held), dict(self.last_grew_s),
                                  dict(self.last_shrank_s))
 
-    def decide(self, models: Sequence[ModelDeclaration],
+    def decide(self, models: Sequence[SizedModel],
                demand: Mapping[str, ModelDemand], policy: RebalancePolicy = POLICY) -> Moves:
         by_id = {ModelId(k): v for k, v in demand.items()}
         return rebalance(models, self.workers(models), by_id, self.current(), policy)
@@ -196,7 +196,7 @@ ALL_CASES = [(*c, POLICY) for c in CASES] + [(*c, EARLY) for c in EARLY_CASES]
 
 @pytest.mark.parametrize(("models", "mesh", "demand", "added", "retired", "policy"),
                          [c[1:] for c in ALL_CASES], ids=[c[0] for c in ALL_CASES])
-def test_rebalance(models: list[ModelDeclaration], mesh: Mesh, demand: dict[str, ModelDemand],
+def test_rebalance(models: list[SizedModel], mesh: Mesh, demand: dict[str, ModelDemand],
                    added: list[tuple[str, str]], retired: list[tuple[str, str]],
                    policy: RebalancePolicy) -> None:
     moves = mesh.decide(models, demand, policy)
@@ -207,7 +207,7 @@ def test_rebalance(models: list[ModelDeclaration], mesh: Mesh, demand: dict[str,
 @pytest.mark.parametrize(("models", "mesh", "demand", "policy"),
                          [(*c[1:4], c[6]) for c in ALL_CASES], ids=[c[0] for c in ALL_CASES])
 def test_applying_the_moves_then_asking_again_moves_nothing(
-        models: list[ModelDeclaration], mesh: Mesh, demand: dict[str, ModelDemand],
+        models: list[SizedModel], mesh: Mesh, demand: dict[str, ModelDemand],
         policy: RebalancePolicy) -> None:
     mesh = copy.deepcopy(mesh)  # the table stays as written for the other tests
     mesh.apply(mesh.decide(models, demand, policy))
@@ -429,7 +429,7 @@ def test_retiring_replicas_hold_memory_but_not_capacity() -> None:
     assert moves.count == 0 and "no replica of a colder" in moves.blocked_reason(ModelId("a"))
 
 
-def random_mesh(rng: random.Random) -> tuple[list[ModelDeclaration], Mesh,
+def random_mesh(rng: random.Random) -> tuple[list[SizedModel], Mesh,
                                              dict[str, ModelDemand]]:
     models = []
     for i in range(rng.randint(1, 4)):
@@ -453,7 +453,7 @@ def random_mesh(rng: random.Random) -> tuple[list[ModelDeclaration], Mesh,
     return models, mesh, demand
 
 
-def check_invariants(models: list[ModelDeclaration], before: Mesh, after: Mesh,
+def check_invariants(models: list[SizedModel], before: Mesh, after: Mesh,
                      moves: Moves, demand: Mapping[str, ModelDemand]) -> None:
     sizes = {m.model_id: m.replica_bytes for m in models}
     for worker, budget in after.budgets.items():

@@ -5,6 +5,7 @@ Parsing validates: records from etcd or a peer are untrusted until they pass her
 
 from __future__ import annotations
 
+import re
 from typing import TypeVar
 
 from google.protobuf.message import DecodeError
@@ -21,6 +22,7 @@ from meshllm.common.types import (
     Grammar,
     GrammarKind,
     LoadState,
+    ModelDeclaration,
     ModelId,
     ModelSpec,
     ModelState,
@@ -39,8 +41,10 @@ from meshllm.common.types import (
 )
 from meshllm.v1 import mesh_pb2, worker_pb2
 
-_M = TypeVar("_M", mesh_pb2.WorkerRecord, mesh_pb2.ModelSpec, mesh_pb2.Placement)
+_M = TypeVar("_M", mesh_pb2.WorkerRecord, mesh_pb2.ModelSpec, mesh_pb2.Placement,
+             mesh_pb2.ModelDeclaration)
 
+MODEL_ID = re.compile(r"[a-z0-9._-]{1,128}")  # what models.model_id_for makes
 _STATE_TO_PB = {
     LoadState.LOADING: mesh_pb2.MODEL_LOAD_STATE_LOADING,
     LoadState.READY: mesh_pb2.MODEL_LOAD_STATE_READY,
@@ -123,6 +127,23 @@ def model_spec_from_pb(m: mesh_pb2.ModelSpec) -> ModelSpec:
     )
 
 
+def declaration_to_pb(d: ModelDeclaration) -> mesh_pb2.ModelDeclaration:
+    return mesh_pb2.ModelDeclaration(model_id=d.model_id, source=d.source,
+                                     min_replicas=d.min_replicas, max_replicas=d.max_replicas,
+                                     priority=d.priority, at_start=d.at_start)
+
+
+def declaration_from_pb(m: mesh_pb2.ModelDeclaration) -> ModelDeclaration:
+    _require(bool(MODEL_ID.fullmatch(m.model_id)),
+             f"model declaration: bad model_id {m.model_id[:80]!r}")
+    _require(bool(m.source), f"model declaration {m.model_id}: no source")
+    _require(m.max_replicas == 0 or m.min_replicas <= m.max_replicas,
+             f"model declaration {m.model_id}: min_replicas {m.min_replicas} > "
+             f"max_replicas {m.max_replicas}")
+    return ModelDeclaration(ModelId(m.model_id), m.source, m.min_replicas, m.max_replicas,
+                            m.priority, m.at_start)
+
+
 def placement_to_pb(p: Placement) -> mesh_pb2.Placement:
     return mesh_pb2.Placement(
         model_id=p.model_id,
@@ -166,6 +187,10 @@ def parse_worker(raw: bytes) -> WorkerInfo:
 
 def parse_model_spec(raw: bytes) -> ModelSpec:
     return model_spec_from_pb(_decode(mesh_pb2.ModelSpec(), raw))
+
+
+def parse_declaration(raw: bytes) -> ModelDeclaration:
+    return declaration_from_pb(_decode(mesh_pb2.ModelDeclaration(), raw))
 
 
 def parse_placement(raw: bytes) -> Placement:

@@ -1,4 +1,5 @@
-"""The mesh as one validated snapshot of what etcd holds: workers, models, placements."""
+"""The mesh as one validated snapshot of what etcd holds: workers, models, placements and
+the models declared."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ from typing import TypeVar
 
 from meshllm.common import convert, store
 from meshllm.common.errors import InvalidRecord
-from meshllm.common.types import ModelId, ModelSpec, Placement, WorkerId, WorkerInfo
+from meshllm.common.types import (
+    ModelDeclaration,
+    ModelId,
+    ModelSpec,
+    Placement,
+    WorkerId,
+    WorkerInfo,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -20,6 +28,7 @@ class MeshSnapshot:
     workers: Mapping[WorkerId, WorkerInfo] = field(default_factory=dict)
     models: Mapping[ModelId, ModelSpec] = field(default_factory=dict)
     placements: Mapping[ModelId, Placement] = field(default_factory=dict)
+    declarations: Mapping[ModelId, ModelDeclaration] = field(default_factory=dict)
 
 
 def _parse_all(raw: Mapping[str, bytes], prefix: str, parse: Callable[[bytes], T]) -> list[T]:
@@ -38,10 +47,12 @@ def parse_snapshot(raw: Mapping[str, bytes]) -> MeshSnapshot:
     workers = _parse_all(raw, store.WORKERS, convert.parse_worker)
     models = _parse_all(raw, store.MODELS, convert.parse_model_spec)
     placements = _parse_all(raw, store.PLACEMENTS, convert.parse_placement)
+    declarations = _parse_all(raw, store.DECLARATIONS, convert.parse_declaration)
     return MeshSnapshot(
         workers={w.worker_id: w for w in workers},
         models={m.model_id: m for m in models},
         placements={p.model_id: p for p in placements},
+        declarations={d.model_id: d for d in declarations},
     )
 
 

@@ -24,6 +24,7 @@ ROOT = "/meshllm/"
 WORKERS = ROOT + "workers/"
 MODELS = ROOT + "models/"
 PLACEMENTS = ROOT + "placements/"
+DECLARATIONS = ROOT + "declarations/"
 
 
 class StoreUnavailable(MeshError):
@@ -40,6 +41,7 @@ class KeyValueStore(Protocol):
     async def get_prefix(self, prefix: str) -> dict[str, bytes]: ...
     async def snapshot(self, prefix: str) -> tuple[dict[str, bytes], int]: ...
     async def put(self, key: str, value: bytes, lease_id: int | None = None) -> None: ...
+    async def create(self, key: str, value: bytes) -> bool: ...
     async def delete(self, key: str) -> None: ...
     async def grant_lease(self, ttl_s: int) -> int: ...
     async def refresh_lease(self, lease_id: int) -> bool: ...
@@ -101,6 +103,14 @@ class EtcdStore:
 
     async def put(self, key: str, value: bytes, lease_id: int | None = None) -> None:
         await self._client.put(key.encode(), value, lease=lease_id)
+
+    async def create(self, key: str, value: bytes) -> bool:
+        """Put `key` only if it is absent, atomically; whether it was written."""
+        txn = self._client.transactions
+        succeeded, _ = await self._client.transaction(
+            compare=[txn.version(key.encode()) == 0], success=[txn.put(key.encode(), value)],
+            failure=[])
+        return bool(succeeded)
 
     async def delete(self, key: str) -> None:
         await self._client.delete(key.encode())

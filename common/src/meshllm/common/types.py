@@ -87,6 +87,19 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class ModelDeclaration:
+    """A model the mesh is asked to serve: declared at start (--models) or at run time
+    (POST /api/models). The planner describes it (a ModelSpec) and places it."""
+
+    model_id: ModelId      # models.model_id_for(source): one declaration per id
+    source: str            # catalog name or path to a .gguf file
+    min_replicas: int = 0  # kept whatever the demand
+    max_replicas: int = 0  # 0: as many as fit
+    priority: int = 0      # higher is served first
+    at_start: bool = False  # declared by the planner's --models (False: at run time)
+
+
+@dataclass(frozen=True)
 class Assignment:
     """One worker's share of a model: layers [layer_start, layer_end)."""
 

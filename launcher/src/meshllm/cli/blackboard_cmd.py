@@ -18,7 +18,14 @@ from typing import Any
 
 from meshllm.common.blackboard.client import BlackboardClient
 from meshllm.common.blackboard.errors import BlackboardError, BlackboardUnavailable, PostRejected
-from meshllm.common.blackboard.types import Draft, FeedQuery, Post, PostId, SubscribeFilter
+from meshllm.common.blackboard.types import (
+    Draft,
+    FeedQuery,
+    Post,
+    PostId,
+    SearchMode,
+    SubscribeFilter,
+)
 from meshllm.common.blackboard.wire import hit_to_json, parse_since, post_to_json
 from meshllm.common.config import Option, process_env, read_options
 from meshllm.common.errors import ConfigError
@@ -116,9 +123,12 @@ def add_blackboard_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     feed.add_argument("--limit", type=int, default=20)
     sub.choices["watch"].add_argument("--count", type=int, default=0,
                                       help="exit after this many posts (0: never)")
-    search = sub.add_parser("search", help="posts with the most hits of WORDS")
+    search = sub.add_parser("search", help="posts best matching WORDS, by meaning and words")
     search.add_argument("words", nargs="+")
     search.add_argument("--limit", type=int, default=20)
+    search.add_argument("--mode", choices=[m.value for m in SearchMode], default="auto",
+                        help="semantic, words or hybrid (auto: hybrid when the mesh "
+                             "embeds, else words)")
     mcp = sub.add_parser("mcp", help="serve post/feed/search as MCP tools on stdio")
     mcp.add_argument("--author", default="", help="author of posts that name none "
                      "(default $MESHLLM_AUTHOR or the user name)")
@@ -187,7 +197,11 @@ async def _feed(client: BlackboardClient, args: argparse.Namespace, _: BoardCliC
 
 async def _search(client: BlackboardClient, args: argparse.Namespace,
                   _: BoardCliConfig) -> int:
-    for hit in await client.search(" ".join(args.words), args.limit):
+    result = await client.search_result(" ".join(args.words), args.limit,
+                                        SearchMode(args.mode))
+    if result.note:  # on stderr, so that --json output stays one hit per line
+        print(f"note: {result.note}", file=sys.stderr)
+    for hit in result.hits:
         print(json.dumps(hit_to_json(hit)) if args.json else render(hit.post, hit.hits))
     return 0
 

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from meshllm.cli.blackboard_cmd import add_blackboard_parser, run_blackboard
 from meshllm.cli.chat_cmd import add_chat_parser, run_chat
 from meshllm.cli.keys_cmd import add_keys_parser, run_keys
+from meshllm.cli.models_cmd import add_models_parser, run_models
 from meshllm.cli.status_cmd import add_status_parser, run_status
 from meshllm.common.config import process_env
 from meshllm.common.errors import MeshError
@@ -45,6 +46,7 @@ def parser() -> argparse.ArgumentParser:
     add_chat_parser(sub)
     add_blackboard_parser(sub)
     add_keys_parser(sub)
+    add_models_parser(sub)
     for name in ("gateway", "planner", "worker"):
         sub.add_parser(name, help=f"run the {name} service (flags: mesh-llm {name} --help)",
                        add_help=False)
@@ -80,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _report_errors("chat", lambda: run_chat(args))
     if args.command == "keys":
         return _report_errors("keys", lambda: run_keys(args))
+    if args.command == "models":
+        return _report_errors("models", lambda: run_models(args, process_env(), sys.stdout))
     return _report_errors(args.command, lambda: run_status(args))
 
 

@@ -21,6 +21,8 @@ from meshllm.common.blackboard.types import (
     FeedQuery,
     Post,
     SearchHit,
+    SearchMode,
+    SearchResult,
     SubscribeFilter,
 )
 from meshllm.common.tls import PLAINTEXT, GrpcSecurity
@@ -81,10 +83,17 @@ class BlackboardClient:
         reply: pb.FeedReply = await self._call(self._stub.Feed, wire.feed_query_to_pb(query))
         return [wire.post_from_pb(p) for p in reply.posts]
 
-    async def search(self, query: str, limit: int = 20) -> list[SearchHit]:
+    async def search(self, query: str, limit: int = 20,
+                     mode: SearchMode = SearchMode.AUTO) -> list[SearchHit]:
+        return list((await self.search_result(query, limit, mode)).hits)
+
+    async def search_result(self, query: str, limit: int = 20,
+                            mode: SearchMode = SearchMode.AUTO) -> SearchResult:
+        """The hits with the mode that ranked them and, when it is not the one asked
+        for, a note saying why (e.g. no embeddings model on the mesh)."""
         reply: pb.SearchReply = await self._call(
-            self._stub.Search, pb.SearchRequest(query=query, limit=limit))
-        return [wire.hit_from_pb(h) for h in reply.hits]
+            self._stub.Search, wire.search_request_to_pb(query, limit, mode))
+        return wire.search_result_from_pb(reply)
 
     async def subscribe(self, wanted: SubscribeFilter | None = None) -> AsyncIterator[Post]:
         """New posts as the node learns of them, until the caller stops iterating."""

@@ -87,6 +87,20 @@ class BlackboardUnavailable(BlackboardError):
     reason = "unavailable"
 
 
+class EmbeddingUnavailable(BlackboardError):
+    """No worker embedded the texts (none serves an embeddings model, or every one failed).
+    Posts are embedded later; a search falls back to words and says so."""
+
+    reason = "embedding_unavailable"
+
+
+class EmbeddingRefused(EmbeddingUnavailable):
+    """A worker refused the input itself (e.g. more tokens than the model embeds at once):
+    another worker would refuse it too; a shorter text may pass."""
+
+    reason = "embedding_refused"
+
+
 register_status(PostRejected, grpc.StatusCode.INVALID_ARGUMENT)
 register_status(RateLimited, grpc.StatusCode.RESOURCE_EXHAUSTED)
 register_status(SubscriberTooSlow, grpc.StatusCode.RESOURCE_EXHAUSTED)

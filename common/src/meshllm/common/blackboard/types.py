@@ -6,6 +6,7 @@ Only `meshllm.common.blackboard.wire` knows the protobuf messages they map to.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import NewType
 
 PostId = NewType("PostId", str)
@@ -52,10 +53,27 @@ class FeedQuery:
     limit: int = 50
 
 
+class SearchMode(Enum):
+    """How a search ranks posts; AUTO: hybrid when the node holds vectors, else words."""
+
+    AUTO = "auto"
+    WORDS = "words"
+    SEMANTIC = "semantic"
+    HYBRID = "hybrid"
+
+
 @dataclass(frozen=True)
 class SearchHit:
     post: Post
-    hits: int
+    hits: int           # occurrences of the query words
+    score: float = 0.0  # semantic: cosine; hybrid: the blend; words: 0
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    hits: tuple[SearchHit, ...]
+    mode_used: SearchMode  # never AUTO
+    note: str = ""         # why mode_used differs from the mode asked for, or ""
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,8 @@ from meshllm.common.blackboard.types import (
     Post,
     PostId,
     SearchHit,
+    SearchMode,
+    SearchResult,
     SubscribeFilter,
 )
 from meshllm.v1 import blackboard_pb2 as pb
@@ -63,11 +65,41 @@ def feed_query_from_pb(m: pb.FeedRequest, default_limit: int, max_limit: int) ->
 
 
 def hit_to_pb(h: SearchHit) -> pb.SearchHit:
-    return pb.SearchHit(post=post_to_pb(h.post), hits=h.hits)
+    return pb.SearchHit(post=post_to_pb(h.post), hits=h.hits, score=h.score)
 
 
 def hit_from_pb(m: pb.SearchHit) -> SearchHit:
-    return SearchHit(post=post_from_pb(m.post), hits=m.hits)
+    return SearchHit(post=post_from_pb(m.post), hits=m.hits, score=m.score)
+
+
+_MODE_TO_PB = {
+    SearchMode.AUTO: pb.SEARCH_MODE_UNSPECIFIED, SearchMode.WORDS: pb.SEARCH_MODE_WORDS,
+    SearchMode.SEMANTIC: pb.SEARCH_MODE_SEMANTIC, SearchMode.HYBRID: pb.SEARCH_MODE_HYBRID,
+}
+_MODE_FROM_PB: dict[int, SearchMode] = {int(v): k for k, v in _MODE_TO_PB.items()}
+
+
+def mode_to_pb(mode: SearchMode) -> pb.SearchMode:
+    return _MODE_TO_PB[mode]
+
+
+def mode_from_pb(value: int) -> SearchMode:
+    """An unknown value (a newer client's mode) reads as AUTO: the node picks."""
+    return _MODE_FROM_PB.get(int(value), SearchMode.AUTO)
+
+
+def search_request_to_pb(query: str, limit: int, mode: SearchMode) -> pb.SearchRequest:
+    return pb.SearchRequest(query=query, limit=limit, mode=mode_to_pb(mode))
+
+
+def search_result_to_pb(r: SearchResult) -> pb.SearchReply:
+    return pb.SearchReply(hits=[hit_to_pb(h) for h in r.hits],
+                          mode_used=mode_to_pb(r.mode_used), note=r.note)
+
+
+def search_result_from_pb(m: pb.SearchReply) -> SearchResult:
+    return SearchResult(tuple(hit_from_pb(h) for h in m.hits), mode_from_pb(m.mode_used),
+                        m.note)
 
 
 def filter_to_pb(f: SubscribeFilter) -> pb.SubscribeRequest:
@@ -108,7 +140,22 @@ def post_to_json(p: Post) -> dict[str, object]:
 
 
 def hit_to_json(h: SearchHit) -> dict[str, object]:
-    return {**post_to_json(h.post), "hits": h.hits}
+    return {**post_to_json(h.post), "hits": h.hits, "score": round(h.score, 6)}
+
+
+def search_result_to_json(r: SearchResult) -> dict[str, object]:
+    """The HTTP and MCP shape of a search: the hits, and how they were ranked."""
+    return {"object": "list", "data": [hit_to_json(h) for h in r.hits],
+            "mode_used": r.mode_used.value, "note": r.note}
+
+
+def parse_mode(text: str) -> SearchMode:
+    """A mode from its name ('' = auto); ValueError names the valid ones."""
+    try:
+        return SearchMode(text.strip().lower() or "auto")
+    except ValueError:
+        names = ", ".join(m.value for m in SearchMode)
+        raise ValueError(f"mode={text!r}: expected one of {names}") from None
 
 
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d)$")

@@ -64,10 +64,20 @@ class Board:
         self._clock_ms = clock_ms
         self._ids = IdGenerator()
         self._on_local_post: list[Callable[[Post], None]] = []
+        self._on_stored: list[Callable[[Sequence[Post]], None]] = []
 
     def on_local_post(self, callback: Callable[[Post], None]) -> None:
         """Called with every post accepted from a client here (gossip pushes it on)."""
         self._on_local_post.append(callback)
+
+    def on_stored(self, callback: Callable[[Sequence[Post]], None]) -> None:
+        """Called with the posts newly stored here, made here or learnt from a peer."""
+        self._on_stored.append(callback)
+
+    def _stored(self, posts: Sequence[Post]) -> None:
+        if posts:
+            for callback in self._on_stored:
+                callback(posts)
 
     def post(self, draft: Draft) -> Accepted:
         try:
@@ -78,6 +88,7 @@ class Board:
         self._store.insert([accepted.post])
         self._metrics.posts_accepted.inc()
         self._hub.publish([accepted.post])
+        self._stored([accepted.post])
         for callback in self._on_local_post:
             callback(accepted.post)
         return accepted
@@ -102,6 +113,7 @@ class Board:
         keep = [p for p in posts if p.created_unix_ms >= horizon]
         new, duplicates = self._store.insert(keep)
         self._hub.publish(new)
+        self._stored(new)
         self._metrics.posts_ingested.inc(len(new))
         now = self._clock_ms()
         for post in new:  # clocks of other nodes may run ahead: a negative lag counts as 0
@@ -116,6 +128,9 @@ class Board:
         if not words:
             raise PostRejected("the search query has no words")
         return rank(self._store.search_candidates(words, SEARCH_CANDIDATES), words, limit)
+
+    def word_candidates(self, words: tuple[str, ...]) -> list[Post]:
+        return self._store.search_candidates(words, SEARCH_CANDIDATES)
 
     def subscribe(self, wanted: SubscribeFilter) -> AsyncIterator[Post]:
         return self._hub.subscribe(wanted)

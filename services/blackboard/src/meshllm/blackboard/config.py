@@ -54,6 +54,9 @@ OPTIONS = (
            "deadline of calls to peers"),
     Option("--prune-interval-s", "MESHLLM_BLACKBOARD_PRUNE_INTERVAL_S", positive_float, "30",
            "period of expiry"),
+    Option("--embed-model", "MESHLLM_BLACKBOARD_EMBED_MODEL", str, "",
+           "model that embeds posts for search by meaning ('' = the first that embeds, "
+           "'off' = words only)"),
     LEASE_TTL_OPTION,
     LOG_LEVEL_OPTION,
     *TLS_OPTIONS,
@@ -77,6 +80,7 @@ class BlackboardConfig:
     anti_entropy_fanout: int  # peers per round
     peer_timeout_s: float
     prune_interval_s: float
+    embed_model: str        # "" = the first model on the mesh that embeds; "off" = none
     lease: LeaseConfig      # TTL and keep-alive period (s) of this node's etcd record
     log_level: str          # logging level name
     trace: TraceSettings    # what the OTEL_* variables ask for

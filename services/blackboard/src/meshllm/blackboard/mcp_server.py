@@ -18,7 +18,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from meshllm.common.blackboard.client import BlackboardClient
 from meshllm.common.blackboard.errors import BlackboardError
 from meshllm.common.blackboard.types import Draft, FeedQuery, PostId
-from meshllm.common.blackboard.wire import hit_to_json, parse_since, post_to_json
+from meshllm.common.blackboard.wire import hit_to_json, parse_mode, parse_since, post_to_json
 from meshllm.common.config import process_env
 from meshllm.common.tls import GrpcSecurity, security_from_env
 
@@ -54,13 +54,17 @@ def build_server(client: BlackboardClient, default_author: str) -> MCPServer:
             raise ToolError(str(exc)) from exc
         return {"posts": [post_to_json(p) for p in posts]}
 
-    @server.tool(description="Posts containing the words, most hits first, then newest.")
-    async def search(query: str, limit: int = 20) -> dict[str, object]:
+    @server.tool(description="Search posts. mode: semantic (by meaning), words (posts "
+                             "containing the words, most hits first) or hybrid (a blend); "
+                             "default: hybrid when the mesh serves an embeddings model, else "
+                             "words. The result says which mode ranked the hits.")
+    async def search(query: str, limit: int = 20, mode: str = "") -> dict[str, object]:
         try:
-            hits = await client.search(query, limit)
-        except BlackboardError as exc:
+            result = await client.search_result(query, limit, parse_mode(mode))
+        except (BlackboardError, ValueError) as exc:
             raise ToolError(str(exc)) from exc
-        return {"hits": [hit_to_json(h) for h in hits]}
+        return {"hits": [hit_to_json(h) for h in result.hits],
+                "mode_used": result.mode_used.value, "note": result.note}
 
     return server
 

@@ -48,7 +48,19 @@ class Metrics:
         self.posts_stored = Gauge("meshllm_blackboard_posts_stored", "Posts held", registry=r)
         self.lease_ok = Gauge("meshllm_blackboard_etcd_lease_ok",
                               "1 while the node's etcd lease is held", registry=r)
+        self._add_background_metrics(r)
+
+    def _add_background_metrics(self, r: CollectorRegistry) -> None:
+        """Of the supervised background tasks, and of the embedding one in particular."""
         self.task_restarts = lifecycle.restart_counter("blackboard", r)
+        self.posts_embedded = Counter(
+            "meshllm_blackboard_posts_embedded", "Posts given a vector here", registry=r)
+        self.embed_failures = Counter(
+            "meshllm_blackboard_embed_failures",
+            "Embedding batches no worker answered (retried with backoff)", registry=r)
+        self.embed_seconds = Histogram(
+            "meshllm_blackboard_embed_seconds", "Duration of one Embed call to a worker",
+            registry=r, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 
     def watch_lease(self, lease_ok: Callable[[], bool]) -> None:
         self.lease_ok.set_function(lambda: float(lease_ok()))

@@ -12,16 +12,19 @@ from typing import Any
 from meshllm.blackboard.board import Board, BoardSettings
 from meshllm.blackboard.config import BlackboardConfig
 from meshllm.blackboard.discovery import register, watch_peers
+from meshllm.blackboard.embedder import Embedder, EmbedSettings
 from meshllm.blackboard.gossip import Gossip, GossipSettings
 from meshllm.blackboard.hub import Hub
 from meshllm.blackboard.metrics import Metrics
 from meshllm.blackboard.rules import Limits
+from meshllm.blackboard.search import Searcher
 from meshllm.blackboard.servicer import BlackboardServicer
 from meshllm.blackboard.storage import PostStore
 from meshllm.common import lifecycle
 from meshllm.common.blackboard.types import NodeId, Peer
 from meshllm.common.grpcutil import NOT_SERVING, SERVING, new_server
 from meshllm.common.membership import Registration
+from meshllm.common.meshview import follow_mesh
 from meshllm.common.store import EtcdStore
 from meshllm.v1 import blackboard_pb2_grpc as pb_grpc
 
@@ -53,7 +56,11 @@ class Node:
             fanout=config.anti_entropy_fanout, peer_rpc_timeout_s=config.peer_timeout_s,
             security=config.security,
         ), self.board, self.metrics)
-        servicer = BlackboardServicer(self.board, self.gossip, self.address)
+        self.embedder = Embedder(EmbedSettings(config.embed_model), self.store, self.metrics,
+                                 config.security)
+        self.board.on_stored(self.embedder.wake)
+        servicer = BlackboardServicer(self.board, self.gossip, self.address,
+                                      Searcher(self.board, self.embedder))
         pb_grpc.add_BlackboardServicer_to_server(servicer, self.server)
         self.etcd = EtcdStore(config.etcd_url, config.security)
         self._registration: Registration | None = None
@@ -72,6 +79,9 @@ class Node:
                     supervised=True)
         self._spawn("anti-entropy", self.gossip.run_anti_entropy, supervised=True)
         self._spawn("prune", self._prune_forever, supervised=True)
+        if self.embedder.enabled:
+            self._spawn("mesh-watch", self._follow_mesh, supervised=True)
+            self._spawn("embed", self.embedder.run, supervised=True)
         lifecycle.start_metrics(self.config.metrics_port, self.metrics.registry)
         for service in ("", SERVICE_NAME):
             await self.health.set(service, SERVING)
@@ -107,13 +117,20 @@ class Node:
         # in-flight unary calls finish without holding shutdown up for long.
         await self.server.stop(grace=1.0)
         await self.gossip.close()
+        await self.embedder.close()
         await self.etcd.close()
         self.store.close()
         log.info("blackboard node %s stopped", self.node_id)
 
+    async def _follow_mesh(self) -> None:
+        """Which workers serve an embeddings model, from the mesh's etcd snapshot."""
+        async for snapshot in follow_mesh(self.etcd):
+            self.embedder.set_snapshot(snapshot)
+
     async def _prune_forever(self) -> None:
         while True:
-            self.board.prune()
+            if self.board.prune():
+                self.embedder.forget_expired()
             self.metrics.posts_stored.set(self.board.count())
             await asyncio.sleep(self.config.prune_interval_s)
 

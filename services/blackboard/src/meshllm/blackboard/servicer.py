@@ -13,6 +13,7 @@ from meshllm.blackboard import digest
 from meshllm.blackboard.board import Board
 from meshllm.blackboard.gossip import Gossip, parse_records
 from meshllm.blackboard.peer_wire import bucket_to_pb
+from meshllm.blackboard.search import Searcher
 from meshllm.common import grpc_errors
 from meshllm.common.blackboard import wire
 from meshllm.common.blackboard.types import BoardInfo, PostId
@@ -44,8 +45,10 @@ def _edge(handler: _Handler[_Req, _Rep]) -> _Handler[_Req, _Rep]:
 
 
 class BlackboardServicer(pb_grpc.BlackboardServicer):
-    def __init__(self, board: Board, gossip: Gossip, address: str) -> None:
+    def __init__(self, board: Board, gossip: Gossip, address: str,
+                 searcher: Searcher | None = None) -> None:
         self._board = board
+        self._searcher = searcher or Searcher(board)
         self._gossip = gossip
         self._address = address
 
@@ -68,8 +71,9 @@ class BlackboardServicer(pb_grpc.BlackboardServicer):
     @_edge
     async def Search(self, request: pb.SearchRequest, context: Any) -> pb.SearchReply:
         limit = min(request.limit or DEFAULT_LIMIT, MAX_LIMIT)
-        hits = self._board.search(request.query, limit)
-        return pb.SearchReply(hits=[wire.hit_to_pb(h) for h in hits])
+        result = await self._searcher.search(request.query, limit,
+                                             wire.mode_from_pb(request.mode))
+        return wire.search_result_to_pb(result)
 
     async def Subscribe(
         self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -34,7 +34,16 @@ CREATE TABLE IF NOT EXISTS post_tags (
   PRIMARY KEY (tag, post_id)
 );
 CREATE INDEX IF NOT EXISTS post_tags_post ON post_tags (post_id);
+-- Schema 2: one embedding per post, of the model named (float32, little-endian).
+-- Databases of schema 1 gain the table when opened; their posts are embedded later.
+CREATE TABLE IF NOT EXISTS post_vectors (
+  post_id TEXT PRIMARY KEY REFERENCES posts (post_id) ON DELETE CASCADE,
+  model TEXT NOT NULL,
+  vector BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS post_vectors_model ON post_vectors (model);
 """
+SCHEMA_VERSION = 2
 _COLUMNS = "post_id, author, origin_node, created_unix_ms, text, tags, channel, reply_to"
 # SQLite's default limit on bound parameters is 999 in older builds; stay well under.
 _CHUNK = 500
@@ -54,6 +63,8 @@ class PostStore:
         self._db = sqlite3.connect(self.path, isolation_level=None)
         self._db.executescript("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; "
                                "PRAGMA foreign_keys=ON;" + _SCHEMA)
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
+                         (str(SCHEMA_VERSION),))
         self._claim(node_id)
 
     def _claim(self, node_id: NodeId) -> None:
@@ -143,6 +154,31 @@ class PostStore:
                 f"SELECT {_COLUMNS} FROM posts WHERE post_id IN ({marks})", chunk)
             posts += [_row_to_post(r) for r in rows]
         return posts
+
+    def unembedded(self, model: str, limit: int) -> list[Post]:
+        """Newest posts without a vector of this model (new posts are embedded first)."""
+        rows = self._db.execute(
+            f"SELECT {', '.join('p.' + c for c in _COLUMNS.split(', '))} FROM posts p "
+            "LEFT JOIN post_vectors v ON v.post_id = p.post_id AND v.model = ? "
+            "WHERE v.post_id IS NULL ORDER BY p.created_unix_ms DESC, p.post_id DESC LIMIT ?",
+            (model, limit))
+        return [_row_to_post(r) for r in rows]
+
+    def put_vectors(self, model: str, vectors: Sequence[tuple[PostId, bytes]]) -> int:
+        """Store float32 vectors; a post expired meanwhile is skipped. Returns how many."""
+        stored = 0
+        with self._transaction():
+            for post_id, vector in vectors:
+                stored += self._db.execute(
+                    "INSERT OR REPLACE INTO post_vectors SELECT ?, ?, ? "
+                    "WHERE EXISTS (SELECT 1 FROM posts WHERE post_id = ?)",
+                    (post_id, model, vector, post_id)).rowcount
+        return stored
+
+    def vectors(self, model: str) -> list[tuple[PostId, bytes]]:
+        rows = self._db.execute("SELECT post_id, vector FROM post_vectors WHERE model = ?",
+                                (model,))
+        return [(PostId(r[0]), bytes(r[1])) for r in rows]
 
     def count(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM posts").fetchone()[0])

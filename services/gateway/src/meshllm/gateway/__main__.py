@@ -20,6 +20,7 @@ from meshllm.gateway.config import GatewayConfig, load_config
 from meshllm.gateway.console import console_routes
 from meshllm.gateway.gate import Gate, front_door, gate_routes
 from meshllm.gateway.metrics import GatewayMetrics
+from meshllm.gateway.models_api import ModelsApi, models_routes
 from meshllm.gateway.status_stream import StatusStream
 
 log = logging.getLogger("meshllm.gateway")
@@ -34,13 +35,15 @@ async def serve(config: GatewayConfig, stop: asyncio.Event) -> None:
     await lifecycle.unless_stopped(stop, kv.connect())
     tel = telemetry.build_telemetry(config.trace)
     backend = MeshBackend(kv, config.first_token_timeout_s, config.token_timeout_s,
-                          tel.tracer, telemetry.client_interceptors(tel), config.security)
+                          tel.tracer, telemetry.client_interceptors(tel), config.security,
+                          config.cold_start_wait_s)
     blackboard = (BlackboardClient(config.blackboard_address, security=config.security,
                                    interceptors=telemetry.client_interceptors(tel))
                   if config.blackboard_address else None)
     metrics = GatewayMetrics()
     extra = [*console_routes(StatusStream(backend, metrics.registry, metrics.recent)),
-             *(blackboard_routes(blackboard) if blackboard else []), *gate_routes()]
+             *(blackboard_routes(blackboard) if blackboard else []), *gate_routes(),
+             *models_routes(ModelsApi(kv, backend))]
     app = front_door(build_app(Api(backend, metrics, tel.tracer), extra),
                      Gate(KeyRing(config.api_keys), config.limits), config.cors_origins)
     server = http_server(config, telemetry.instrument_asgi(app, tel, UNTRACED_PATHS))

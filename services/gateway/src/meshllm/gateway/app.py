@@ -23,7 +23,7 @@ from meshllm.gateway.openai_api import ApiRequest, parse_chat, parse_completion,
 from meshllm.gateway.responses_api import parse_responses
 from meshllm.gateway.responses_endpoint import response_stream
 from meshllm.gateway.responses_events import ResponseHead, full_response, new_id
-from meshllm.gateway.routing import ready_replicas, serves_embeddings
+from meshllm.gateway.routing import ready_replicas, serves_embeddings, serving_state
 from meshllm.gateway.streaming import ChoiceStream
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -44,7 +44,8 @@ class Api:
 
     async def models(self, request: Request) -> Response:
         snapshot = self.backend.snapshot
-        data = [model_object(snapshot, model_id) for model_id in sorted(snapshot.models)]
+        known = snapshot.models.keys() | snapshot.declarations.keys()
+        data = [model_object(snapshot, model_id) for model_id in sorted(known)]
         return JSONResponse({"object": "list", "data": data})
 
     async def model(self, request: Request) -> Response:
@@ -179,13 +180,17 @@ class Api:
 
 
 def model_object(snapshot: MeshSnapshot, model_id: ModelId) -> dict[str, Any]:
-    """A served model in OpenAI's shape, with what it serves and its context beside."""
-    spec = snapshot.models[model_id]
+    """A declared model in OpenAI's shape, with what it serves, its context (once read)
+    and whether it serves (`status`: waiting, loading, serving, not_served) beside."""
+    spec = snapshot.models.get(model_id)
     capabilities = ["generation", *(["embeddings"] if serves_embeddings(snapshot, model_id)
                                     else [])]
+    state, reason = serving_state(snapshot, model_id)
     return {"id": model_id, "object": "model", "created": 0, "owned_by": "mesh-llm",
-            "context_length": spec.context_length, "capabilities": capabilities,
-            "ready_replicas": len(ready_replicas(snapshot, model_id))}
+            **({"context_length": spec.context_length} if spec else {}),
+            "capabilities": capabilities,
+            "ready_replicas": len(ready_replicas(snapshot, model_id)),
+            "status": state.value, **({"status_reason": reason} if reason else {})}
 
 
 async def _chain(first: Choice, rest: AsyncIterator[Choice]) -> AsyncIterator[Choice]:

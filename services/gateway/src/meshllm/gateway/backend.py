@@ -7,10 +7,11 @@ rebuilt from its reason code); only the HTTP edge turns them into status codes."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import replace
 from typing import Any
@@ -33,6 +34,7 @@ from meshllm.common.types import (
     WorkerInfo,
 )
 from meshllm.gateway.choices import Traced, generate_request, merged
+from meshllm.gateway.cold_start import wait_for_replicas
 from meshllm.gateway.failures import (
     NoLiveWorker,
     ReplicasBusy,
@@ -47,6 +49,7 @@ from meshllm.gateway.routing import (
     ready_replicas,
     route,
     serves_embeddings,
+    serving_state,
     why_unavailable,
 )
 from meshllm.v1 import worker_pb2_grpc
@@ -64,8 +67,11 @@ def _untraced(events: AsyncGenerator[GenerateEvent, None]
 class MeshBackend:
     def __init__(self, kv: KeyValueStore, first_token_timeout_s: float,
                  token_timeout_s: float, tracer: telemetry.Tracer = telemetry.NO_TRACER,
-                 interceptors: Sequence[Any] = (), security: GrpcSecurity = PLAINTEXT) -> None:
+                 interceptors: Sequence[Any] = (), security: GrpcSecurity = PLAINTEXT,
+                 cold_start_wait_s: float = 0.0) -> None:
         self.snapshot = MeshSnapshot()
+        self._mesh_changed = asyncio.Event()  # set, then replaced, at every new snapshot
+        self._cold_start_wait_s = cold_start_wait_s  # a request's wait for a first replica
         self._security = security
         self.synced = asyncio.Event()
         self.loads: dict[WorkerId, WorkerLoad] = {}
@@ -80,6 +86,8 @@ class MeshBackend:
         async for snapshot in follow_mesh(self._kv):
             self.snapshot = snapshot
             self.synced.set()
+            self._mesh_changed.set()
+            self._mesh_changed = asyncio.Event()
             await self._drop_stale_channels()
 
     async def _drop_stale_channels(self) -> None:
@@ -94,9 +102,26 @@ class MeshBackend:
         return worker_pb2_grpc.ShardWorkerStub(self._channels[address])
 
     def resolve(self, model: str) -> ModelId:
-        if model in self.snapshot.models:
+        """A model described or declared (not yet described, it may come up)."""
+        known = self.snapshot.models.keys() | self.snapshot.declarations.keys()
+        if model in known:
             return ModelId(model)
-        raise UnknownModel(model, sorted(self.snapshot.models))
+        raise UnknownModel(model, sorted(known))
+
+    async def _next_change(self, timeout_s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._mesh_changed.wait(), timeout_s)
+
+    async def wait_until(self, check: Callable[[MeshSnapshot], bool], timeout_s: float) -> bool:
+        """Whether the snapshot passes `check` within `timeout_s` (e.g. shows what this
+        gateway has just written to etcd)."""
+        deadline = time.monotonic() + timeout_s
+        while not check(self.snapshot):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            await self._next_change(left)
+        return True
 
     def _note(self, worker: WorkerInfo, delta: int, failed: bool = False) -> None:
         load = self.loads.get(worker.worker_id, WorkerLoad())
@@ -105,8 +130,17 @@ class MeshBackend:
             last_failure_at_s=time.monotonic() if failed else load.last_failure_at_s,
         )
 
-    def _candidates(self, model_id: ModelId, whole_only: bool = False) -> list[WorkerInfo]:
-        replicas = ready_replicas(self.snapshot, model_id, whole_only)
+    async def _candidates(self, model_id: ModelId, whole_only: bool = False
+                          ) -> list[WorkerInfo]:
+        """Ready replicas in the order to try them; waits a while for one to come up."""
+        started = time.monotonic()
+        replicas = await wait_for_replicas(
+            lambda: ready_replicas(self.snapshot, model_id, whole_only),
+            lambda: serving_state(self.snapshot, model_id)[0], self._next_change,
+            self._cold_start_wait_s)
+        if (waited := time.monotonic() - started) > 0.1:
+            log.info("a request for %s waited %.1f s for a replica (%s)", model_id, waited,
+                     "one came up" if replicas else "none came up")
         candidates = route(replicas, self.loads, time.monotonic())
         telemetry.record_route(self._tracer, model_id, [w.worker_id for w in candidates])
         if not candidates:
@@ -116,7 +150,7 @@ class MeshBackend:
     async def generate(self, req: ApiRequest) -> AsyncGenerator[GenerateEvent, None]:
         """One choice of `req` (its first)."""
         model_id = self.resolve(req.model)
-        async for event in self._attempt(self._candidates(model_id),
+        async for event in self._attempt(await self._candidates(model_id),
                                          generate_request(req, model_id, 0)):
             yield event
 
@@ -131,7 +165,7 @@ class MeshBackend:
                     yield 0, event
             return
         model_id = self.resolve(req.model)
-        candidates = self._candidates(model_id)
+        candidates = await self._candidates(model_id)
         streams = [trace(self._attempt(candidates, generate_request(req, model_id, i)))
                    for i in range(req.n)]
         async with aclosing(merged(streams)) as choices:
@@ -181,7 +215,7 @@ class MeshBackend:
             raise InvalidGenerateRequest(
                 f"model {model_id} is split across workers: it serves no embeddings", "model")
         request = EmbedRequest(RequestId("emb-" + uuid.uuid4().hex[:24]), model_id, inputs)
-        candidates = self._candidates(model_id, whole_only=True)
+        candidates = await self._candidates(model_id, whole_only=True)
         failures, busy = [], 0
         for worker in candidates:
             try:

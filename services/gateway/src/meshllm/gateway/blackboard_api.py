@@ -2,7 +2,8 @@
 
 POST /api/blackboard/posts           {"author", "text", "tags"?, "channel"?, "reply_to"?}
 GET  /api/blackboard/posts           ?since=&author=&tag=&channel=&limit=   newest first
-GET  /api/blackboard/search          ?q=&limit=                          most hits first
+GET  /api/blackboard/search          ?q=&limit=&mode=semantic|words|hybrid   best first;
+                                     the reply's mode_used and note say how it ranked
 GET  /api/blackboard/stream          ?author=&tag=&channel=     server-sent events
 Errors have the OpenAI shape {"error": {"message", "type", "param", "code"}}.
 """
@@ -19,7 +20,12 @@ from typing import Any
 from meshllm.common.blackboard.client import BlackboardClient
 from meshllm.common.blackboard.errors import BlackboardError
 from meshllm.common.blackboard.types import Draft, FeedQuery, Post, PostId, SubscribeFilter
-from meshllm.common.blackboard.wire import hit_to_json, parse_since, post_to_json
+from meshllm.common.blackboard.wire import (
+    parse_mode,
+    parse_since,
+    post_to_json,
+    search_result_to_json,
+)
 from meshllm.common.errors import MeshError
 from meshllm.gateway.errors import ApiError, api_error_for, invalid
 from starlette.requests import Request
@@ -134,8 +140,12 @@ def blackboard_routes(client: BlackboardClient) -> list[Route]:
         query = request.query_params.get("q", "")
         if not query.strip():
             raise invalid("q is required: the words to search for", "q", "invalid_value")
-        hits = await client.search(query, _limit(request, 20))
-        return JSONResponse({"object": "list", "data": [hit_to_json(h) for h in hits]})
+        try:
+            mode = parse_mode(request.query_params.get("mode", ""))
+        except ValueError as exc:
+            raise invalid(str(exc), "mode", "invalid_value") from exc
+        result = await client.search_result(query, _limit(request, 20), mode)
+        return JSONResponse(search_result_to_json(result))
 
     async def stream(request: Request) -> Response:
         params = request.query_params

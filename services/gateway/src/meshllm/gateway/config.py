@@ -27,6 +27,13 @@ from meshllm.gateway.auth import ApiKey, keys_checked, parse_keys_file, plain_ke
 from meshllm.gateway.limits import MAX_CHOICES, MAX_STOP_SEQUENCES, MAX_TOOLS, InputLimits
 
 
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # NaN too
+        raise ValueError(f"must be >= 0, got {text}")
+    return value
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
     etcd_url: str
@@ -35,6 +42,7 @@ class GatewayConfig:
     blackboard_address: str       # host:port of a blackboard node ("" : no blackboard API)
     first_token_timeout_s: float  # includes queueing behind other requests on the worker
     token_timeout_s: float        # longest silence between two tokens
+    cold_start_wait_s: float      # a request's wait for a declared model's first replica
     log_level: str                # logging level name
     trace: TraceSettings        # what the OTEL_* variables ask for
     security: GrpcSecurity      # plaintext or mutual TLS towards workers and blackboard
@@ -66,6 +74,9 @@ BASE_OPTIONS = (
            "seconds to wait for a first token"),
     Option("--token-timeout-s", "MESHLLM_TOKEN_TIMEOUT_S", positive_float, "60",
            "seconds to wait between tokens"),
+    Option("--cold-start-wait-s", "MESHLLM_COLD_START_WAIT_S", non_negative_float, "120",
+           "seconds a request for a model with no ready replica waits while one loads "
+           "(0: answer 503 at once)"),
     LOG_LEVEL_OPTION,
     *TLS_OPTIONS,
 )
@@ -115,7 +126,8 @@ def load_config(argv: Sequence[str], env: Mapping[str, str]) -> GatewayConfig:
     return GatewayConfig(
         etcd_url=v["etcd"], host=host, port=port, blackboard_address=v["blackboard"],
         first_token_timeout_s=v["first_token_timeout_s"],
-        token_timeout_s=v["token_timeout_s"], log_level=v["log_level"],
+        token_timeout_s=v["token_timeout_s"], cold_start_wait_s=v["cold_start_wait_s"],
+        log_level=v["log_level"],
         trace=trace_settings("gateway", env), security=security_from(v),
         api_keys=api_keys(v["api_key"], v["api_keys_file"]), limits=input_limits(v),
         cors_origins=v["cors_origins"], https=https_files(v["https_cert"], v["https_key"]),

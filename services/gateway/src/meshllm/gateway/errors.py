@@ -28,6 +28,7 @@ from meshllm.common.errors import (
 from meshllm.gateway.auth import InvalidApiKey, ModelNotAllowed
 from meshllm.gateway.failures import (
     IncompleteAnswer,
+    ModelAlreadyDeclared,
     NoLiveWorker,
     ReplicasFailed,
     StreamBroken,
@@ -81,6 +82,8 @@ API_ERRORS: dict[type[MeshError], ErrorShape] = {
                               "context_length_exceeded"),
     ModelNotFound: ErrorShape(404, "invalid_request_error", "model", "model_not_found"),
     NoLiveWorker: ErrorShape(503, "service_unavailable", None, "no_live_worker"),
+    ModelAlreadyDeclared: ErrorShape(409, "invalid_request_error", "model", None,
+                                     reason_as_code=True),
     ReplicasFailed: ErrorShape(502, "server_error", None, "worker_failed"),
     StreamBroken: ErrorShape(502, "server_error", None, "worker_failed"),
     IncompleteAnswer: ErrorShape(502, "server_error", None, "worker_failed"),

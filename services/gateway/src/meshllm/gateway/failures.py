@@ -18,6 +18,12 @@ class UnknownModel(ModelNotFound):
         self.served = tuple(served)
 
 
+class ModelAlreadyDeclared(MeshError):
+    """POST /api/models for a model id that is declared already."""
+
+    reason = "model_already_declared"
+
+
 class NoLiveWorker(MeshError):
     """The model is known but no replica can take the request; the message is the
     planner's or the workers' reason (placement pending, fits nowhere, loading)."""

@@ -120,7 +120,7 @@ def front_door(app: ASGIApp, gate: Gate, cors_origins: tuple[str, ...]) -> ASGIA
     if not cors_origins:
         return gated
     cors: ASGIApp = CORSMiddleware(gated, allow_origins=cors_origins,
-                                   allow_methods=["GET", "POST", "OPTIONS"],
+                                   allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
                                    allow_headers=["Authorization", "Content-Type"])
     return cors
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from meshllm.common.meshview import MeshSnapshot
+from meshllm.common.replicas import ready_replicas as ready_replicas
+from meshllm.common.replicas import serves_embeddings as serves_embeddings
 from meshllm.common.types import LoadState, ModelId, WorkerId, WorkerInfo
 
 FAILURE_MEMORY_S = 30.0  # a worker that failed recently is tried after the others
@@ -15,37 +18,6 @@ FAILURE_MEMORY_S = 30.0  # a worker that failed recently is tried after the othe
 class WorkerLoad:
     in_flight: int = 0               # requests this gateway has open on the worker
     last_failure_at_s: float = -1e9  # monotonic time of the last failed call
-
-
-def ready_replicas(snapshot: MeshSnapshot, model_id: ModelId,
-                   whole_only: bool = False) -> list[WorkerInfo]:
-    """Heads of the model's replicas that report it loaded (a split replica's head is
-    ready only once its engine runs with every stage); with `whole_only`, of the replicas
-    held whole by one worker only."""
-    placement = snapshot.placements.get(model_id)
-    if placement is None:
-        return []
-    replicas = []
-    for replica in placement.replicas:
-        if whole_only and replica.is_split:
-            continue
-        worker_id = replica.head.worker_id
-        worker = snapshot.workers.get(worker_id)
-        state = worker.model_state(model_id) if worker else None
-        if worker is not None and state is not None and state.state is LoadState.READY:
-            replicas.append(worker)
-    return replicas
-
-
-def serves_embeddings(snapshot: MeshSnapshot, model_id: ModelId) -> bool:
-    """Whether a model serves embeddings: every model held whole somewhere does (mean
-    pooling on a context of its own); a model only split across workers does not. Before
-    it is placed: unless it is to be split."""
-    placement = snapshot.placements.get(model_id)
-    if placement is None or not placement.replicas:
-        spec = snapshot.models.get(model_id)
-        return spec is not None and not spec.force_split
-    return any(not r.is_split for r in placement.replicas)
 
 
 def route(replicas: list[WorkerInfo], loads: Mapping[WorkerId, WorkerLoad],
@@ -75,3 +47,33 @@ def why_unavailable(snapshot: MeshSnapshot, model_id: ModelId) -> str:
         states.append(f"{worker_id}: {state.state.value if state else 'not reporting'}"
                       + (f" ({state.error})" if state and state.error else ""))
     return f"no live worker serves {model_id} right now ({'; '.join(states)}); retry shortly"
+
+
+class Serving(enum.Enum):
+    """Where a declared model stands, as `GET /api/models` and `/v1/models` show it."""
+
+    WAITING = "waiting"        # declared, not placed yet (the planner is reading it)
+    LOADING = "loading"        # placed, no replica ready yet
+    SERVING = "serving"        # a replica is ready
+    NOT_SERVED = "not_served"  # it fits nowhere, cannot be read, or every replica failed
+
+    @property
+    def coming(self) -> bool:
+        """Whether a replica may yet come up without anyone acting (a request waits)."""
+        return self in (Serving.WAITING, Serving.LOADING)
+
+
+def serving_state(snapshot: MeshSnapshot, model_id: ModelId) -> tuple[Serving, str]:
+    """The model's state and, unless it serves, why not."""
+    if ready_replicas(snapshot, model_id):
+        return Serving.SERVING, ""
+    placement = snapshot.placements.get(model_id)
+    if placement is None or not placement.replicas:
+        if placement is not None and placement.unplaced_reason:
+            return Serving.NOT_SERVED, placement.unplaced_reason
+        return Serving.WAITING, f"model {model_id} is declared and waits to be placed"
+    heads = [snapshot.workers.get(w) for w in placement.head_ids]
+    states = [h.model_state(model_id) if h else None for h in heads]
+    if all(s is not None and s.state is LoadState.FAILED for s in states):
+        return Serving.NOT_SERVED, why_unavailable(snapshot, model_id)
+    return Serving.LOADING, why_unavailable(snapshot, model_id)

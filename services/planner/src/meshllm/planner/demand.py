@@ -2,7 +2,8 @@
 demand, the workers, the replicas they hold now, the knobs, and the moves.
 
 Planner-only for now; a type moves to `meshllm.common.types` when it first crosses the wire
-(the demand the gateway will publish, the declarations `POST /api/models` will write).
+(the demand the gateway will publish). The declarations `POST /api/models` writes are
+`types.ModelDeclaration`; a `SizedModel` is one of them with what a replica of it takes.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from meshllm.common.types import ModelId, WorkerId
 
 
 @dataclass(frozen=True)
-class ModelDeclaration:
+class SizedModel:
+    """A declared model (types.ModelDeclaration) as rebalancing sizes it."""
+
     model_id: ModelId
     replica_bytes: int               # memory one whole replica takes (place.required_bytes)
     min_replicas: int = 0            # kept whatever the demand

@@ -119,15 +119,16 @@ def _next_host(need: int, heap: FreeHeap, hosts: set[WorkerId],
 
 
 def _grow(order: Sequence[ModelSpec], replicas: dict[ModelId, list[Replica]], heap: FreeHeap,
-          previous: Mapping[ModelId, Placement], policy: PlacementPolicy) -> None:
+          previous: Mapping[ModelId, Placement], policy: PlacementPolicy,
+          caps: Mapping[ModelId, int]) -> None:
     """More replicas for models served whole, one per model per round, while memory lasts."""
     growing = True
     while growing:
         growing = False
         for model in order:
             taken = replicas[model.model_id]
-            if not taken or taken[0].is_split or (
-                    policy.max_replicas and len(taken) >= policy.max_replicas):
+            cap = caps.get(model.model_id) or policy.max_replicas
+            if not taken or taken[0].is_split or (cap and len(taken) >= cap):
                 continue
             need = required_bytes(model, policy)
             hosts = {r.head.worker_id for r in taken}
@@ -140,10 +141,12 @@ def _grow(order: Sequence[ModelSpec], replicas: dict[ModelId, list[Replica]], he
 
 def place(models: Sequence[ModelSpec], workers: Sequence[WorkerInfo],
           previous: Mapping[ModelId, Placement] | None = None,
-          policy: PlacementPolicy | None = None) -> dict[ModelId, Placement]:
+          policy: PlacementPolicy | None = None,
+          max_replicas: Mapping[ModelId, int] | None = None) -> dict[ModelId, Placement]:
     """Every model first gets one replica, largest models choosing first: whole on one
     worker, or split over the fewest workers when none holds it. Then models served whole
-    get more replicas round-robin while memory remains, up to `policy.max_replicas`."""
+    get more replicas round-robin while memory remains, up to the model's `max_replicas`
+    (as declared; 0 or absent: `policy.max_replicas`)."""
     policy = policy or PlacementPolicy()
     previous = previous or {}
     by_id = {w.worker_id: w for w in workers}
@@ -157,7 +160,7 @@ def place(models: Sequence[ModelSpec], workers: Sequence[WorkerInfo],
             unplaced[model.model_id] = _explain(model, policy, workers, free)
         else:
             replicas[model.model_id].append(replica)
-    _grow(order, replicas, FreeHeap(free), previous, policy)
+    _grow(order, replicas, FreeHeap(free), previous, policy, max_replicas or {})
     return {
         m.model_id: Placement(
             m.model_id, tuple(sorted(replicas[m.model_id], key=lambda r: r.head.worker_id)),

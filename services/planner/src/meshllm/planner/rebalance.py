@@ -65,11 +65,11 @@ from meshllm.common.types import ModelId
 from meshllm.planner.demand import (
     CurrentAssignment,
     HeldReplica,
-    ModelDeclaration,
     ModelDemand,
     Moves,
     RebalancePolicy,
     ReplicaPhase,
+    SizedModel,
     WorkerCapacity,
 )
 from meshllm.planner.rebalance_state import Plan, PlannedModel, PlannedWorker
@@ -82,7 +82,7 @@ class Wanted:
     asked: int   # what demand alone asked for
 
 
-def wanted_replicas(model: ModelDeclaration, demand: ModelDemand, have: int,
+def wanted_replicas(model: SizedModel, demand: ModelDemand, have: int,
                     policy: RebalancePolicy) -> Wanted:
     """How many replicas the model wants, and why.
 
@@ -128,7 +128,7 @@ def _by_demand(demand: ModelDemand, load: float, have: int,
     return have, f"{busy}, inside the dead band"
 
 
-def rebalance(models: Sequence[ModelDeclaration], workers: Sequence[WorkerCapacity],
+def rebalance(models: Sequence[SizedModel], workers: Sequence[WorkerCapacity],
               demand: Mapping[ModelId, ModelDemand], current: CurrentAssignment,
               policy: RebalancePolicy | None = None) -> Moves:
     """The moves that make capacity follow demand; see the module docstring."""

@@ -14,11 +14,11 @@ from meshllm.planner.demand import (
     Blocked,
     CurrentAssignment,
     HeldReplica,
-    ModelDeclaration,
     Moves,
     RebalancePolicy,
     ReplicaPhase,
     RetireReplica,
+    SizedModel,
     WorkerCapacity,
 )
 
@@ -76,7 +76,7 @@ class FreeIndex:
 
 @dataclass
 class PlannedModel:
-    decl: ModelDeclaration
+    decl: SizedModel
     staying: list[HeldReplica] = field(default_factory=list)  # ready or loading, not leaving
     ready: int = 0    # ready replicas on workers that stay
     added: int = 0
@@ -118,7 +118,7 @@ class Plan:
     blocked: list[Blocked] = field(default_factory=list)
 
     @classmethod
-    def start(cls, models: Sequence[ModelDeclaration], workers: Sequence[WorkerCapacity],
+    def start(cls, models: Sequence[SizedModel], workers: Sequence[WorkerCapacity],
               current: CurrentAssignment, policy: RebalancePolicy) -> Plan:
         planned_workers = {w.worker_id: PlannedWorker(w, w.free_bytes, w.free_bytes)
                            for w in sorted(workers, key=lambda w: w.worker_id)}

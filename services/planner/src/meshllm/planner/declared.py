@@ -1,0 +1,109 @@
+"""The declared models: those given at start, described from their GGUF files (once each,
+off the event loop) and turned into placements with the workers."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from meshllm.common import convert, models, store
+from meshllm.common.errors import InvalidRecord, MeshError
+from meshllm.common.types import ModelDeclaration, ModelId, ModelSpec, Placement, WorkerInfo
+from meshllm.planner.config import PlannerConfig
+from meshllm.planner.place import PlacementPolicy, place
+
+log = logging.getLogger(__name__)
+
+Describe = Callable[[ModelDeclaration], ModelSpec]  # raises MeshError when it cannot
+
+
+def start_declarations(config: PlannerConfig) -> list[ModelDeclaration]:
+    """The --models as declarations: as many replicas as fit, priority 0."""
+    return [ModelDeclaration(models.model_id_for(source), source, at_start=True)
+            for source in config.models]
+
+
+def describer(config: PlannerConfig) -> Describe:
+    """A declaration's ModelSpec from its GGUF header, with the engine settings the
+    planner's flags give its source (or every model)."""
+    def describe(declaration: ModelDeclaration) -> ModelSpec:
+        source = declaration.source
+        spec = models.describe(source, config.context_length_tokens, source in config.split)
+        mode = config.speculative.get(source, config.speculative.get("*", "none"))
+        template = config.chat_templates.get(source, config.chat_templates.get("*", ""))
+        return dataclasses.replace(spec, model_id=declaration.model_id, slots=config.slots,
+                                   speculative=mode, chat_template=template)
+    return describe
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    workers: tuple[WorkerInfo, ...]
+    declarations: tuple[ModelDeclaration, ...]  # by model id
+
+
+def parse_inputs(raw: Mapping[str, bytes]) -> PlanInputs:
+    """Valid worker and declaration records under the mesh's prefix; an invalid one is
+    logged and left out, never trusted."""
+    workers, declarations = [], []
+    for key, value in raw.items():
+        try:
+            if key.startswith(store.WORKERS):
+                workers.append(convert.parse_worker(value))
+            elif key.startswith(store.DECLARATIONS):
+                declarations.append(convert.parse_declaration(value))
+        except InvalidRecord as exc:
+            log.warning("ignoring invalid record %s: %s", key, exc)
+    return PlanInputs(tuple(workers), tuple(sorted(declarations, key=lambda d: d.model_id)))
+
+
+Described = ModelSpec | str  # the spec, or why the model could not be read
+
+
+class ModelCatalog:
+    """Specs of the declared models, each described once while it stays declared (by id
+    and source: the rest of a declaration does not change what the file holds)."""
+
+    def __init__(self, describe: Describe) -> None:
+        self._describe = describe
+        self._known: dict[tuple[ModelId, str], Described] = {}
+
+    async def describe(self, declarations: Sequence[ModelDeclaration]
+                       ) -> dict[ModelId, Described]:
+        wanted = {(d.model_id, d.source): d for d in declarations}
+        self._known = {k: v for k, v in self._known.items() if k in wanted}
+        for key, declaration in wanted.items():
+            if key not in self._known:
+                self._known[key] = await self._read(declaration)
+        return {model_id: self._known[model_id, source] for model_id, source in wanted}
+
+    async def _read(self, declaration: ModelDeclaration) -> Described:
+        log.info("reading model %s", declaration.source)
+        try:
+            spec = await asyncio.to_thread(self._describe, declaration)
+        except MeshError as exc:
+            log.warning("cannot serve model %s: %s", declaration.source, exc)
+            return f"cannot read model {declaration.source}: {exc}"
+        log.info("model %s: %d layers, %d MB weights, context %d", spec.model_id,
+                 spec.n_layers, spec.weights_bytes // 10**6, spec.context_length)
+        return spec
+
+
+def specs_of(described: Mapping[ModelId, Described]) -> list[ModelSpec]:
+    return [d for d in described.values() if isinstance(d, ModelSpec)]
+
+
+def plan(declarations: Sequence[ModelDeclaration], described: Mapping[ModelId, Described],
+         workers: Sequence[WorkerInfo], previous: Mapping[ModelId, Placement],
+         policy: PlacementPolicy) -> dict[ModelId, Placement]:
+    """Placements of every declared model: placed when it was described, else unplaced
+    with the reason it could not be read."""
+    caps = {d.model_id: d.max_replicas for d in declarations}
+    placements = place(specs_of(described), workers, previous, policy, caps)
+    for model_id, found in described.items():
+        if isinstance(found, str):
+            placements[model_id] = Placement(model_id, (), 0, found)
+    return placements

@@ -1,0 +1,143 @@
+"""Model declarations: their wire form, and how the planner reads, describes and places them."""
+
+from __future__ import annotations
+
+from typing import cast
+
+import pytest
+from meshllm.common import convert, store
+from meshllm.common.errors import InvalidRecord, ModelSourceError
+from meshllm.common.types import (
+    ModelDeclaration,
+    ModelId,
+    ModelSpec,
+    Placement,
+    WorkerId,
+    WorkerInfo,
+)
+from meshllm.planner.declared import ModelCatalog, parse_inputs, plan
+from meshllm.planner.place import MiB, PlacementPolicy
+from meshllm.planner.service import PlacementBoard, Planner
+from meshllm.v1 import mesh_pb2
+
+A = ModelDeclaration(ModelId("a"), "a.gguf")
+B = ModelDeclaration(ModelId("b"), "/models/b.gguf", min_replicas=1, max_replicas=2,
+                     priority=-3)
+
+
+def spec(name: str, mib: int = 100) -> ModelSpec:
+    return ModelSpec(ModelId(name), f"{name}.gguf", mib * MiB, 10, 1, 0, "llama", 1)
+
+
+def worker(name: str, mib: int = 1000) -> WorkerInfo:
+    return WorkerInfo(WorkerId(name), "127.0.0.1:1", "cpu", mib * MiB, 1, 0.0)
+
+
+@pytest.mark.parametrize("declaration", [A, B, ModelDeclaration(ModelId("c.q8_0"), "c", 3, 0)])
+def test_declaration_round_trip(declaration: ModelDeclaration) -> None:
+    raw = convert.declaration_to_pb(declaration).SerializeToString()
+    assert convert.parse_declaration(raw) == declaration
+
+
+@pytest.mark.parametrize(("record", "problem"), [
+    (mesh_pb2.ModelDeclaration(source="x"), "bad model_id"),
+    (mesh_pb2.ModelDeclaration(model_id="../etc", source="x"), "bad model_id"),
+    (mesh_pb2.ModelDeclaration(model_id="Big Model", source="x"), "bad model_id"),
+    (mesh_pb2.ModelDeclaration(model_id="a" * 129, source="x"), "bad model_id"),
+    (mesh_pb2.ModelDeclaration(model_id="a"), "no source"),
+    (mesh_pb2.ModelDeclaration(model_id="a", source="x", min_replicas=3, max_replicas=2),
+     "min_replicas 3 > max_replicas 2"),
+])
+def test_invalid_declarations_are_rejected(record: mesh_pb2.ModelDeclaration,
+                                           problem: str) -> None:
+    with pytest.raises(InvalidRecord, match=problem):
+        convert.parse_declaration(record.SerializeToString())
+
+
+def test_undecodable_declaration_is_rejected() -> None:
+    with pytest.raises(InvalidRecord, match="undecodable"):
+        convert.parse_declaration(b"\xff\xff\xff")
+
+
+def test_parse_inputs_keeps_valid_workers_and_declarations_only() -> None:
+    raw = {
+        store.WORKERS + "w1": convert.worker_to_pb(worker("w1")).SerializeToString(),
+        store.WORKERS + "bad": b"\xff\xff",
+        store.DECLARATIONS + "b": convert.declaration_to_pb(B).SerializeToString(),
+        store.DECLARATIONS + "a": convert.declaration_to_pb(A).SerializeToString(),
+        store.DECLARATIONS + "bad": mesh_pb2.ModelDeclaration(model_id="x").SerializeToString(),
+        store.PLACEMENTS + "a": b"not read here",
+    }
+    inputs = parse_inputs(raw)
+    assert [w.worker_id for w in inputs.workers] == ["w1"]
+    assert inputs.declarations == (A, B)  # by model id
+
+
+def test_plan_places_described_models_and_explains_the_others() -> None:
+    placements = plan([A, B], {A.model_id: spec("a"), B.model_id: "cannot read model b"},
+                      [worker("w1"), worker("w2")], {}, PlacementPolicy(0))
+    assert placements[A.model_id].worker_ids == ("w1", "w2")
+    assert placements[B.model_id] == Placement(B.model_id, (), 0, "cannot read model b")
+
+
+def test_plan_honours_each_declarations_max_replicas() -> None:
+    one = ModelDeclaration(ModelId("a"), "a.gguf", max_replicas=1)
+    placements = plan([one, B], {one.model_id: spec("a"), B.model_id: spec("b")},
+                      [worker(f"w{i}") for i in range(4)], {}, PlacementPolicy(0))
+    assert len(placements[one.model_id].replicas) == 1
+    assert len(placements[B.model_id].replicas) == 2
+
+
+async def test_catalog_describes_each_declaration_once_and_forgets_removed_ones() -> None:
+    calls: list[str] = []
+
+    def describe(declaration: ModelDeclaration) -> ModelSpec:
+        calls.append(declaration.model_id)
+        if declaration.model_id == "b":
+            raise ModelSourceError("no such file /models/b.gguf")
+        return spec(declaration.model_id)
+
+    catalog = ModelCatalog(describe)
+    described = await catalog.describe([A, B])
+    assert described[A.model_id] == spec("a")
+    assert described[B.model_id] == ("cannot read model /models/b.gguf: "
+                                     "no such file /models/b.gguf")
+    assert await catalog.describe([A, B]) == described
+    assert calls == ["a", "b"]  # read once each
+    await catalog.describe([A])
+    await catalog.describe([A, B])
+    assert calls == ["a", "b", "b"]  # removed, then declared again: read again
+
+
+class FakeKv:
+    def __init__(self, declarations: list[ModelDeclaration]) -> None:
+        self.values = {store.DECLARATIONS + d.model_id:
+                       convert.declaration_to_pb(d).SerializeToString() for d in declarations}
+
+    async def create(self, key: str, value: bytes) -> bool:
+        if key in self.values:
+            return False
+        self.values[key] = value
+        return True
+
+    async def get_prefix(self, prefix: str) -> dict[str, bytes]:
+        return {k: v for k, v in self.values.items() if k.startswith(prefix)}
+
+    async def delete(self, key: str) -> None:
+        del self.values[key]
+
+    def declared(self) -> set[ModelDeclaration]:
+        return {convert.parse_declaration(v) for v in self.values.values()}
+
+
+async def test_a_start_declares_its_models_and_undeclares_an_earlier_starts_others() -> None:
+    old_start = ModelDeclaration(ModelId("old"), "old.gguf", at_start=True)
+    kept = ModelDeclaration(ModelId("kept"), "kept.gguf", max_replicas=2, at_start=True)
+    run_time = ModelDeclaration(ModelId("api"), "api.gguf", priority=3)
+    kv = FakeKv([old_start, kept, run_time])
+    again = ModelDeclaration(ModelId("kept"), "kept.gguf", at_start=True)  # settings differ
+    new = ModelDeclaration(ModelId("new"), "new.gguf", at_start=True)
+    planner = Planner(cast(store.KeyValueStore, kv), [again, new], ModelCatalog(lambda d: spec(
+        d.model_id)), PlacementPolicy(0), PlacementBoard(), 0.0)
+    await planner.declare_at_start()
+    assert kv.declared() == {kept, run_time, new}  # the stored settings of `kept` stay
