@@ -285,6 +285,31 @@ def test_up_hands_keys_to_the_gateway_in_its_environment(tmp_path: Path) -> None
     assert gateway_env(open_cfg, "") == {} and "no API key" in access_line(open_cfg)
 
 
+@pytest.mark.parametrize(("argv", "host"), [
+    ([], "127.0.0.1"),                                   # open: loopback only
+    (["--api-key", "k1"], "0.0.0.0"),                    # keyed: every address
+    (["--host", "0.0.0.0"], "0.0.0.0"),                  # told to listen wider
+    (["--api-key", "k1", "--host", "10.0.0.5"], "10.0.0.5"),
+])
+def test_an_open_up_listens_on_loopback_unless_told(argv: list[str], host: str) -> None:
+    up = load_up_config(argv, {})
+    assert up.host == host
+    local_only = "listening on 127.0.0.1 only" in access_line(up)
+    assert local_only == (host == "127.0.0.1")
+
+
+@pytest.mark.parametrize(("argv", "env", "address"), [
+    ([], {}, ("127.0.0.1", 9337)),
+    (["--api-key", "k1"], {}, ("0.0.0.0", 9337)),
+    ([], {"MESHLLM_API_KEYS": "k1"}, ("0.0.0.0", 9337)),
+    (["--listen", "0.0.0.0:9000"], {}, ("0.0.0.0", 9000)),  # told to listen wider
+])
+def test_an_open_gateway_listens_on_loopback_unless_told(
+        argv: list[str], env: dict[str, str], address: tuple[str, int]) -> None:
+    cfg = load_config(argv, env)
+    assert (cfg.host, cfg.port) == address
+
+
 def test_with_only_a_keys_file_up_makes_a_key_of_its_own_to_poll_with(tmp_path: Path
                                                                       ) -> None:
     cfg = load_up_config([], {"MESHLLM_API_KEYS_FILE": str(tmp_path / "keys")})

@@ -71,7 +71,7 @@ def start_services(group: ProcessGroup, cfg: UpConfig, etcd: str, ports: PortPic
             "--threads", str(cfg.threads), "--rpc-transport", cfg.rpc_transport,
             "--cache-dir", str(cfg.data_dir / f"rpc-cache-{i}")))
     group.start("gateway", service_argv(
-        "meshllm.gateway", "--etcd", etcd, "--listen", f"0.0.0.0:{cfg.port}",
+        "meshllm.gateway", "--etcd", etcd, "--listen", f"{cfg.host}:{cfg.port}",
         "--blackboard", blackboard), env=gateway_env(cfg, poll))
 
 
@@ -96,7 +96,10 @@ def access_line(cfg: UpConfig) -> str:
     if cfg.api_keys or cfg.api_keys_file:
         return ("  API key required: send 'Authorization: Bearer KEY'; the console asks "
                 "for it")
-    return (f"  no API key: anyone who can reach port {cfg.port} may use the mesh "
+    if cfg.host in ("127.0.0.1", "localhost", "::1"):
+        return (f"  no API key: listening on {cfg.host} only (--api-key KEY to serve other "
+                "machines)")
+    return (f"  no API key: anyone who can reach {cfg.host}:{cfg.port} may use the mesh "
             "(--api-key KEY to require one)")
 
 

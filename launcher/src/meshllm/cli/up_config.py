@@ -55,6 +55,7 @@ class UpConfig:
     api_keys: tuple[str, ...]   # keys the gateway accepts (() : it takes anyone)
     api_keys_file: str          # a keys file for the gateway ("" : none)
     tls: bool                   # mutual TLS on every gRPC link, HTTPS at the gateway
+    host: str                   # the gateway's listen address: 0.0.0.0 with keys, else loopback
     child_env: Mapping[str, str]  # environment every child starts with: child_environment()
 
 
@@ -100,6 +101,9 @@ UP_OPTIONS = (
            "stop the mesh and exit non-zero when a model is not served", switch=True),
     Option("--open", "MESHLLM_UP_OPEN", on_off, "false",
            "open the console in a browser once ready", switch=True),
+    Option("--host", "MESHLLM_UP_HOST", str, "",
+           "address the gateway listens on (default: 0.0.0.0 with API keys, 127.0.0.1 "
+           "without: an open mesh is not exposed to other machines unless asked)"),
     Option("--tls", "MESHLLM_UP_TLS", on_off, "false",
            "make a local CA under the data directory: mutual TLS between every service, "
            "HTTPS at the gateway", switch=True),
@@ -124,5 +128,6 @@ def load_up_config(argv: Sequence[str], env: Mapping[str, str]) -> UpConfig:
         require_models=v["require_models"], open_console=v["open"], api_keys=v["api_key"],
         api_keys_file=str(Path(v["api_keys_file"]).expanduser().resolve())
         if v["api_keys_file"] else "", tls=v["tls"],
+        host=v["host"] or ("0.0.0.0" if v["api_key"] or v["api_keys_file"] else "127.0.0.1"),
         child_env=child_environment(env, SERVICE_OPTIONS),
     )

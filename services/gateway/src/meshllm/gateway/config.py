@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -67,7 +68,10 @@ HTTPS_OPTIONS = (
 
 BASE_OPTIONS = (
     ETCD_OPTION,
-    listen_option("MESHLLM_GATEWAY_LISTEN", "0.0.0.0:9337", "HTTP"),
+    dataclasses.replace(
+        listen_option("MESHLLM_GATEWAY_LISTEN", "", "HTTP"),
+        help="HTTP listen address (HOST:PORT; default: 0.0.0.0:9337 with API keys, "
+             "127.0.0.1:9337 without: an open gateway is not exposed unless told to be)"),
     Option("--blackboard", "MESHLLM_BLACKBOARD", str, "",
            "blackboard node host:port for /api/blackboard (empty: off)"),
     Option("--first-token-timeout-s", "MESHLLM_FIRST_TOKEN_TIMEOUT_S", positive_float, "600",
@@ -117,10 +121,20 @@ PARSER_MAXIMA = {"max_tools": MAX_TOOLS, "max_n": MAX_CHOICES, "max_stop": MAX_S
 OPTIONS = (*BASE_OPTIONS, *ACCESS_OPTIONS, *HTTPS_OPTIONS, *(opt for opt, _ in LIMIT_OPTIONS))
 
 
+DEFAULT_PORT = 9337
+
+
+def default_listen(keys_configured: bool) -> str:
+    """Where a gateway not told where to listen does: everywhere once it needs a key, else
+    on loopback only, where nobody else can use it."""
+    return f"{'0.0.0.0' if keys_configured else '127.0.0.1'}:{DEFAULT_PORT}"
+
+
 def load_config(argv: Sequence[str], env: Mapping[str, str]) -> GatewayConfig:
     v = read_options("mesh-llm gateway", OPTIONS, argv, env)
+    keys = api_keys(v["api_key"], v["api_keys_file"])
     try:
-        host, port = parse_host_port(v["listen"])
+        host, port = parse_host_port(v["listen"] or default_listen(bool(keys)))
     except ValueError as exc:
         raise ConfigError("--listen / MESHLLM_GATEWAY_LISTEN", str(exc)) from exc
     return GatewayConfig(
@@ -129,7 +143,7 @@ def load_config(argv: Sequence[str], env: Mapping[str, str]) -> GatewayConfig:
         token_timeout_s=v["token_timeout_s"], cold_start_wait_s=v["cold_start_wait_s"],
         log_level=v["log_level"],
         trace=trace_settings("gateway", env), security=security_from(v),
-        api_keys=api_keys(v["api_key"], v["api_keys_file"]), limits=input_limits(v),
+        api_keys=keys, limits=input_limits(v),
         cors_origins=v["cors_origins"], https=https_files(v["https_cert"], v["https_key"]),
     )
 
