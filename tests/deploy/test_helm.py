@@ -251,6 +251,33 @@ def test_external_etcd_replaces_the_statefulset(chart: helm_python.Chart) -> Non
         docs, "Deployment", f"{RELEASE}-mesh-llm-planner")["spec"]["template"]["spec"]
 
 
+def test_with_tls_etcd_requires_the_mesh_certificate(chart: helm_python.Chart) -> None:
+    """Clients and peers over TLS with client-certificate auth, the services told to dial
+    https, and the probes on a plain metrics port (the kubelet has no certificate)."""
+    docs = manifests(render(chart, {"tls": {"secretName": "mesh-tls"}}))
+    etcd = find(docs, "StatefulSet", f"{RELEASE}-mesh-llm-etcd")
+    c = container(etcd, "etcd")
+    args = c["args"]
+    for prefix in ("--", "--peer-"):
+        assert f"{prefix}cert-file=/etc/mesh-llm/tls/tls.crt" in args
+        assert f"{prefix}trusted-ca-file=/etc/mesh-llm/tls/ca.crt" in args
+        assert f"{prefix}client-cert-auth" in args
+    assert "--listen-client-urls=https://0.0.0.0:2379" in args
+    cluster = next(a for a in args if a.startswith("--initial-cluster="))
+    assert "=https://" in cluster and "http://" not in cluster
+    assert c["readinessProbe"]["httpGet"]["port"] == "metrics"
+    assert {"name": "tls", "mountPath": "/etc/mesh-llm/tls", "readOnly": True} in c[
+        "volumeMounts"]
+    assert {"name": "tls", "secret": {"secretName": "mesh-tls"}} in etcd["spec"]["template"][
+        "spec"]["volumes"]
+    planner = container(find(docs, "Deployment", f"{RELEASE}-mesh-llm-planner"), "planner")
+    assert env_of(planner)["MESHLLM_ETCD"] == f"https://{RELEASE}-mesh-llm-etcd:2379"
+    plain = container(find(manifests(render(chart, {})), "StatefulSet",
+                           f"{RELEASE}-mesh-llm-etcd"), "etcd")
+    assert "--client-cert-auth" not in plain["args"]
+    assert plain["readinessProbe"]["httpGet"]["port"] == "client"
+
+
 def test_notes_say_how_to_reach_the_api(chart: helm_python.Chart) -> None:
     notes = render(chart, {})["mesh-llm/templates/NOTES.txt"]
     assert f"port-forward svc/{RELEASE}-mesh-llm-gateway" in notes

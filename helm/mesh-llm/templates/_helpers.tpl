@@ -47,9 +47,15 @@ helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version }}
 {{- printf "%s:%s" $repo $tag -}}
 {{- end -}}
 
+{{/* The bundled etcd speaks TLS (clients and peers, client certificates required) when
+the mesh has a TLS secret: only pods holding the mesh's certificate reach the placement. */}}
+{{- define "mesh-llm.etcdScheme" -}}
+{{- if .Values.tls.secretName }}https{{ else }}http{{ end -}}
+{{- end -}}
+
 {{- define "mesh-llm.etcdEndpoint" -}}
 {{- if .Values.etcd.enabled -}}
-{{- printf "http://%s-etcd:2379" (include "mesh-llm.fullname" .) -}}
+{{- printf "%s://%s-etcd:2379" (include "mesh-llm.etcdScheme" .) (include "mesh-llm.fullname" .) -}}
 {{- else -}}
 {{- required "etcd.externalEndpoint is required when etcd.enabled is false" .Values.etcd.externalEndpoint -}}
 {{- end -}}
