@@ -3,6 +3,9 @@ configured, in front of the shared test mesh (its etcd, planner and workers)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -140,3 +143,19 @@ def test_an_oversized_body_is_413(keyed: str) -> None:
     assert response.json()["error"]["code"] == "request_too_large"
     unauthenticated = httpx.post(keyed + "/v1/chat/completions", json=big)
     assert unauthenticated.status_code == 401  # the key first: no body read for strangers
+
+
+def test_mesh_llm_chat_sends_the_key(keyed: str) -> None:
+    mesh_llm = str(Path(sys.executable).parent / "mesh-llm")
+    argv = [mesh_llm, "chat", MODEL, "--url", keyed + "/v1", "--max-tokens", "4"]
+    with_flag = subprocess.run([*argv, "--api-key", OPEN_KEY], input="Hi\n",
+                               capture_output=True, text=True, timeout=120)
+    assert with_flag.returncode == 0, with_flag.stdout + with_flag.stderr
+    assert "API key" not in with_flag.stdout and "error" not in with_flag.stdout.lower()
+    from_env = subprocess.run(argv, input="Hi\n", capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "MESHLLM_API_KEY": OPEN_KEY})
+    assert from_env.returncode == 0, from_env.stdout + from_env.stderr
+    assert "API key" not in from_env.stdout
+    without = subprocess.run(argv, input="Hi\n", capture_output=True, text=True, timeout=120,
+                             env={k: v for k, v in os.environ.items() if k != "MESHLLM_API_KEY"})
+    assert "didn't provide an API key" in without.stdout  # the turn fails, saying why

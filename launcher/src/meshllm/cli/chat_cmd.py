@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from collections.abc import Mapping
 from typing import Any, TextIO
 
 import httpx
@@ -29,6 +30,7 @@ from meshllm.cli.chat import (
     stream_reply,
     trusted,
 )
+from meshllm.cli.models_cmd import API_KEY_ENV
 from meshllm.cli.up_config import DEFAULT_DATA_DIR
 
 PROMPT = ">>> "
@@ -45,6 +47,8 @@ def add_chat_parser(sub: Any) -> None:
     p.add_argument("--system", default="", help="a system message that starts the chat")
     p.add_argument("--max-tokens", type=int, default=None, help="tokens per reply at most")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature")
+    p.add_argument("--api-key", default="",
+                   help=f"the gateway's API key, when it needs one (or {API_KEY_ENV})")
 
 
 class Repl:
@@ -130,12 +134,15 @@ class Repl:
         self.conversation.record(text, answer)
 
 
-def run_chat(args: argparse.Namespace) -> int:
+def run_chat(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())
     url = (args.url or default_url(args.data_dir)).rstrip("/")
+    key = args.api_key or env.get(API_KEY_ENV, "")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
-        with httpx.Client(timeout=TIMEOUT, verify=trusted(args.data_dir)) as client:
+        with httpx.Client(timeout=TIMEOUT, verify=trusted(args.data_dir),
+                          headers=headers) as client:
             model = args.model or first_model(client, url)
             return Repl(client, url, Conversation(model, args.system), args, sys.stdout).run()
     except KeyboardInterrupt:  # before the first prompt (listing the models)

@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _report_errors("blackboard",
                               lambda: asyncio.run(run_blackboard(args, process_env())))
     if args.command == "chat":
-        return _report_errors("chat", lambda: run_chat(args))
+        return _report_errors("chat", lambda: run_chat(args, process_env()))
     if args.command == "keys":
         return _report_errors("keys", lambda: run_keys(args))
     if args.command == "models":
