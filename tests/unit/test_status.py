@@ -159,5 +159,13 @@ def test_the_launcher_waits_until_every_model_is_decided() -> None:
     assert all_models_decided(mesh_status(CASES["split replica"][0]), 1)
     assert all_models_decided(mesh_status(CASES["unplaced with reason"][0]), 1)
     assert not all_models_decided(mesh_status(CASES["unplaced with reason"][0]), 2)
+
+
+def test_a_refusal_counts_only_once_every_worker_up_started_has_registered() -> None:
+    refused = mesh_status(CASES["unplaced with reason"][0])        # one worker registered
+    assert not all_models_decided(refused, 1, workers=2)             # the other may still fit
+    assert all_models_decided(refused, 1, workers=1)
+    serving = mesh_status(CASES["split replica"][0])
+    assert all_models_decided(serving, 1, workers=5)                 # serving is serving
     failed = mesh_status(CASES["failed stage and a stage whose worker left"][0])
     assert progress_line(failed) == "m1: loading (w1 failed, w2 absent)"

@@ -47,15 +47,24 @@ def progress_line(status: MeshStatus) -> str:
     return "; ".join(parts) or "waiting for the planner"
 
 
-def all_models_decided(status: MeshStatus, models: int) -> bool:
-    """Every model is serving somewhere, or the planner said plainly why it cannot be."""
-    return len(status.models) >= models and all(m.decided for m in status.models)
+# The planner re-plans (debounced) when a worker registers: a refusal seen once may be
+# from before the last one did. One that holds this long on the whole mesh is its answer.
+REFUSAL_SETTLE_S = 3.0
+
+
+def all_models_decided(status: MeshStatus, models: int, workers: int = 0) -> bool:
+    """Every model is serving somewhere, or the planner said plainly why it cannot be
+    once the `workers` `up` started are all registered (before that, "no worker is
+    registered" or "too little memory" may be about a mesh still starting)."""
+    if len(status.models) < models or not all(m.decided for m in status.models):
+        return False
+    return len(status.nodes) >= workers or not unserved(status)
 
 
 def wait_ready(group: ProcessGroup, mesh: LocalMesh, models: int, timeout_s: float,
-               api_key: str = "") -> MeshStatus:
+               api_key: str = "", workers: int = 0) -> MeshStatus:
     deadline = time.monotonic() + timeout_s
-    last = ""
+    last, refused_since = "", None
     while time.monotonic() < deadline:
         if dead := group.dead():
             child = dead[0]
@@ -66,7 +75,12 @@ def wait_ready(group: ProcessGroup, mesh: LocalMesh, models: int, timeout_s: flo
         if line != last:
             say(f"  {line}")
             last = line
-        if status and all_models_decided(status, models):
+        decided = status is not None and all_models_decided(status, models, workers)
+        if status is not None and decided and not unserved(status):
+            return status
+        refused_since = (refused_since or time.monotonic()) if decided else None
+        if status is not None and refused_since is not None \
+                and time.monotonic() - refused_since >= REFUSAL_SETTLE_S:
             return status
         time.sleep(0.5)
     raise MeshError(f"the mesh was not ready within {timeout_s:.0f}s; "

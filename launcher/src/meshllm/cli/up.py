@@ -159,7 +159,7 @@ def _serve(group: ProcessGroup, cfg: UpConfig, certs: MeshCerts | None) -> int:
     mesh.write(cfg.data_dir)
     poll = poll_key(cfg)
     start_services(group, cfg, etcd, ports, poll)
-    status = wait_ready(group, mesh, len(cfg.models), cfg.ready_timeout_s, poll)
+    status = wait_ready(group, mesh, len(cfg.models), cfg.ready_timeout_s, poll, cfg.workers)
     missing = unserved(status)
     for model in status.models:
         if model not in missing:  # those get a line of their own below
