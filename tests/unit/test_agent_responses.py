@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncGenerator, Sequence
-from typing import Any, cast
+from collections.abc import AsyncGenerator
+from typing import Any
 
 import pytest
 from meshllm.common.errors import MeshError
-from meshllm.common.store import KeyValueStore
 from meshllm.common.types import (
     Finished,
     GenerateEvent,
@@ -22,13 +21,13 @@ from meshllm.common.types import (
     Usage,
 )
 from meshllm.gateway.app import Api, build_app
-from meshllm.gateway.backend import MeshBackend
-from meshllm.gateway.choices import Traced, generate_request, merged, total_usage
+from meshllm.gateway.choices import generate_request, merged, total_usage
 from meshllm.gateway.metrics import GatewayMetrics
 from meshllm.gateway.openai_api import ApiRequest
 from starlette.testclient import TestClient
 
-Script = Sequence[tuple[int, GenerateEvent]]
+from tests.support.scripted_choices import Script, ScriptedChoices
+
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}}}}]
@@ -38,19 +37,6 @@ CHAT: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "
 def _lp(token: str, logprob: float, *alternatives: tuple[str, float]) -> TokenLogprob:
     top = tuple(TopLogprob(t, t.encode(), p) for t, p in ((token, logprob), *alternatives))
     return TokenLogprob(token, token.encode(), logprob, top)
-
-
-class ScriptedChoices(MeshBackend):
-    def __init__(self, script: Script) -> None:
-        super().__init__(cast(KeyValueStore, object()), 1.0, 1.0)
-        self.script = script
-        self.requests: list[ApiRequest] = []
-
-    async def generate_choices(self, req: ApiRequest, trace: Traced = lambda e: e
-                               ) -> AsyncGenerator[tuple[int, GenerateEvent], None]:
-        self.requests.append(req)
-        for item in self.script:
-            yield item
 
 
 def _post(script: Script, body: dict[str, Any], path: str = "/v1/chat/completions") -> Any:

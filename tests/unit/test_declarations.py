@@ -20,6 +20,8 @@ from meshllm.planner.place import MiB, PlacementPolicy
 from meshllm.planner.service import PlacementBoard, Planner
 from meshllm.v1 import mesh_pb2
 
+from tests.support.memory_kv import MemoryKv
+
 A = ModelDeclaration(ModelId("a"), "a.gguf")
 B = ModelDeclaration(ModelId("b"), "/models/b.gguf", min_replicas=1, max_replicas=2,
                      priority=-3)
@@ -109,35 +111,23 @@ async def test_catalog_describes_each_declaration_once_and_forgets_removed_ones(
     assert calls == ["a", "b", "b"]  # removed, then declared again: read again
 
 
-class FakeKv:
-    def __init__(self, declarations: list[ModelDeclaration]) -> None:
-        self.values = {store.DECLARATIONS + d.model_id:
-                       convert.declaration_to_pb(d).SerializeToString() for d in declarations}
+def kv_with(declarations: list[ModelDeclaration]) -> MemoryKv:
+    return MemoryKv({store.DECLARATIONS + d.model_id:
+                     convert.declaration_to_pb(d).SerializeToString() for d in declarations})
 
-    async def create(self, key: str, value: bytes) -> bool:
-        if key in self.values:
-            return False
-        self.values[key] = value
-        return True
 
-    async def get_prefix(self, prefix: str) -> dict[str, bytes]:
-        return {k: v for k, v in self.values.items() if k.startswith(prefix)}
-
-    async def delete(self, key: str) -> None:
-        del self.values[key]
-
-    def declared(self) -> set[ModelDeclaration]:
-        return {convert.parse_declaration(v) for v in self.values.values()}
+def declared(kv: MemoryKv) -> set[ModelDeclaration]:
+    return {convert.parse_declaration(v) for v in kv.values.values()}
 
 
 async def test_a_start_declares_its_models_and_undeclares_an_earlier_starts_others() -> None:
     old_start = ModelDeclaration(ModelId("old"), "old.gguf", at_start=True)
     kept = ModelDeclaration(ModelId("kept"), "kept.gguf", max_replicas=2, at_start=True)
     run_time = ModelDeclaration(ModelId("api"), "api.gguf", priority=3)
-    kv = FakeKv([old_start, kept, run_time])
+    kv = kv_with([old_start, kept, run_time])
     again = ModelDeclaration(ModelId("kept"), "kept.gguf", at_start=True)  # settings differ
     new = ModelDeclaration(ModelId("new"), "new.gguf", at_start=True)
     planner = Planner(cast(store.KeyValueStore, kv), [again, new], ModelCatalog(lambda d: spec(
         d.model_id)), PlacementPolicy(0), PlacementBoard(), 0.0)
     await planner.declare_at_start()
-    assert kv.declared() == {kept, run_time, new}  # the stored settings of `kept` stay
+    assert declared(kv) == {kept, run_time, new}  # the stored settings of `kept` stay

@@ -35,6 +35,8 @@ from meshllm.gateway.models_api import ModelsApi, models_routes, parse_declarati
 from meshllm.gateway.routing import Serving, serving_state
 from starlette.testclient import TestClient
 
+from tests.support.memory_kv import MemoryKv
+
 M = ModelId("m")
 DECLARED = ModelDeclaration(M, "/models/m.gguf")
 SPEC = ModelSpec(M, "/models/m.gguf", 1, 1, 4096, 1, "x", 4096)
@@ -204,24 +206,7 @@ async def test_backend_answers_at_once_for_a_model_that_cannot_be_served() -> No
         await asyncio.wait_for(b._candidates(M), 2)
 
 
-class FakeKv:
-    def __init__(self) -> None:
-        self.values: dict[str, bytes] = {}
-
-    async def create(self, key: str, value: bytes) -> bool:
-        if key in self.values:
-            return False
-        self.values[key] = value
-        return True
-
-    async def get_prefix(self, prefix: str) -> dict[str, bytes]:
-        return {k: v for k, v in self.values.items() if k.startswith(prefix)}
-
-    async def delete(self, key: str) -> None:
-        self.values.pop(key, None)
-
-
-def client(mesh: MeshSnapshot, kv: FakeKv, keys: tuple[str, ...] = ()) -> TestClient:
+def client(mesh: MeshSnapshot, kv: MemoryKv, keys: tuple[str, ...] = ()) -> TestClient:
     b = backend(mesh)
     app = build_app(Api(b, GatewayMetrics()),
                     models_routes(ModelsApi(cast(KeyValueStore, kv), b, snapshot_wait_s=0)))
@@ -229,7 +214,7 @@ def client(mesh: MeshSnapshot, kv: FakeKv, keys: tuple[str, ...] = ()) -> TestCl
 
 
 def test_post_declares_and_a_second_post_conflicts() -> None:
-    kv = FakeKv()
+    kv = MemoryKv()
     http = client(MeshSnapshot(), kv)
     made = http.post("/api/models", json={"model": "/tmp/gemma-copy.gguf", "max_replicas": 1})
     assert made.status_code == 201
@@ -249,7 +234,7 @@ def test_post_declares_and_a_second_post_conflicts() -> None:
 
 
 def test_post_refuses_a_bad_body_in_the_openai_shape() -> None:
-    http = client(MeshSnapshot(), FakeKv())
+    http = client(MeshSnapshot(), MemoryKv())
     refused = http.post("/api/models", json={"model": "m", "priority": "high"})
     assert refused.status_code == 400
     assert refused.json()["error"]["param"] == "priority"
@@ -257,7 +242,7 @@ def test_post_refuses_a_bad_body_in_the_openai_shape() -> None:
 
 
 def test_delete_removes_a_declaration_and_404s_an_unknown_one() -> None:
-    kv = FakeKv()
+    kv = MemoryKv()
     kv.values[store.DECLARATIONS + "m"] = convert.declaration_to_pb(DECLARED).SerializeToString()
     kv.values[store.DECLARATIONS + "m2"] = b"another model"
     http = client(snapshot(None), kv)
@@ -271,20 +256,20 @@ def test_delete_removes_a_declaration_and_404s_an_unknown_one() -> None:
 
 def test_get_lists_declarations_with_their_state() -> None:
     mesh = snapshot(placed("w1"), worker("w1", LoadState.READY))
-    listed = client(mesh, FakeKv()).get("/api/models").json()
+    listed = client(mesh, MemoryKv()).get("/api/models").json()
     assert [(d["id"], d["state"], d["ready_replicas"]) for d in listed["data"]] == [
         ("m", "serving", 1)]
 
 
 def test_v1_models_lists_declared_models_with_their_status() -> None:
-    http = client(snapshot(None, spec=None), FakeKv())
+    http = client(snapshot(None, spec=None), MemoryKv())
     data = http.get("/v1/models").json()["data"]
     assert data == [{"id": "m", "object": "model", "created": 0, "owned_by": "mesh-llm",
                      "capabilities": ["generation"], "ready_replicas": 0,
                      "status": "waiting",
                      "status_reason": "model m is declared and waits to be placed"}]
     assert http.get("/v1/models/m").json() == data[0]
-    serving = client(snapshot(placed("w1"), worker("w1", LoadState.READY)), FakeKv())
+    serving = client(snapshot(placed("w1"), worker("w1", LoadState.READY)), MemoryKv())
     model = serving.get("/v1/models/m").json()
     assert model["status"] == "serving" and model["context_length"] == 4096
     assert "status_reason" not in model
@@ -293,7 +278,7 @@ def test_v1_models_lists_declared_models_with_their_status() -> None:
 @pytest.mark.parametrize(("method", "path"), [("GET", "/api/models"), ("POST", "/api/models"),
                                               ("DELETE", "/api/models/m")])
 def test_models_api_is_behind_the_api_key(method: str, path: str) -> None:
-    kv = FakeKv()
+    kv = MemoryKv()
     http = client(snapshot(None), kv, keys=("secret-key-0123456789",))
     body = {"model": "x.gguf"} if method == "POST" else None
     assert http.request(method, path, json=body).status_code == 401

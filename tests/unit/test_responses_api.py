@@ -5,11 +5,9 @@ against OpenAI's published schemas where the checkout has them."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, Sequence
-from typing import Any, cast
+from typing import Any
 
 import pytest
-from meshllm.common.store import KeyValueStore
 from meshllm.common.types import (
     ChatMessage,
     Finished,
@@ -20,16 +18,14 @@ from meshllm.common.types import (
     Usage,
 )
 from meshllm.gateway.app import Api, build_app
-from meshllm.gateway.backend import MeshBackend
-from meshllm.gateway.choices import Traced
 from meshllm.gateway.errors import ApiError
 from meshllm.gateway.failures import StreamBroken
 from meshllm.gateway.metrics import GatewayMetrics
-from meshllm.gateway.openai_api import ApiRequest
 from meshllm.gateway.responses_api import parse_responses
 from starlette.testclient import TestClient
 
 from tests.support.openapi import check, check_event
+from tests.support.scripted_choices import Script, ScriptedChoices
 
 WEATHER: dict[str, Any] = {
     "type": "function", "name": "get_weather", "description": "The weather in a city",
@@ -37,7 +33,6 @@ WEATHER: dict[str, Any] = {
                    "required": ["city"]}, "strict": True}
 BASE: dict[str, Any] = {"model": "m", "input": "hi"}
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
-Script = Sequence[tuple[int, GenerateEvent] | Exception]
 
 
 def _refused(body: dict[str, Any]) -> ApiError:
@@ -185,21 +180,6 @@ def test_what_changes_nothing_is_accepted() -> None:
 
 
 # Answers and streams, through the app
-
-class ScriptedChoices(MeshBackend):
-    def __init__(self, script: Script) -> None:
-        super().__init__(cast(KeyValueStore, object()), 1.0, 1.0)
-        self.script = script
-        self.requests: list[ApiRequest] = []
-
-    async def generate_choices(self, req: ApiRequest, trace: Traced = lambda e: e
-                               ) -> AsyncGenerator[tuple[int, GenerateEvent], None]:
-        self.requests.append(req)
-        for item in self.script:
-            if isinstance(item, Exception):
-                raise item
-            yield item
-
 
 def _pieces(text: str, size: int = 4) -> list[tuple[int, GenerateEvent] | Exception]:
     return [(0, TokenDelta(text[i:i + size], 1)) for i in range(0, len(text), size)]

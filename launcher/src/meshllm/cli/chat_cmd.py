@@ -30,7 +30,7 @@ from meshllm.cli.chat import (
     stream_reply,
     trusted,
 )
-from meshllm.cli.models_cmd import API_KEY_ENV
+from meshllm.cli.models_cmd import API_KEY_ENV, auth_headers
 from meshllm.cli.up_config import DEFAULT_DATA_DIR
 
 PROMPT = ">>> "
@@ -138,11 +138,9 @@ def run_chat(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())
     url = (args.url or default_url(args.data_dir)).rstrip("/")
-    key = args.api_key or env.get(API_KEY_ENV, "")
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
         with httpx.Client(timeout=TIMEOUT, verify=trusted(args.data_dir),
-                          headers=headers) as client:
+                          headers=auth_headers(args.api_key, env)) as client:
             model = args.model or first_model(client, url)
             return Repl(client, url, Conversation(model, args.system), args, sys.stdout).run()
     except KeyboardInterrupt:  # before the first prompt (listing the models)

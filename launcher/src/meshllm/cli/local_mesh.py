@@ -39,9 +39,13 @@ class LocalMesh:
     certs: MeshCerts | None = None  # `up --tls`: what its services present and trust
 
     @property
+    def base_url(self) -> str:
+        """The gateway's root: /v1 (the OpenAI API), /api, /console below it."""
+        return f"{'https' if self.certs else 'http'}://localhost:{self.gateway_port}"
+
+    @property
     def api_url(self) -> str:
-        scheme = "https" if self.certs else "http"
-        return f"{scheme}://localhost:{self.gateway_port}/v1"
+        return self.base_url + "/v1"
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """What a client of this mesh's gateway trusts: its CA (None: plain HTTP)."""

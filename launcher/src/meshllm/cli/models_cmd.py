@@ -48,6 +48,12 @@ def add_models_parser(sub: Any) -> None:
     ls.add_argument("--json", action="store_true", help="print the gateway's JSON")
 
 
+def auth_headers(flag_key: str, env: Mapping[str, str]) -> dict[str, str]:
+    """The Authorization header for the gateway: --api-key, else MESHLLM_API_KEY."""
+    key = flag_key or env.get(API_KEY_ENV, "")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def gateway_url(args: argparse.Namespace) -> str:
     """The gateway's root: --url (with or without /v1), else the local mesh's."""
     url = (args.url or default_url(args.data_dir)).rstrip("/")
@@ -92,8 +98,7 @@ def _call(client: httpx.Client, method: str, url: str, body: Any = None) -> Any:
 
 def run_models(args: argparse.Namespace, env: Mapping[str, str], out: TextIO) -> int:
     root = gateway_url(args)
-    key = args.api_key or env.get(API_KEY_ENV, "")
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers = auth_headers(args.api_key, env)
     with httpx.Client(timeout=TIMEOUT, verify=trusted(args.data_dir), headers=headers) as client:
         if args.models_command == "add":
             body = {"model": args.model, "min_replicas": args.min_replicas,

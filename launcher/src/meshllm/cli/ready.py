@@ -19,7 +19,7 @@ from meshllm.common.types import LoadState
 def fetch_status(mesh: LocalMesh, api_key: str = "") -> MeshStatus | None:
     """The gateway's status; None while it does not answer (still starting). A document
     that does not parse raises InvalidRecord: the gateway is ours, so that is a bug."""
-    url = mesh.api_url.removesuffix("/v1") + "/api/status"
+    url = mesh.base_url + "/api/status"
     request = urllib.request.Request(url, headers=(
         {"Authorization": f"Bearer {api_key}"} if api_key else {}))
     try:

@@ -25,20 +25,14 @@ def add_status_parser(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
-def etcd_url(args: argparse.Namespace) -> str:
-    if args.etcd:
-        return str(args.etcd)
-    local = read_local_mesh(Path(args.data_dir).expanduser())
-    return local.etcd_url if local is not None else ETCD_OPTION.default or ""
-
-
-def etcd_security(args: argparse.Namespace) -> GrpcSecurity:
-    """The certificate of the `mesh-llm up --tls` of --data-dir, else the MESHLLM_TLS_*
-    variables (a mesh's etcd over TLS admits only holders of the mesh's certificate)."""
-    local = read_local_mesh(Path(args.data_dir).expanduser())
-    if local is not None and local.certs is not None and not args.etcd:
-        return local.certs.security()
-    return security_from_env("mesh-llm status", process_env())
+def etcd_target(args: argparse.Namespace) -> tuple[str, GrpcSecurity]:
+    """--etcd with the MESHLLM_TLS_* certificate, else the etcd of the `mesh-llm up` of
+    --data-dir with its certificate (a mesh's etcd over TLS admits only holders of one)."""
+    local = None if args.etcd else read_local_mesh(Path(args.data_dir).expanduser())
+    if local is not None and local.certs is not None:
+        return local.etcd_url, local.certs.security()
+    url = args.etcd or (local.etcd_url if local is not None else ETCD_OPTION.default or "")
+    return str(url), security_from_env("mesh-llm status", process_env())
 
 
 async def read_status(url: str, security: GrpcSecurity = PLAINTEXT) -> MeshStatus:
@@ -91,6 +85,6 @@ def render(status: MeshStatus) -> str:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    status = asyncio.run(read_status(etcd_url(args), etcd_security(args)))
+    status = asyncio.run(read_status(*etcd_target(args)))
     print(json.dumps(status.to_json(), indent=2) if args.json else render(status))
     return 0

@@ -176,7 +176,7 @@ def _serve(group: ProcessGroup, cfg: UpConfig, certs: MeshCerts | None) -> int:
                               "not served")
     if cfg.open_console:
         # child_env: up's own environment less per-process variables (DISPLAY is kept)
-        say("  " + open_console(mesh.api_url.removesuffix("/v1") + "/console", cfg.child_env))
+        say("  " + open_console(mesh.base_url + "/console", cfg.child_env))
     _watch(group)
 
 

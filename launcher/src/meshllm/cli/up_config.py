@@ -22,7 +22,7 @@ from meshllm.common.config import (
     positive_int,
     read_options,
 )
-from meshllm.gateway.config import API_KEY_OPTION, API_KEYS_FILE_OPTION
+from meshllm.gateway.config import API_KEY_OPTION, API_KEYS_FILE_OPTION, default_host
 from meshllm.gateway.config import OPTIONS as GATEWAY_OPTIONS
 from meshllm.planner.config import OPTIONS as PLANNER_OPTIONS
 from meshllm.planner.config import chat_templates
@@ -128,6 +128,6 @@ def load_up_config(argv: Sequence[str], env: Mapping[str, str]) -> UpConfig:
         require_models=v["require_models"], open_console=v["open"], api_keys=v["api_key"],
         api_keys_file=str(Path(v["api_keys_file"]).expanduser().resolve())
         if v["api_keys_file"] else "", tls=v["tls"],
-        host=v["host"] or ("0.0.0.0" if v["api_key"] or v["api_keys_file"] else "127.0.0.1"),
+        host=v["host"] or default_host(bool(v["api_key"] or v["api_keys_file"])),
         child_env=child_environment(env, SERVICE_OPTIONS),
     )

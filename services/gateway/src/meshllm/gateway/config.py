@@ -124,10 +124,14 @@ OPTIONS = (*BASE_OPTIONS, *ACCESS_OPTIONS, *HTTPS_OPTIONS, *(opt for opt, _ in L
 DEFAULT_PORT = 9337
 
 
-def default_listen(keys_configured: bool) -> str:
+def default_host(keys_configured: bool) -> str:
     """Where a gateway not told where to listen does: everywhere once it needs a key, else
     on loopback only, where nobody else can use it."""
-    return f"{'0.0.0.0' if keys_configured else '127.0.0.1'}:{DEFAULT_PORT}"
+    return "0.0.0.0" if keys_configured else "127.0.0.1"
+
+
+def default_listen(keys_configured: bool) -> str:
+    return f"{default_host(keys_configured)}:{DEFAULT_PORT}"
 
 
 def load_config(argv: Sequence[str], env: Mapping[str, str]) -> GatewayConfig:
