@@ -81,6 +81,47 @@ def test_worker_killed_mid_stream(failing_mesh: LocalMesh) -> None:
     assert gone_s + error_after_s <= mesh.options.lease_ttl_s + 3
 
 
+@pytest.fixture
+def freezing_mesh(tmp_path: Path) -> Iterator[LocalMesh]:
+    mesh = LocalMesh(tmp_path, MeshOptions(
+        workers=2, lease_ttl_s=4, keepalive_s=1.0,
+        gateway_args=("--token-timeout-s", "3", "--first-token-timeout-s", "5")))
+    try:
+        mesh.start()
+        yield mesh
+    finally:
+        for proc in mesh.procs.values():
+            if proc.alive():
+                proc.kill(signal.SIGCONT)  # a stopped process ignores the SIGTERM of stop()
+        mesh.stop()
+
+
+def test_a_worker_frozen_mid_stream_ends_it_with_an_error_not_a_hang(
+        freezing_mesh: LocalMesh) -> None:
+    """SIGSTOP (a node that hangs, its socket still open) is not a crash: nothing tells the
+    gateway, so only its token timeout can end the stream."""
+    mesh = freezing_mesh
+    tokens = long_stream(mesh)
+    assert next(tokens) is not None
+    victim = busy_worker(mesh)
+    frozen_at = time.monotonic()
+    mesh.procs[victim].kill(signal.SIGSTOP)  # the worker and its engine: one process group
+    with pytest.raises(openai.APIError) as info:
+        for _ in tokens:
+            pass
+    error_after_s = time.monotonic() - frozen_at
+    assert error_after_s < 3 + 5, f"the error event took {error_after_s:.1f}s"
+    assert f"worker {victim} sent nothing for 3s" in str(info.value)
+    # the next request is served by the live replica: the frozen one leaves with its lease
+    client = openai.OpenAI(base_url=mesh.base_url + "/v1", api_key="x", max_retries=0,
+                           timeout=60)
+    started = time.monotonic()
+    r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0)
+    assert r.choices[0].text
+    print(f"error event {error_after_s:.2f}s after SIGSTOP (token timeout 3 s); next request "
+          f"answered in {time.monotonic() - started:.1f}s")
+
+
 def test_engine_crash_is_reported_and_restarted(failing_mesh: LocalMesh) -> None:
     mesh = failing_mesh
     tokens = long_stream(mesh)

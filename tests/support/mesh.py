@@ -27,6 +27,7 @@ class MeshOptions:
     worker_memories: tuple[str, ...] = ()  # per worker, overriding worker_memory
     planner_args: tuple[str, ...] = ()
     worker_args: tuple[str, ...] = ()
+    gateway_args: tuple[str, ...] = ()
 
 
 def get_json(url: str, timeout_s: float = 5.0) -> Any:
@@ -65,7 +66,7 @@ class LocalMesh:
         self.gateway_port = free_port()
         self.procs["gateway"] = Proc("gateway", python_module(
             "meshllm.gateway", "--etcd", self.etcd_url,
-            "--listen", f"127.0.0.1:{self.gateway_port}"), logs)
+            "--listen", f"127.0.0.1:{self.gateway_port}", *o.gateway_args), logs)
         self.wait_ready(o.expect_replicas or o.workers)
 
     def start_worker(self, name: str) -> None:

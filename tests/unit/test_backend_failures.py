@@ -189,6 +189,13 @@ async def test_a_silent_worker_times_out() -> None:
     assert str(info.value) == "worker w0 sent nothing for 0s"
 
 
+async def test_a_silent_worker_before_its_first_token_is_passed_over() -> None:
+    async with mesh(Script(silent=True), OK) as (backend, workers):
+        events = await _events(backend)
+        assert events and [w.calls for w in workers] == [1, 1]
+    assert _marked_failed(backend) == {"w0"}
+
+
 async def test_unknown_model_and_no_live_worker() -> None:
     async with mesh() as (backend, _):
         with pytest.raises(UnknownModel) as unknown:

@@ -176,7 +176,8 @@ class MeshBackend:
                        ) -> AsyncGenerator[GenerateEvent, None]:
         """`request` on the first candidate that takes it; the next when one fails before
         its first token."""
-        failures, busy = [], 0
+        failures: list[str] = []
+        busy, silent = 0, []
         for worker in candidates:
             started = False
             try:
@@ -187,11 +188,19 @@ class MeshBackend:
             except grpc.aio.AioRpcError as exc:
                 failure = f"{worker.worker_id}: {exc.code().name} {exc.details()}"
                 busy += self._failed(worker, grpc_errors.error_from_rpc(exc), failure, started)
-                failures.append(failure)
-                log.warning("worker %s failed for %s: %s", worker.worker_id,
-                            request.model_id, failure)
+            except WorkerSilent as exc:  # a frozen node: like a failed one, until it answers
+                if started:
+                    raise
+                self._note(worker, 0, failed=True)
+                failure = str(exc)
+                silent.append(exc)
+            failures.append(failure)
+            log.warning("worker %s failed for %s: %s", worker.worker_id, request.model_id,
+                        failure)
         if busy == len(candidates):
             raise ReplicasBusy(request.model_id, failures)
+        if len(silent) == len(candidates):
+            raise silent[-1]
         raise ReplicasFailed(request.model_id, failures)
 
     def _failed(self, worker: WorkerInfo, error: MeshError | None, failure: str,
@@ -252,6 +261,14 @@ class MeshBackend:
                     message = await asyncio.wait_for(call.read(), timeout)
                 except TimeoutError as exc:
                     raise WorkerSilent(worker.worker_id, timeout) from exc
+                except asyncio.CancelledError:
+                    # grpc.aio can end a read that wait_for gave up on with CancelledError
+                    # instead of the TimeoutError (a call still waiting for a frozen peer's
+                    # headers); only a cancel of this task itself is the caller leaving.
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise
+                    raise WorkerSilent(worker.worker_id, timeout) from None
                 if message is grpc.aio.EOF:
                     return
                 timeout = self._token_timeout_s
