@@ -11,13 +11,13 @@ from meshllm.common.types import (
     ModelDeclaration,
     ModelId,
     ModelSpec,
-    Placement,
     WorkerId,
     WorkerInfo,
 )
-from meshllm.planner.declared import ModelCatalog, parse_inputs, plan
+from meshllm.planner.assign import RoundPolicy
+from meshllm.planner.declared import ModelCatalog, parse_inputs
 from meshllm.planner.place import MiB, PlacementPolicy
-from meshllm.planner.service import PlacementBoard, Planner
+from meshllm.planner.service import PlacementBoard, Planner, PlannerSettings
 from meshllm.v1 import mesh_pb2
 
 from tests.support.memory_kv import MemoryKv
@@ -75,21 +75,6 @@ def test_parse_inputs_keeps_valid_workers_and_declarations_only() -> None:
     assert inputs.declarations == (A, B)  # by model id
 
 
-def test_plan_places_described_models_and_explains_the_others() -> None:
-    placements = plan([A, B], {A.model_id: spec("a"), B.model_id: "cannot read model b"},
-                      [worker("w1"), worker("w2")], {}, PlacementPolicy(0))
-    assert placements[A.model_id].worker_ids == ("w1", "w2")
-    assert placements[B.model_id] == Placement(B.model_id, (), 0, "cannot read model b")
-
-
-def test_plan_honours_each_declarations_max_replicas() -> None:
-    one = ModelDeclaration(ModelId("a"), "a.gguf", max_replicas=1)
-    placements = plan([one, B], {one.model_id: spec("a"), B.model_id: spec("b")},
-                      [worker(f"w{i}") for i in range(4)], {}, PlacementPolicy(0))
-    assert len(placements[one.model_id].replicas) == 1
-    assert len(placements[B.model_id].replicas) == 2
-
-
 async def test_catalog_describes_each_declaration_once_and_forgets_removed_ones() -> None:
     calls: list[str] = []
 
@@ -127,7 +112,8 @@ async def test_a_start_declares_its_models_and_undeclares_an_earlier_starts_othe
     kv = kv_with([old_start, kept, run_time])
     again = ModelDeclaration(ModelId("kept"), "kept.gguf", at_start=True)  # settings differ
     new = ModelDeclaration(ModelId("new"), "new.gguf", at_start=True)
-    planner = Planner(cast(store.KeyValueStore, kv), [again, new], ModelCatalog(lambda d: spec(
-        d.model_id)), PlacementPolicy(0), PlacementBoard(), 0.0)
+    settings = PlannerSettings((again, new), RoundPolicy(PlacementPolicy(0)), 0.0, 5.0)
+    planner = Planner(cast(store.KeyValueStore, kv), settings,
+                      ModelCatalog(lambda d: spec(d.model_id)), PlacementBoard())
     await planner.declare_at_start()
     assert declared(kv) == {kept, run_time, new}  # the stored settings of `kept` stay

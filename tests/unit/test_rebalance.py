@@ -7,6 +7,7 @@ import dataclasses
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from meshllm.common.errors import ConfigError
@@ -42,7 +43,7 @@ def idle(name: str) -> ModelDemand:
     return ModelDemand(ModelId(name))
 
 
-def busy(name: str, load: float, rps: float = 1.0, **more: float) -> ModelDemand:
+def busy(name: str, load: float, rps: float = 1.0, **more: Any) -> ModelDemand:
     """Demand worth `load` replicas of one slot: `rps` requests a second (and any refused
     ones) holding a slot `load / rps` seconds each."""
     return ModelDemand(ModelId(name), 60.0, rps, mean_service_s=load / rps, **more)

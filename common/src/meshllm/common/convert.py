@@ -62,7 +62,8 @@ def model_state_to_pb(s: ModelState) -> mesh_pb2.ModelState:
     return mesh_pb2.ModelState(
         model_id=s.model_id, state=_STATE_TO_PB[s.state], error=s.error,
         engine_restarts=s.engine_restarts, rpc_port=s.rpc_port, phase=s.phase,
-        progress=s.progress,
+        progress=s.progress, draining=s.draining, running=s.running, queued=s.queued,
+        slots=s.slots,
     )
 
 
@@ -70,7 +71,8 @@ def model_state_from_pb(m: mesh_pb2.ModelState) -> ModelState:
     _require(bool(m.model_id), "model state without model_id")
     _require(m.state in _STATE_FROM_PB, f"model state {m.model_id}: unknown state {m.state}")
     return ModelState(ModelId(m.model_id), _STATE_FROM_PB[m.state], m.error, m.engine_restarts,
-                      m.rpc_port, m.phase, min(1.0, max(0.0, m.progress)))
+                      m.rpc_port, m.phase, min(1.0, max(0.0, m.progress)), m.draining,
+                      m.running, m.queued, m.slots)
 
 
 def worker_to_pb(w: WorkerInfo) -> mesh_pb2.WorkerRecord:
@@ -152,7 +154,7 @@ def placement_to_pb(p: Placement) -> mesh_pb2.Placement:
                 mesh_pb2.Assignment(worker_id=a.worker_id, layer_start=a.layer_start,
                                     layer_end=a.layer_end)
                 for a in r.stages
-            ])
+            ], retiring=r.retiring)
             for r in p.replicas
         ],
         unplaced_reason=p.unplaced_reason, required_bytes=p.required_bytes,
@@ -172,7 +174,7 @@ def _replica_from_pb(model_id: str, r: mesh_pb2.Replica) -> Replica:
     _require(stages[0].layer_start == 0, f"placement {model_id}: head does not start at 0")
     _require(len({s.worker_id for s in stages}) == len(stages),
              f"placement {model_id}: a worker holds two stages of one replica")
-    return Replica(tuple(stages))
+    return Replica(tuple(stages), r.retiring)
 
 
 def placement_from_pb(m: mesh_pb2.Placement) -> Placement:
@@ -309,7 +311,8 @@ def event_to_pb(e: GenerateEvent) -> worker_pb2.GenerateResponse:
         cached_tokens=e.usage.cached_tokens,
     )
     return worker_pb2.GenerateResponse(
-        finished=worker_pb2.Finished(finish_reason=e.finish_reason, usage=usage)
+        finished=worker_pb2.Finished(finish_reason=e.finish_reason, usage=usage,
+                                     queued_s=e.queued_s, service_s=e.service_s)
     )
 
 
@@ -321,7 +324,8 @@ def event_from_pb(m: worker_pb2.GenerateResponse) -> GenerateEvent:
     _require(kind == "finished", "generate response without an event")
     u = m.finished.usage
     return Finished(m.finished.finish_reason,
-                    Usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens))
+                    Usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens),
+                    max(0.0, m.finished.queued_s), max(0.0, m.finished.service_s))
 
 
 def stats_to_pb(s: WorkerStats) -> worker_pb2.WorkerStats:

@@ -10,19 +10,20 @@ from meshllm.common.types import LoadState, ModelId, WorkerInfo
 def ready_replicas(snapshot: MeshSnapshot, model_id: ModelId,
                    whole_only: bool = False) -> list[WorkerInfo]:
     """Heads of the model's replicas that report it loaded (a split replica's head is
-    ready only once its engine runs with every stage); with `whole_only`, of the replicas
-    held whole by one worker only."""
+    ready only once its engine runs with every stage) and take new requests (not retiring,
+    not draining); with `whole_only`, of the replicas held whole by one worker only."""
     placement = snapshot.placements.get(model_id)
     if placement is None:
         return []
     replicas = []
     for replica in placement.replicas:
-        if whole_only and replica.is_split:
+        if replica.retiring or (whole_only and replica.is_split):
             continue
         worker_id = replica.head.worker_id
         worker = snapshot.workers.get(worker_id)
         state = worker.model_state(model_id) if worker else None
-        if worker is not None and state is not None and state.state is LoadState.READY:
+        if (worker is not None and state is not None and state.state is LoadState.READY
+                and not state.draining):
             replicas.append(worker)
     return replicas
 

@@ -25,6 +25,7 @@ WORKERS = ROOT + "workers/"
 MODELS = ROOT + "models/"
 PLACEMENTS = ROOT + "placements/"
 DECLARATIONS = ROOT + "declarations/"
+DEMAND = ROOT + "demand/"  # one leased record per gateway (common.demand.GatewayDemand)
 
 
 class StoreUnavailable(MeshError):

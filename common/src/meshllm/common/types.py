@@ -30,6 +30,10 @@ class ModelState:
     rpc_port: int = 0  # a stage's RPC server port when it accepts direct connections
     phase: str = ""    # while loading: assembling the file, loading weights, waiting...
     progress: float = 0.0  # 0..1 through the phase, when known
+    draining: bool = False  # retiring: serves the streams it has, takes no new ones
+    running: int = 0        # sequences in its slots now
+    queued: int = 0         # requests waiting for a slot now
+    slots: int = 0          # sequences it generates at once (0: not reported)
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,7 @@ class Replica:
     later stages hold the layers after it, in order."""
 
     stages: tuple[Assignment, ...]
+    retiring: bool = False  # takes no new requests; its workers drain it, then unload it
 
     @property
     def head(self) -> Assignment:
@@ -248,6 +253,8 @@ class TokenDelta:
 class Finished:
     finish_reason: str
     usage: Usage
+    queued_s: float = 0.0   # waited in the worker for a slot (seconds)
+    service_s: float = 0.0  # in a slot, prefill to last token (seconds)
 
 
 GenerateEvent = TokenDelta | Finished

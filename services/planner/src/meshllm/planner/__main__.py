@@ -9,13 +9,22 @@ from collections.abc import Sequence
 
 from meshllm.common import grpcutil, lifecycle, telemetry
 from meshllm.common.store import EtcdStore
+from meshllm.planner.assign import RoundPolicy
 from meshllm.planner.config import PlannerConfig, load_config
 from meshllm.planner.declared import ModelCatalog, describer, start_declarations
 from meshllm.planner.place import PlacementPolicy
-from meshllm.planner.service import PlacementBoard, Planner, PlannerServicer
+from meshllm.planner.service import PlacementBoard, Planner, PlannerServicer, PlannerSettings
 from meshllm.v1 import planner_pb2_grpc
 
 log = logging.getLogger("meshllm.planner")
+
+
+def settings(config: PlannerConfig) -> PlannerSettings:
+    placement = PlacementPolicy(config.engine_overhead_bytes, config.max_replicas,
+                                max_link_rtt_ms=config.max_link_rtt_ms)
+    policy = RoundPolicy(placement, config.rebalance, config.fill_free_memory)
+    return PlannerSettings(tuple(start_declarations(config)), policy, config.debounce_s,
+                           config.interval_s)
 
 
 async def serve(config: PlannerConfig, stop: asyncio.Event) -> None:
@@ -28,10 +37,7 @@ async def serve(config: PlannerConfig, stop: asyncio.Event) -> None:
     planner_pb2_grpc.add_PlannerServicer_to_server(PlannerServicer(board), server)
     await server.start()
     lifecycle.start_metrics(config.metrics_port)
-    policy = PlacementPolicy(config.engine_overhead_bytes, config.max_replicas,
-                             max_link_rtt_ms=config.max_link_rtt_ms)
-    planner = Planner(kv, start_declarations(config), ModelCatalog(describer(config)), policy,
-                      board, config.debounce_s)
+    planner = Planner(kv, settings(config), ModelCatalog(describer(config)), board)
     # On a failure (an etcd write while etcd restarts) the planner starts over: it declares
     # the --models again if absent, reads the placements back and re-plans from a fresh
     # snapshot (the models already described are not read again).

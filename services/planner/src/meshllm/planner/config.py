@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from meshllm.common.config import (
     ETCD_OPTION,
@@ -13,6 +14,7 @@ from meshllm.common.config import (
     Option,
     csv_list,
     listen_option,
+    on_off,
     parse_size,
     positive_float,
     positive_int,
@@ -22,6 +24,35 @@ from meshllm.common.errors import ConfigError
 from meshllm.common.telemetry import TraceSettings, trace_settings
 from meshllm.common.tls import TLS_OPTIONS, GrpcSecurity, security_from
 from meshllm.common.types import CHAT_TEMPLATE_NAMES
+from meshllm.planner.demand import RebalancePolicy
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise ValueError(f"must be between 0 and 1, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise ValueError(f"must be >= 0, got {value}")
+    return value
+
+
+def rebalance_policy(v: Mapping[str, Any]) -> RebalancePolicy:
+    """The rebalance knobs; thresholds out of order fail naming the three options."""
+    try:
+        return RebalancePolicy(
+            add_above=v["add_above"], target=v["target_utilization"],
+            retire_below=v["retire_below"], max_queue_wait_s=v["max_queue_wait_s"],
+            min_requests=v["min_requests"], min_window_s=v["min_window_s"],
+            idle_to_zero_s=v["idle_to_zero_s"], min_age_s=v["min_age_s"],
+            cooldown_s=v["cooldown_s"], retire_cold_early=v["retire_cold_early"])
+    except ConfigError as exc:
+        raise ConfigError("--retire-below < --target-utilization < --add-above",
+                          str(exc).partition(": ")[2]) from exc
 
 
 @dataclass(frozen=True)
@@ -38,6 +69,9 @@ class PlannerConfig:
     engine_overhead_bytes: int      # memory an engine needs beside weights and KV cache
     max_replicas: int               # 0: as many as fit
     debounce_s: float               # wait this long for membership to settle before planning
+    interval_s: float               # plan a round at least this often (seconds)
+    fill_free_memory: bool          # free memory holds replicas until a model needs it
+    rebalance: RebalancePolicy      # when capacity follows demand (see rebalance.py)
     metrics_port: int               # TCP port of the Prometheus endpoint; 0: off
     log_level: str                  # logging level name
     trace: TraceSettings        # what the OTEL_* variables ask for
@@ -69,6 +103,33 @@ OPTIONS = (
     Option("--max-replicas", "MESHLLM_MAX_REPLICAS", int, "0", "replicas per model (0: all fit)"),
     Option("--debounce-s", "MESHLLM_PLANNER_DEBOUNCE_S", positive_float, "0.3",
            "seconds to let membership settle before re-planning"),
+    Option("--rebalance-interval-s", "MESHLLM_REBALANCE_INTERVAL_S", positive_float, "5",
+           "seconds between planning rounds when nothing changes"),
+    Option("--fill-free-memory", "MESHLLM_FILL_FREE_MEMORY", on_off, "on",
+           "on: memory nobody needs holds more replicas (taken back when a model needs it); "
+           "off: models get replicas by demand and min_replicas only", switch=True),
+    Option("--add-above", "MESHLLM_REBALANCE_ADD_ABOVE", fraction, "0.8",
+           "a model whose slots are busier than this (0-1) gets replicas"),
+    Option("--target-utilization", "MESHLLM_REBALANCE_TARGET", fraction, "0.6",
+           "utilization (0-1) a model is sized to when it grows or shrinks"),
+    Option("--retire-below", "MESHLLM_REBALANCE_RETIRE_BELOW", fraction, "0.25",
+           "utilization (0-1) under which a model may lose replicas"),
+    Option("--max-queue-wait-s", "MESHLLM_REBALANCE_MAX_QUEUE_WAIT_S", positive_float, "2",
+           "a mean wait for a slot over this (seconds) counts as hot"),
+    Option("--min-requests", "MESHLLM_REBALANCE_MIN_REQUESTS", positive_float, "10",
+           "requests in the demand window before a model counts as hot"),
+    Option("--min-window-s", "MESHLLM_REBALANCE_MIN_WINDOW_S", positive_float, "30",
+           "demand measured over less than this (seconds) retires nothing"),
+    Option("--min-age-s", "MESHLLM_REBALANCE_MIN_AGE_S", non_negative_float, "300",
+           "seconds a replica stays before it may retire or be taken for another model"),
+    Option("--cooldown-s", "MESHLLM_REBALANCE_COOLDOWN_S", non_negative_float, "120",
+           "seconds after a model grew before it may shrink, or the reverse"),
+    Option("--idle-to-zero-s", "MESHLLM_REBALANCE_IDLE_TO_ZERO_S", positive_float, "600",
+           "with --retire-cold-early: seconds without a request before a model goes to "
+           "zero replicas"),
+    Option("--retire-cold-early", "MESHLLM_REBALANCE_RETIRE_COLD_EARLY", on_off, "off",
+           "on: a cold model's surplus replicas retire at once; off: they stay loaded "
+           "until another model needs the memory", switch=True),
     METRICS_PORT_OPTION,
     LOG_LEVEL_OPTION,
     *TLS_OPTIONS,
@@ -127,6 +188,8 @@ def load_config(argv: Sequence[str], env: Mapping[str, str]) -> PlannerConfig:
         chat_templates=chat_templates(v["chat_template"]),
         context_length_tokens=v["context_length"], engine_overhead_bytes=v["engine_overhead"],
         max_replicas=v["max_replicas"], debounce_s=v["debounce_s"],
+        interval_s=v["rebalance_interval_s"], fill_free_memory=v["fill_free_memory"],
+        rebalance=rebalance_policy(v),
         metrics_port=v["metrics_port"], log_level=v["log_level"],
         trace=trace_settings("planner", env), security=security_from(v),
     )

@@ -1,5 +1,5 @@
 """The declared models: those given at start, described from their GGUF files (once each,
-off the event loop) and turned into placements with the workers."""
+off the event loop), and the records a planning round reads."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from meshllm.common import convert, models, store
+from meshllm.common import convert, demand, models, store
+from meshllm.common.demand import ModelDemand
 from meshllm.common.errors import InvalidRecord, MeshError
-from meshllm.common.types import ModelDeclaration, ModelId, ModelSpec, Placement, WorkerInfo
+from meshllm.common.types import ModelDeclaration, ModelId, ModelSpec, WorkerInfo
 from meshllm.planner.config import PlannerConfig
-from meshllm.planner.place import PlacementPolicy, place
 
 log = logging.getLogger(__name__)
 
@@ -43,21 +43,25 @@ def describer(config: PlannerConfig) -> Describe:
 class PlanInputs:
     workers: tuple[WorkerInfo, ...]
     declarations: tuple[ModelDeclaration, ...]  # by model id
+    demand: Mapping[ModelId, ModelDemand] = field(default_factory=dict)  # over the gateways
 
 
 def parse_inputs(raw: Mapping[str, bytes]) -> PlanInputs:
-    """Valid worker and declaration records under the mesh's prefix; an invalid one is
-    logged and left out, never trusted."""
-    workers, declarations = [], []
+    """Valid worker, declaration and demand records under the mesh's prefix; an invalid
+    one is logged and left out, never trusted."""
+    workers, declarations, gateways = [], [], []
     for key, value in raw.items():
         try:
             if key.startswith(store.WORKERS):
                 workers.append(convert.parse_worker(value))
             elif key.startswith(store.DECLARATIONS):
                 declarations.append(convert.parse_declaration(value))
+            elif key.startswith(store.DEMAND):
+                gateways.append(demand.parse_demand(value))
         except InvalidRecord as exc:
             log.warning("ignoring invalid record %s: %s", key, exc)
-    return PlanInputs(tuple(workers), tuple(sorted(declarations, key=lambda d: d.model_id)))
+    return PlanInputs(tuple(workers), tuple(sorted(declarations, key=lambda d: d.model_id)),
+                      demand.merged(gateways))
 
 
 Described = ModelSpec | str  # the spec, or why the model could not be read
@@ -95,15 +99,3 @@ class ModelCatalog:
 def specs_of(described: Mapping[ModelId, Described]) -> list[ModelSpec]:
     return [d for d in described.values() if isinstance(d, ModelSpec)]
 
-
-def plan(declarations: Sequence[ModelDeclaration], described: Mapping[ModelId, Described],
-         workers: Sequence[WorkerInfo], previous: Mapping[ModelId, Placement],
-         policy: PlacementPolicy) -> dict[ModelId, Placement]:
-    """Placements of every declared model: placed when it was described, else unplaced
-    with the reason it could not be read."""
-    caps = {d.model_id: d.max_replicas for d in declarations}
-    placements = place(specs_of(described), workers, previous, policy, caps)
-    for model_id, found in described.items():
-        if isinstance(found, str):
-            placements[model_id] = Placement(model_id, (), 0, found)
-    return placements

@@ -1,9 +1,9 @@
-"""What rebalancing decides over and what it answers with: the declared models, their
-demand, the workers, the replicas they hold now, the knobs, and the moves.
+"""What rebalancing decides over and what it answers with: the declared models, the
+workers, the replicas they hold now, the knobs, and the moves.
 
-Planner-only for now; a type moves to `meshllm.common.types` when it first crosses the wire
-(the demand the gateway will publish). The declarations `POST /api/models` writes are
-`types.ModelDeclaration`; a `SizedModel` is one of them with what a replica of it takes.
+The demand the gateways publish is `meshllm.common.demand.ModelDemand` (it crosses the
+wire); the declarations `POST /api/models` writes are `types.ModelDeclaration`, and a
+`SizedModel` is one of them with what a replica of it takes.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from meshllm.common.demand import ModelDemand as ModelDemand
 from meshllm.common.errors import ConfigError
 from meshllm.common.types import ModelId, WorkerId
 
@@ -34,52 +35,6 @@ class SizedModel:
             raise ConfigError(f"{self.model_id} min_replicas/max_replicas",
                               f"need 0 <= min <= max, got {self.min_replicas} and "
                               f"{self.max_replicas}")
-
-
-@dataclass(frozen=True)
-class ModelDemand:
-    """One model's demand over the gateway's sliding window, as totals over all its replicas.
-
-    Totals, not per replica: the gateway sees every request to a model whichever replica
-    serves it, and totals stay true while replicas come and go, where per-replica figures
-    would go stale at every move. The load per replica is derived from them (`offered_load`
-    over the replicas that served the window)."""
-
-    model_id: ModelId
-    window_s: float = 60.0               # how long the figures cover
-    requests_per_s: float = 0.0          # admitted requests
-    refused_per_s: float = 0.0           # answered 429 or 503 (queue full, no replica)
-    mean_service_s: float = 0.0          # a request's time in a slot, first token to end
-    mean_queue_wait_s: float = 0.0       # admitted requests' wait for a slot
-    generated_tokens_per_s: float = 0.0  # shown in the status and the console
-    recent_requests_per_s: float = 0.0   # arrivals, refused included, over the last
-    recent_s: float = 10.0               # ... seconds (the gateway's short window)
-    idle_s: float = math.inf             # since the model's last request (inf: never)
-
-    @property
-    def requests(self) -> float:
-        """Requests that arrived in the window, refused ones included."""
-        return (self.requests_per_s + self.refused_per_s) * self.window_s
-
-    def offered_load(self, slots: int) -> float:
-        """Replicas' worth of work: arrivals times time in a slot, per slot (Erlangs).
-
-        Refused requests count, as they would have been served. Time in a slot, not the
-        request count, so one long generation weighs as much as many short ones. Queue
-        wait is left out on purpose: a backlog built while a replica loaded drains on its
-        own and must not size the model (it does mark the model hot, see the policy)."""
-        return self.arrival_rate * self.mean_service_s / max(1, slots)
-
-    @property
-    def arrival_rate(self) -> float:
-        """Requests/s: the window's, or its last seconds' when they are higher beyond
-        Poisson noise (three standard deviations), so a rise counts at once and a few
-        lucky seconds do not."""
-        rate = self.requests_per_s + self.refused_per_s
-        expected, seen = rate * self.recent_s, self.recent_requests_per_s * self.recent_s
-        if seen > expected + 3 * math.sqrt(max(expected, 1.0)):
-            return self.recent_requests_per_s
-        return rate
 
 
 @dataclass(frozen=True)

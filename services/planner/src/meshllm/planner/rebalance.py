@@ -176,6 +176,8 @@ def _retire_surplus(plan: Plan, model: PlannedModel) -> None:
     forced = model.decl.max_replicas is not None and model.have > model.decl.max_replicas
     if not (forced or plan.policy.retire_cold_early):
         return  # kept loaded: an eviction takes it when another model needs the memory
+    if not plan.policy.retire_cold_early and model.decl.max_replicas is not None:
+        surplus = model.have - model.decl.max_replicas  # only what is over the cap goes
     keep_ready = min(model.want, model.ready)
     waited = _waited(plan, model, forced)
     for held in _retire_order(plan, model):

@@ -5,17 +5,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 from meshllm.common import convert, store
 from meshllm.common.errors import InvalidRecord
-from meshllm.common.types import ModelDeclaration, ModelId, ModelSpec, Placement
-from meshllm.planner.declared import ModelCatalog, parse_inputs, plan, specs_of
-from meshllm.planner.place import PlacementPolicy
+from meshllm.common.types import ModelDeclaration, ModelId, ModelSpec, Placement, WorkerId
+from meshllm.planner.assign import RoundInputs, RoundPolicy, RoundResult, next_placements
+from meshllm.planner.declared import ModelCatalog, PlanInputs, parse_inputs, specs_of
+from meshllm.planner.demand import Moves, ReplicaPhase
 from meshllm.v1 import planner_pb2, planner_pb2_grpc
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class PlacementBoard:
@@ -69,31 +74,61 @@ class PlannerServicer(planner_pb2_grpc.PlannerServicer):
             yield to_set(revision, placements)
 
 
-class Planner:
-    """Re-plans whenever the declared models, the set of workers or their budgets change."""
+@dataclass(frozen=True)
+class PlannerSettings:
+    declared_at_start: tuple[ModelDeclaration, ...]  # the --models
+    policy: RoundPolicy
+    debounce_s: float   # wait this long for membership to settle before a round
+    interval_s: float   # a round at least this often (ages and cool-downs run out)
 
-    def __init__(self, kv: store.KeyValueStore, declared_at_start: Sequence[ModelDeclaration],
-                 catalog: ModelCatalog, policy: PlacementPolicy, board: PlacementBoard,
-                 debounce_s: float) -> None:
+
+class RoundMemory:
+    """What a round needs from the rounds before it: when each replica entered its phase,
+    and when each model last grew and shrank (the hysteresis clocks). Kept in memory: a
+    restarted planner starts every clock again, which only delays moves."""
+
+    def __init__(self) -> None:
+        self.since_s: dict[tuple[ModelId, WorkerId], tuple[ReplicaPhase, float]] = {}
+        self.last_grew_s: dict[ModelId, float] = {}
+        self.last_shrank_s: dict[ModelId, float] = {}
+
+    def remember(self, result: RoundResult) -> None:
+        now = result.current.now_s
+        self.since_s = {(h.model_id, h.worker_id): (h.phase, h.since_s)
+                        for h in result.current.replicas}
+        for add in result.moves.adds:
+            self.last_grew_s[add.model_id] = now
+        for retire in result.moves.retires:
+            self.last_shrank_s[retire.model_id] = now
+
+
+class Planner:
+    """Plans a round whenever the mesh changes (workers, their models' states, the
+    declarations, the demand) and at least every `interval_s`."""
+
+    def __init__(self, kv: store.KeyValueStore, settings: PlannerSettings,
+                 catalog: ModelCatalog, board: PlacementBoard,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._kv = kv
-        self._at_start = declared_at_start
+        self._settings = settings
         self._catalog = catalog
-        self._policy = policy
         self._board = board
-        self._debounce_s = debounce_s
+        self._clock = clock
+        self._memory = RoundMemory()
 
     async def declare_at_start(self) -> None:
         """Declare the --models unless they are already, and undeclare those an earlier
         start declared that are no longer among them. A restarted planner keeps the
         declarations made at run time, and their settings, as they are."""
-        wanted = {store.DECLARATIONS + d.model_id for d in self._at_start}
+        at_start = self._settings.declared_at_start
+        wanted = {store.DECLARATIONS + d.model_id for d in at_start}
         for key, value in (await self._kv.get_prefix(store.DECLARATIONS)).items():
             with contextlib.suppress(InvalidRecord):  # parse_inputs says why, once
                 if key not in wanted and convert.parse_declaration(value).at_start:
                     await self._kv.delete(key)
                     log.info("undeclared %s: no longer among --models",
                              key.removeprefix(store.DECLARATIONS))
-        for declaration in self._at_start:
+        for declaration in at_start:
             if await self._kv.create(store.DECLARATIONS + declaration.model_id,
                                      convert.declaration_to_pb(declaration).SerializeToString()):
                 log.info("declared %s (%s)", declaration.model_id, declaration.source)
@@ -102,24 +137,40 @@ class Planner:
         await self.declare_at_start()
         # The --models are read now, while the workers register, so that the first plan
         # is made from a snapshot taken after reading them (it may take seconds).
-        await self._catalog.describe(self._at_start)
+        await self._catalog.describe(self._settings.declared_at_start)
         published = await self._read_published()
-        last: tuple[object, ...] | None = None
-        async for raw in store.mirror_prefix(self._kv, store.ROOT):
+        settled: tuple[object, ...] | None = None
+        async for raw in ticking(store.mirror_prefix(self._kv, store.ROOT),
+                                 self._settings.interval_s):
             inputs = parse_inputs(raw)
-            budgets = {w.worker_id: w.memory_budget_bytes for w in inputs.workers}
-            if (budgets, inputs.declarations) == last:
-                continue  # load states or our own records changed: placement depends on
-                          # budgets and declarations alone
-            last = (budgets, inputs.declarations)
-            await asyncio.sleep(self._debounce_s)
-            described = await self._catalog.describe(inputs.declarations)
-            await self._publish_models(specs_of(described))
-            placements = plan(inputs.declarations, described, inputs.workers, published,
-                              self._policy)
+            membership = ({w.worker_id: w.memory_budget_bytes for w in inputs.workers},
+                          inputs.declarations)
+            if membership != settled:
+                settled = membership
+                await asyncio.sleep(self._settings.debounce_s)
+            published = await self._round(inputs, published)
+
+    async def _round(self, inputs: PlanInputs, published: dict[ModelId, Placement]
+                     ) -> dict[ModelId, Placement]:
+        described = await self._catalog.describe(inputs.declarations)
+        await self._publish_models(specs_of(described))
+        result = next_placements(RoundInputs(
+            specs={s.model_id: s for s in specs_of(described)},
+            declarations={d.model_id: d for d in inputs.declarations},
+            workers={w.worker_id: w for w in inputs.workers}, published=published,
+            demand=inputs.demand, now_s=self._clock(), since_s=self._memory.since_s,
+            last_grew_s=self._memory.last_grew_s,
+            last_shrank_s=self._memory.last_shrank_s), self._settings.policy)
+        self._memory.remember(result)
+        log_moves(result.moves)
+        placements = result.placements
+        for model_id, found in described.items():
+            if isinstance(found, str):  # could not be read: says why to whoever asks
+                placements[model_id] = Placement(model_id, (), 0, found)
+        if placements != published:
             await self._write(placements, published)
-            published = placements
             await self._board.update(placements)
+        return placements
 
     async def _publish_models(self, specs: Sequence[ModelSpec]) -> None:
         wanted = {store.MODELS + m.model_id: convert.model_spec_to_pb(m).SerializeToString()
@@ -153,3 +204,30 @@ class Planner:
                                convert.placement_to_pb(placement).SerializeToString())
             hosts = ", ".join(placement.worker_ids) or placement.unplaced_reason
             log.info("placement %s -> %s", model_id, hosts)
+
+
+async def ticking(source: AsyncIterator[T], interval_s: float) -> AsyncIterator[T]:
+    """`source`'s items, and its last item again whenever `interval_s` passes without a
+    new one (the next item is awaited in a task, so a tick never cancels the source)."""
+    iterator = aiter(source)
+    last = await anext(iterator)
+    pending: asyncio.Task[T] = asyncio.ensure_future(anext(iterator))
+    try:
+        while True:
+            yield last
+            done, _ = await asyncio.wait({pending}, timeout=interval_s)
+            if done:
+                last = pending.result()
+                pending = asyncio.ensure_future(anext(iterator))
+    finally:
+        pending.cancel()
+
+
+def log_moves(moves: Moves) -> None:
+    for add in moves.adds:
+        log.info("rebalance: add %s on %s: %s", add.model_id, add.worker_id, add.reason)
+    for retire in moves.retires:
+        log.info("rebalance: retire %s on %s: %s", retire.model_id, retire.worker_id,
+                 retire.reason)
+    for blocked in moves.blocked:
+        log.debug("rebalance: %s: %s", blocked.model_id, blocked.reason)

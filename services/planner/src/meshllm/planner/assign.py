@@ -1,0 +1,277 @@
+"""One planning round as a pure function: the placements that follow from the declared
+models, the workers, what is placed now and the demand the gateways measured.
+
+A round, in order:
+1. What is placed now, less what is gone: replicas with a stage on a worker that left,
+   and retiring replicas that every one of their workers has unloaded (drained).
+2. A first replica for every declared model without one that is wanted: by demand, by
+   `min_replicas`, or (with `fill_free_memory`) because memory is free. `place` makes it,
+   whole on one worker or split over the fewest, so a model too big for any worker is
+   still served.
+3. `rebalance` over the models served whole: adds where demand per replica is high,
+   retires (marks `Replica.retiring`) where a model is over `max_replicas`, and evicts
+   replicas of colder or lower-priority models when a hotter one needs their memory. A
+   retiring replica takes no new requests; its worker drains it, then unloads it, and the
+   next round after that drops it (step 1). An add lands on the worker at once; the worker
+   loads it when its memory is free (after any replica it drains there).
+4. With `fill_free_memory`, memory still free gets more replicas of the models served
+   whole, highest priority and busiest first, round-robin, up to each `max_replicas`: an
+   idle replica costs nothing and makes the next burst free. A cold model's replica is
+   taken back only when another model needs the memory (step 3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from meshllm.common.demand import ModelDemand
+from meshllm.common.types import (
+    LoadState,
+    ModelDeclaration,
+    ModelId,
+    ModelSpec,
+    Placement,
+    Replica,
+    WorkerId,
+    WorkerInfo,
+    whole,
+)
+from meshllm.planner.demand import (
+    CurrentAssignment,
+    HeldReplica,
+    Moves,
+    RebalancePolicy,
+    ReplicaPhase,
+    SizedModel,
+    WorkerCapacity,
+)
+from meshllm.planner.place import PlacementPolicy, place, required_bytes
+from meshllm.planner.rebalance import rebalance
+from meshllm.planner.split import stage_bytes
+
+PhaseKey = tuple[ModelId, WorkerId]
+
+
+@dataclass(frozen=True)
+class RoundPolicy:
+    placement: PlacementPolicy = dataclasses.field(default_factory=PlacementPolicy)
+    rebalance: RebalancePolicy = dataclasses.field(default_factory=RebalancePolicy)
+    fill_free_memory: bool = True  # free memory holds replicas until a model needs it
+
+    @property
+    def fills(self) -> bool:
+        # Retiring cold surplus early and filling free memory again would undo each other.
+        return self.fill_free_memory and not self.rebalance.retire_cold_early
+
+
+@dataclass(frozen=True)
+class RoundInputs:
+    specs: Mapping[ModelId, ModelSpec]                 # the declared models that were read
+    declarations: Mapping[ModelId, ModelDeclaration]
+    workers: Mapping[WorkerId, WorkerInfo]
+    published: Mapping[ModelId, Placement]             # what the last round wrote
+    demand: Mapping[ModelId, ModelDemand]              # merged over the gateways
+    now_s: float                                       # the planner's clock (seconds)
+    since_s: Mapping[tuple[ModelId, WorkerId], tuple[ReplicaPhase, float]] = \
+        dataclasses.field(default_factory=dict)        # each replica's phase, entered when
+    last_grew_s: Mapping[ModelId, float] = dataclasses.field(default_factory=dict)
+    last_shrank_s: Mapping[ModelId, float] = dataclasses.field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    placements: dict[ModelId, Placement]
+    moves: Moves
+    current: CurrentAssignment  # what rebalancing saw (phases and their start times)
+
+
+def holds(worker: WorkerInfo | None, model_id: ModelId) -> bool:
+    return worker is not None and worker.model_state(model_id) is not None
+
+
+def live_replicas(placement: Placement, workers: Mapping[WorkerId, WorkerInfo]
+                  ) -> tuple[Replica, ...]:
+    """The replicas still worth keeping: every stage's worker is here, and a retiring one
+    is still held by at least one of them (it has not finished draining)."""
+    kept = []
+    for replica in placement.replicas:
+        if any(w not in workers for w in replica.worker_ids):
+            continue
+        if replica.retiring and not any(holds(workers.get(w), placement.model_id)
+                                        for w in replica.worker_ids):
+            continue
+        kept.append(replica)
+    return tuple(kept)
+
+
+def phase_of(replica: Replica, model_id: ModelId, workers: Mapping[WorkerId, WorkerInfo]
+             ) -> ReplicaPhase:
+    if replica.retiring:
+        return ReplicaPhase.RETIRING
+    head = workers.get(replica.head.worker_id)
+    state = head.model_state(model_id) if head else None
+    if state is not None and state.state is LoadState.READY and not state.draining:
+        return ReplicaPhase.READY
+    return ReplicaPhase.LOADING
+
+
+def held_bytes(placements: Mapping[ModelId, Placement], specs: Mapping[ModelId, ModelSpec],
+               policy: PlacementPolicy) -> dict[WorkerId, int]:
+    """Memory each worker's placed replicas take, retiring ones included (until drained)."""
+    held: dict[WorkerId, int] = {}
+    for model_id, placement in placements.items():
+        spec = specs.get(model_id)
+        if spec is None:
+            continue
+        for replica in placement.replicas:
+            for i, stage in enumerate(replica.stages):
+                need = (required_bytes(spec, policy) if not replica.is_split
+                        else stage_bytes(spec, stage, i == 0, policy.split))
+                held[stage.worker_id] = held.get(stage.worker_id, 0) + need
+    return held
+
+
+def free_workers(inputs: RoundInputs, placements: Mapping[ModelId, Placement],
+                 policy: PlacementPolicy) -> list[WorkerInfo]:
+    """The workers with their budgets less what is placed on them."""
+    held = held_bytes(placements, inputs.specs, policy)
+    return [dataclasses.replace(w, memory_budget_bytes=max(
+                1, w.memory_budget_bytes - held.get(w.worker_id, 0)))
+            for w in inputs.workers.values()]
+
+
+def _wanted_first(inputs: RoundInputs, model_id: ModelId, policy: RoundPolicy) -> bool:
+    declaration = inputs.declarations.get(model_id)
+    demand = inputs.demand.get(model_id)
+    asked = demand is not None and (demand.requests > 0 or demand.waiting_requests > 0)
+    return policy.fills or asked or (declaration is not None and declaration.min_replicas > 0)
+
+
+def first_replicas(inputs: RoundInputs, placements: dict[ModelId, list[Replica]],
+                   policy: RoundPolicy) -> dict[ModelId, str]:
+    """Place one replica of each wanted model that has none (edits `placements`); the
+    reasons of those that fit nowhere at all, whatever else the mesh held."""
+    bare = [spec for model_id, spec in inputs.specs.items()
+            if not placements.get(model_id) and _wanted_first(inputs, model_id, policy)]
+    if not bare:
+        return {}
+    current = {m: Placement(m, tuple(r), 0) for m, r in placements.items()}
+    room = free_workers(inputs, current, policy.placement)
+    caps = {spec.model_id: 1 for spec in bare}
+    placed = place(bare, room, inputs.published, policy.placement, caps)
+    reasons = {}
+    for spec in bare:
+        replicas = placed[spec.model_id].replicas
+        if replicas:
+            placements[spec.model_id] = list(replicas)
+            continue
+        alone = place([spec], list(inputs.workers.values()), None, policy.placement)
+        reasons[spec.model_id] = alone[spec.model_id].unplaced_reason
+    return reasons
+
+
+def served_whole(spec: ModelSpec, replicas: Sequence[Replica],
+                 workers: Mapping[WorkerId, WorkerInfo], policy: PlacementPolicy) -> bool:
+    """Whether rebalancing sizes the model: it is held whole, or would be if placed."""
+    if spec.force_split or any(r.is_split for r in replicas):
+        return False
+    need = required_bytes(spec, policy)
+    return any(w.memory_budget_bytes >= need for w in workers.values())
+
+
+def sized(inputs: RoundInputs, spec: ModelSpec, policy: PlacementPolicy) -> SizedModel:
+    declaration = inputs.declarations.get(spec.model_id)
+    cap = (declaration.max_replicas if declaration else 0) or policy.max_replicas
+    return SizedModel(
+        spec.model_id, required_bytes(spec, policy),
+        min_replicas=declaration.min_replicas if declaration else 0,
+        max_replicas=cap or None, priority=declaration.priority if declaration else 0,
+        slots=spec.slots)
+
+
+def current_assignment(inputs: RoundInputs, placements: Mapping[ModelId, list[Replica]],
+                       models: Mapping[ModelId, SizedModel]) -> CurrentAssignment:
+    held = []
+    for model_id, replicas in placements.items():
+        if model_id not in models:
+            continue
+        for replica in replicas:
+            phase = phase_of(replica, model_id, inputs.workers)
+            key = (model_id, replica.head.worker_id)
+            seen = inputs.since_s.get(key)
+            since = seen[1] if seen is not None and seen[0] is phase else inputs.now_s
+            held.append(HeldReplica(model_id, replica.head.worker_id, phase, since))
+    return CurrentAssignment(inputs.now_s, tuple(held), dict(inputs.last_grew_s),
+                             dict(inputs.last_shrank_s))
+
+
+def capacities(inputs: RoundInputs, placements: Mapping[ModelId, list[Replica]],
+               policy: PlacementPolicy) -> list[WorkerCapacity]:
+    current = {m: Placement(m, tuple(r), 0) for m, r in placements.items()}
+    return [WorkerCapacity(w.worker_id, w.memory_budget_bytes)
+            for w in free_workers(inputs, current, policy)]
+
+
+def apply_moves(moves: Moves, placements: dict[ModelId, list[Replica]],
+                specs: Mapping[ModelId, ModelSpec]) -> None:
+    """Adds land as whole replicas; retires mark the replica retiring (its worker drains)."""
+    for retire in moves.retires:
+        replicas = placements.get(retire.model_id, [])
+        for i, replica in enumerate(replicas):
+            if replica.head.worker_id == retire.worker_id and not replica.is_split:
+                replicas[i] = dataclasses.replace(replica, retiring=True)
+    for add in moves.adds:
+        spec = specs[add.model_id]
+        placements.setdefault(add.model_id, []).append(whole(add.worker_id, spec.n_layers))
+
+
+def fill(inputs: RoundInputs, placements: dict[ModelId, list[Replica]],
+         models: Mapping[ModelId, SizedModel], policy: PlacementPolicy) -> None:
+    """More replicas of the models served whole into memory still free, round-robin,
+    highest priority and busiest first, up to each model's max_replicas."""
+    current = {m: Placement(m, tuple(r), 0) for m, r in placements.items()}
+    free = {w.worker_id: w.memory_budget_bytes
+            for w in free_workers(inputs, current, policy)}
+
+    def busy(model: SizedModel) -> float:
+        demand = inputs.demand.get(model.model_id)
+        return demand.offered_load(model.slots) if demand else 0.0
+
+    order = sorted(models.values(), key=lambda m: (-m.priority, -busy(m), m.model_id))
+    growing = True
+    while growing:
+        growing = False
+        for model in order:
+            replicas = placements.setdefault(model.model_id, [])
+            if not replicas or (model.max_replicas and len(replicas) >= model.max_replicas):
+                continue  # a model without any replica was left so on purpose (step 2)
+            hosts = {w for r in replicas for w in r.worker_ids}
+            fits = [w for w, f in free.items() if f >= model.replica_bytes and w not in hosts]
+            if fits:
+                chosen = min(fits, key=lambda w: (-free[w], w))
+                free[chosen] -= model.replica_bytes
+                replicas.append(whole(chosen, inputs.specs[model.model_id].n_layers))
+                growing = True
+
+
+def next_placements(inputs: RoundInputs, policy: RoundPolicy) -> RoundResult:
+    """The placements after this round's moves; see the module docstring."""
+    placements = {m: list(live_replicas(p, inputs.workers))
+                  for m, p in inputs.published.items() if m in inputs.specs}
+    reasons = first_replicas(inputs, placements, policy)
+    models = {m: sized(inputs, spec, policy.placement) for m, spec in inputs.specs.items()
+              if served_whole(spec, placements.get(m, []), inputs.workers, policy.placement)
+              and m not in reasons}
+    current = current_assignment(inputs, placements, models)
+    moves = rebalance(list(models.values()), capacities(inputs, placements, policy.placement),
+                      inputs.demand, current, policy.rebalance)
+    apply_moves(moves, placements, inputs.specs)
+    if policy.fills:
+        fill(inputs, placements, models, policy.placement)
+    result = {
+        m: Placement(m, tuple(sorted(placements.get(m, []), key=lambda r: r.head.worker_id)),
+                     required_bytes(spec, policy.placement), reasons.get(m, ""))
+        for m, spec in inputs.specs.items()}
+    return RoundResult(result, moves, current)
