@@ -67,17 +67,28 @@ class GatewayDemand:
     gateway_id: str
     measured_at_unix_s: float
     models: tuple[ModelDemand, ...] = ()
+    window_s: float = 0.0  # how long it has measured (up to its window); a model it does
+                           # not list had no request in that time
 
 
-def merged(records: Iterable[GatewayDemand]) -> dict[ModelId, ModelDemand]:
+def merged(records: Iterable[GatewayDemand], declared: Iterable[ModelId] = ()
+           ) -> dict[ModelId, ModelDemand]:
     """Every gateway's demand for a model as one: rates add up, means are weighted by the
     requests behind them, the window is the shortest any gateway measured (a gateway just
-    started makes the whole figure young, so nothing retires on it), idle the least."""
+    started makes the whole figure young, so nothing retires on it), idle the least. A
+    declared model no gateway lists had no request in the shortest window (no gateway at
+    all: nothing is known, and it is left out)."""
+    records = list(records)
     by_model: dict[ModelId, list[ModelDemand]] = {}
     for record in records:
         for demand in record.models:
             by_model.setdefault(demand.model_id, []).append(demand)
-    return {model_id: _merge(model_id, parts) for model_id, parts in by_model.items()}
+    found = {model_id: _merge(model_id, parts) for model_id, parts in by_model.items()}
+    if records:
+        window = min(r.window_s for r in records)
+        for model_id in declared:
+            found.setdefault(model_id, ModelDemand(model_id, window_s=window))
+    return found
 
 
 def _weighted(parts: list[ModelDemand], value: str) -> float:
@@ -112,7 +123,7 @@ def _finite(value: float, what: str) -> float:
 def demand_to_pb(record: GatewayDemand) -> mesh_pb2.GatewayDemand:
     return mesh_pb2.GatewayDemand(
         gateway_id=record.gateway_id, measured_at_unix_s=record.measured_at_unix_s,
-        models=[mesh_pb2.ModelDemand(
+        window_s=record.window_s, models=[mesh_pb2.ModelDemand(
             model_id=d.model_id, window_s=d.window_s, requests_per_s=d.requests_per_s,
             refused_per_s=d.refused_per_s, mean_service_s=d.mean_service_s,
             mean_queue_wait_s=d.mean_queue_wait_s,
@@ -142,5 +153,6 @@ def parse_demand(raw: bytes) -> GatewayDemand:
     if not message.gateway_id:
         raise InvalidRecord("demand record without gateway_id")
     return GatewayDemand(message.gateway_id, message.measured_at_unix_s,
-                         tuple(_model_from_pb(m) for m in message.models))
+                         tuple(_model_from_pb(m) for m in message.models),
+                         _finite(message.window_s, "window_s"))
 

@@ -217,11 +217,12 @@ def capacities(inputs: RoundInputs, placements: Mapping[ModelId, list[Replica]],
 def apply_moves(moves: Moves, placements: dict[ModelId, list[Replica]],
                 specs: Mapping[ModelId, ModelSpec]) -> None:
     """Adds land as whole replicas; retires mark the replica retiring (its worker drains)."""
-    for retire in moves.retires:
-        replicas = placements.get(retire.model_id, [])
-        for i, replica in enumerate(replicas):
-            if replica.head.worker_id == retire.worker_id and not replica.is_split:
-                replicas[i] = dataclasses.replace(replica, retiring=True)
+    retiring = {(r.model_id, r.worker_id) for r in moves.retires}
+    for model_id in {r.model_id for r in moves.retires}:
+        placements[model_id] = [
+            dataclasses.replace(r, retiring=True)
+            if (model_id, r.head.worker_id) in retiring and not r.is_split else r
+            for r in placements.get(model_id, [])]
     for add in moves.adds:
         spec = specs[add.model_id]
         placements.setdefault(add.model_id, []).append(whole(add.worker_id, spec.n_layers))

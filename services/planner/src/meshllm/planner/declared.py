@@ -61,7 +61,7 @@ def parse_inputs(raw: Mapping[str, bytes]) -> PlanInputs:
         except InvalidRecord as exc:
             log.warning("ignoring invalid record %s: %s", key, exc)
     return PlanInputs(tuple(workers), tuple(sorted(declarations, key=lambda d: d.model_id)),
-                      demand.merged(gateways))
+                      demand.merged(gateways, [d.model_id for d in declarations]))
 
 
 Described = ModelSpec | str  # the spec, or why the model could not be read
