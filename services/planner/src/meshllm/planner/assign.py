@@ -241,18 +241,21 @@ def fill(inputs: RoundInputs, placements: dict[ModelId, list[Replica]],
         return demand.offered_load(model.slots) if demand else 0.0
 
     order = sorted(models.values(), key=lambda m: (-m.priority, -busy(m), m.model_id))
+    most = max(free.values(), default=0)
     growing = True
     while growing:
         growing = False
         for model in order:
             replicas = placements.setdefault(model.model_id, [])
-            if not replicas or (model.max_replicas and len(replicas) >= model.max_replicas):
+            if (not replicas or model.replica_bytes > most  # a full mesh: nothing to scan
+                    or (model.max_replicas and len(replicas) >= model.max_replicas)):
                 continue  # a model without any replica was left so on purpose (step 2)
             hosts = {w for r in replicas for w in r.worker_ids}
             fits = [w for w, f in free.items() if f >= model.replica_bytes and w not in hosts]
             if fits:
                 chosen = min(fits, key=lambda w: (-free[w], w))
                 free[chosen] -= model.replica_bytes
+                most = max(free.values())
                 replicas.append(whole(chosen, inputs.specs[model.model_id].n_layers))
                 growing = True
 
