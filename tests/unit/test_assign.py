@@ -123,6 +123,13 @@ CASES = [
         FILL, {"a": [("w1", False)], "b": [("w2", False), ("w3", False)]},
         id="a-drained-replica-leaves-the-placement"),
     pytest.param(
+        inputs([spec("a"), spec("b")],
+               [worker("w1", ready=("a",)), worker("w3", ready=("b",)), worker("w4")],
+               [placed("a", "w1", retiring=("w2",)), placed("b", "w2", "w3")],
+               [cold("a"), hot("b", 1.0)]),
+        BY_DEMAND, {"a": [("w1", False)], "b": [("w3", False), ("w4", False)]},
+        id="the-worker-a-move-was-landing-on-leaves-mid-move-and-it-lands-elsewhere"),
+    pytest.param(
         inputs([spec("a")], [worker("w1", ready=("a",))],
                [placed("a", "w1", "gone")], [hot("a", 0.5)]),
         FILL, {"a": [("w1", False)]},

@@ -10,10 +10,12 @@ the JSON and recomputed, not trusted, when a document is parsed.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
 
+from meshllm.common.demand import ModelDemand
 from meshllm.common.errors import InvalidRecord
 from meshllm.common.meshview import MeshSnapshot
 from meshllm.common.types import LoadState, ModelId, ModelSpec, Placement, Replica, WorkerId
@@ -96,6 +98,7 @@ class ModelStatus:
     state: ServingState
     unplaced_reason: str = ""   # why the planner could not place it (NOT_SERVED)
     replicas: tuple[ReplicaStatus, ...] = ()
+    demand: ModelDemand | None = None  # as the gateways measured it (None: not known)
 
     @property
     def ready_replicas(self) -> int:
@@ -144,21 +147,25 @@ def serving_state(placement: Placement | None, replicas: tuple[ReplicaStatus, ..
     return ServingState.LOADING
 
 
-def mesh_status(snapshot: MeshSnapshot) -> MeshStatus:
-    """The status of the mesh in `snapshot` (pure)."""
+def mesh_status(snapshot: MeshSnapshot,
+                demand: Mapping[ModelId, ModelDemand] | None = None) -> MeshStatus:
+    """The status of the mesh in `snapshot` (pure), with each model's `demand` (merged
+    over the gateways) where given."""
     nodes = tuple(
         NodeStatus(w.worker_id, w.address, w.backend, w.memory_budget_bytes, w.threads,
                    {WorkerId(k): v for k, v in sorted(w.rtt_ms.items())},
                    tuple(HostedModel(m.model_id, m.state, m.error, m.engine_restarts, m.phase,
                                      round(m.progress, 3)) for m in w.models))
         for w in sorted(snapshot.workers.values(), key=lambda w: w.worker_id))
-    models = tuple(_model(snapshot, spec, snapshot.placements.get(model_id))
+    demand = demand or {}
+    models = tuple(_model(snapshot, spec, snapshot.placements.get(model_id),
+                          demand.get(model_id))
                    for model_id, spec in sorted(snapshot.models.items()))
     return MeshStatus(nodes, models)
 
 
-def _model(snapshot: MeshSnapshot, spec: ModelSpec, placement: Placement | None
-           ) -> ModelStatus:
+def _model(snapshot: MeshSnapshot, spec: ModelSpec, placement: Placement | None,
+           demand: ModelDemand | None = None) -> ModelStatus:
     replicas = tuple(_replica(snapshot, spec.model_id, r)
                      for r in (placement.replicas if placement else ()))
     return ModelStatus(
@@ -166,7 +173,8 @@ def _model(snapshot: MeshSnapshot, spec: ModelSpec, placement: Placement | None
         context_length=spec.context_length, weights_bytes=spec.weights_bytes,
         required_bytes=placement.required_bytes if placement else None,
         state=serving_state(placement, replicas),
-        unplaced_reason=placement.unplaced_reason if placement else "", replicas=replicas)
+        unplaced_reason=placement.unplaced_reason if placement else "", replicas=replicas,
+        demand=demand)
 
 
 def _replica(snapshot: MeshSnapshot, model_id: ModelId, replica: Replica) -> ReplicaStatus:
@@ -214,7 +222,21 @@ def _model_json(m: ModelStatus) -> dict[str, Any]:
             "required_bytes": m.required_bytes,
             "replicas": [_replica_json(r) for r in m.replicas],
             "ready_replicas": m.ready_replicas, "status": m.status_text,
-            "state": m.state.value, "unplaced_reason": m.unplaced_reason}
+            "state": m.state.value, "unplaced_reason": m.unplaced_reason,
+            **({"demand": _demand_json(m.demand)} if m.demand else {})}  # absent: unknown
+
+
+DEMAND_FIGURES = ("window_s", "requests_per_s", "refused_per_s", "mean_service_s",
+                  "mean_queue_wait_s", "generated_tokens_per_s", "recent_requests_per_s",
+                  "recent_s")
+
+
+def _demand_json(d: ModelDemand) -> dict[str, Any]:
+    """Figures rounded for readers; idle_s null for a model never requested (JSON has no
+    infinity)."""
+    return {**{name: round(getattr(d, name), 4) for name in DEMAND_FIGURES},
+            "idle_s": round(d.idle_s, 1) if math.isfinite(d.idle_s) else None,
+            "waiting_requests": d.waiting_requests}
 
 
 E = TypeVar("E", bound=enum.Enum)
@@ -320,11 +342,23 @@ def _replica_from(f: _Fields) -> ReplicaStatus:
         WorkerId(w): None if links.get(w) is None else links.number(w) for w in links.names()})
 
 
+def _demand_from(f: _Fields, model_id: ModelId) -> ModelDemand | None:
+    """A model's demand; None where the document has none (a gateway from before it)."""
+    if "demand" not in f.names() or f.get("demand") is None:
+        return None
+    d = f.mapping("demand")
+    idle = math.inf if d.get("idle_s") is None else d.number("idle_s")
+    return ModelDemand(model_id, idle_s=idle, waiting_requests=d.integer("waiting_requests"),
+                       **{name: d.number(name) for name in DEMAND_FIGURES})
+
+
 def _model_from(f: _Fields) -> ModelStatus:
+    model_id = ModelId(f.text("model_id"))
     return ModelStatus(
-        model_id=ModelId(f.text("model_id")), source=f.text("source"),
+        model_id=model_id, source=f.text("source"),
         n_layers=f.integer("n_layers"), context_length=f.integer("context_length"),
         weights_bytes=f.integer("weights_bytes"),
         required_bytes=f.optional_integer("required_bytes"),
         state=f.choice("state", ServingState), unplaced_reason=f.text("unplaced_reason"),
-        replicas=tuple(_replica_from(r) for r in f.objects("replicas")))
+        replicas=tuple(_replica_from(r) for r in f.objects("replicas")),
+        demand=_demand_from(f, model_id))

@@ -10,7 +10,10 @@ from typing import Any
 
 from meshllm.cli.local_mesh import read_local_mesh
 from meshllm.cli.up_config import DEFAULT_DATA_DIR
+from meshllm.common import store
 from meshllm.common.config import ETCD_OPTION, format_size, process_env
+from meshllm.common.demand import GatewayDemand, ModelDemand, merged, parse_demand
+from meshllm.common.errors import InvalidRecord
 from meshllm.common.meshview import read_mesh
 from meshllm.common.status import ABSENT, MeshStatus, NodeStatus, ReplicaStatus, mesh_status
 from meshllm.common.store import EtcdStore
@@ -39,9 +42,28 @@ async def read_status(url: str, security: GrpcSecurity = PLAINTEXT) -> MeshStatu
     kv = EtcdStore(url, security)
     await kv.connect(wait_s=3.0)
     try:
-        return mesh_status(await read_mesh(kv))
+        return mesh_status(await read_mesh(kv), merged(_records(
+            await kv.get_prefix(store.DEMAND))))
     finally:
         await kv.close()
+
+
+def _records(raw: dict[str, bytes]) -> list[GatewayDemand]:
+    records = []
+    for value in raw.values():
+        try:
+            records.append(parse_demand(value))
+        except InvalidRecord:
+            continue  # a malformed record says nothing about demand
+    return records
+
+
+def demand_line(d: ModelDemand) -> str:
+    idle = "never requested" if d.idle_s == float("inf") else f"idle {d.idle_s:.0f} s"
+    waiting = f", {d.waiting_requests} waiting for a replica" if d.waiting_requests else ""
+    return (f"    demand: {d.requests_per_s:.2f} req/s ({d.refused_per_s:.2f} refused), "
+            f"{d.generated_tokens_per_s:.1f} tok/s, queue wait {d.mean_queue_wait_s:.2f} s, "
+            f"service {d.mean_service_s:.2f} s over {d.window_s:.0f} s, {idle}{waiting}")
 
 
 def _latency_lines(nodes: tuple[NodeStatus, ...]) -> list[str]:
@@ -78,6 +100,8 @@ def render(status: MeshStatus) -> str:
     for m in status.models:
         need = format_size(m.required_bytes) if m.required_bytes else "?"
         lines.append(f"  {m.model_id:<16} needs {need:>10}  {m.status_text}")
+        if m.demand is not None:
+            lines.append(demand_line(m.demand))
         for i, r in enumerate(m.replicas, 1):
             lines.extend(_replica_lines(i, r))
     lines.extend(_latency_lines(status.nodes))

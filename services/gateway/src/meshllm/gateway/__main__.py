@@ -5,23 +5,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import uvicorn
 from meshllm.common import lifecycle, telemetry
 from meshllm.common.blackboard.client import BlackboardClient
 from meshllm.common.store import EtcdStore
-from meshllm.gateway.app import Api, build_app
+from meshllm.common.types import ModelId
+from meshllm.gateway.app import Api, DemandView, build_app
 from meshllm.gateway.auth import KeyRing, exposure_warning
 from meshllm.gateway.backend import MeshBackend
 from meshllm.gateway.blackboard_api import blackboard_routes
 from meshllm.gateway.config import GatewayConfig, load_config
 from meshllm.gateway.console import console_routes
+from meshllm.gateway.demand import DemandMeter, DemandPublisher
 from meshllm.gateway.gate import Gate, front_door, gate_routes
 from meshllm.gateway.metrics import GatewayMetrics
 from meshllm.gateway.models_api import ModelsApi, models_routes
 from meshllm.gateway.status_stream import StatusStream
+from starlette.routing import BaseRoute
 
 log = logging.getLogger("meshllm.gateway")
 # Paths (prefixes) that are polled or held open for minutes: a span each would be noise.
@@ -36,15 +39,16 @@ async def serve(config: GatewayConfig, stop: asyncio.Event) -> None:
     tel = telemetry.build_telemetry(config.trace)
     backend = MeshBackend(kv, config.first_token_timeout_s, config.token_timeout_s,
                           tel.tracer, telemetry.client_interceptors(tel), config.security,
-                          config.cold_start_wait_s)
+                          config.cold_start_wait_s,
+                          DemandMeter(window_s=config.demand.window_s,
+                                      recent_s=config.demand.recent_s))
+    publisher = demand_publisher(kv, config, backend)
     blackboard = (BlackboardClient(config.blackboard_address, security=config.security,
                                    interceptors=telemetry.client_interceptors(tel))
                   if config.blackboard_address else None)
     metrics = GatewayMetrics()
-    extra = [*console_routes(StatusStream(backend, metrics.registry, metrics.recent)),
-             *(blackboard_routes(blackboard) if blackboard else []), *gate_routes(),
-             *models_routes(ModelsApi(kv, backend))]
-    app = front_door(build_app(Api(backend, metrics, tel.tracer), extra),
+    extra = extra_routes(kv, backend, metrics, blackboard, publisher.mesh_view)
+    app = front_door(build_app(Api(backend, metrics, tel.tracer, publisher.mesh_view), extra),
                      Gate(KeyRing(config.api_keys), config.limits), config.cors_origins)
     server = http_server(config, telemetry.instrument_asgi(app, tel, UNTRACED_PATHS))
     # The mesh follower starts over from a fresh snapshot when it fails; the HTTP server
@@ -53,18 +57,38 @@ async def serve(config: GatewayConfig, stop: asyncio.Event) -> None:
     follower = asyncio.create_task(lifecycle.supervise("mesh-follower", backend.follow,
                                                        restarts))
     serving = asyncio.create_task(server.serve())
+    publishing = asyncio.create_task(publisher.run())  # withdraws its record when cancelled
     log.info("gateway on %s://%s:%d/v1", "https" if config.https else "http", config.host,
              config.port)
     try:
         await lifecycle.stop_or_fail(stop, follower, serving)
     finally:
         server.should_exit = True
-        await asyncio.gather(serving, return_exceptions=True)
+        publishing.cancel()
+        await asyncio.gather(serving, publishing, return_exceptions=True)
         await backend.close()
         if blackboard is not None:
             await blackboard.close()
         await kv.close()
         tel.shutdown()
+
+
+def extra_routes(kv: EtcdStore, backend: MeshBackend, metrics: GatewayMetrics,
+                 blackboard: BlackboardClient | None, demand: DemandView) -> list[BaseRoute]:
+    """The routes beside the OpenAI API: console, blackboard, gate, model management."""
+    return [*console_routes(StatusStream(backend, metrics.registry, metrics.recent, demand)),
+            *(blackboard_routes(blackboard) if blackboard else []), *gate_routes(),
+            *models_routes(ModelsApi(kv, backend))]
+
+
+def demand_publisher(kv: EtcdStore, config: GatewayConfig, backend: MeshBackend
+                     ) -> DemandPublisher:
+    """Publishes the backend's demand meter; a model stays in the record while the mesh
+    knows it (declared or described), so the planner sees how long it has been idle."""
+    def known() -> Collection[ModelId]:
+        return backend.snapshot.declarations.keys() | backend.snapshot.models.keys()
+    return DemandPublisher(kv, backend.demand, config.demand.gateway_id, known,
+                           config.demand.publish_s)
 
 
 def http_server(config: GatewayConfig, app: Any) -> uvicorn.Server:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 from meshllm.common import telemetry
+from meshllm.common.demand import ModelDemand
 from meshllm.common.errors import MeshError
 from meshllm.common.meshview import MeshSnapshot
 from meshllm.common.status import mesh_status
@@ -33,14 +34,17 @@ from starlette.routing import BaseRoute, Route
 
 log = logging.getLogger(__name__)
 Choice = tuple[int, GenerateEvent]  # an event of the choice with that index
+DemandView = Callable[[], Mapping[ModelId, ModelDemand]]  # per model, merged over gateways
 
 
 class Api:
     def __init__(self, backend: MeshBackend, metrics: GatewayMetrics,
-                 tracer: telemetry.Tracer = telemetry.NO_TRACER) -> None:
+                 tracer: telemetry.Tracer = telemetry.NO_TRACER,
+                 demand: DemandView | None = None) -> None:
         self.backend = backend
         self.metrics = metrics
         self.tracer = tracer
+        self.demand = demand or (lambda: {d.model_id: d for d in backend.demand.snapshot()})
 
     async def models(self, request: Request) -> Response:
         snapshot = self.backend.snapshot
@@ -172,7 +176,7 @@ class Api:
                             status_code=200 if synced else 503)
 
     async def status(self, request: Request) -> Response:
-        return JSONResponse(mesh_status(self.backend.snapshot).to_json())
+        return JSONResponse(mesh_status(self.backend.snapshot, self.demand()).to_json())
 
     async def metrics_endpoint(self, request: Request) -> Response:
         body, content_type = self.metrics.render()

@@ -26,15 +26,18 @@ from meshllm.common.types import (
     Embeddings,
     EmbedInput,
     EmbedRequest,
+    Finished,
     GenerateEvent,
     GenerateRequest,
     ModelId,
     RequestId,
+    TokenDelta,
     WorkerId,
     WorkerInfo,
 )
 from meshllm.gateway.choices import Traced, generate_request, merged
 from meshllm.gateway.cold_start import wait_for_replicas
+from meshllm.gateway.demand import DemandMeter
 from meshllm.gateway.failures import (
     NoLiveWorker,
     ReplicasBusy,
@@ -68,8 +71,9 @@ class MeshBackend:
     def __init__(self, kv: KeyValueStore, first_token_timeout_s: float,
                  token_timeout_s: float, tracer: telemetry.Tracer = telemetry.NO_TRACER,
                  interceptors: Sequence[Any] = (), security: GrpcSecurity = PLAINTEXT,
-                 cold_start_wait_s: float = 0.0) -> None:
+                 cold_start_wait_s: float = 0.0, demand: DemandMeter | None = None) -> None:
         self.snapshot = MeshSnapshot()
+        self.demand = demand if demand is not None else DemandMeter()
         self._mesh_changed = asyncio.Event()  # set, then replaced, at every new snapshot
         self._cold_start_wait_s = cold_start_wait_s  # a request's wait for a first replica
         self._security = security
@@ -134,10 +138,14 @@ class MeshBackend:
                           ) -> list[WorkerInfo]:
         """Ready replicas in the order to try them; waits a while for one to come up."""
         started = time.monotonic()
-        replicas = await wait_for_replicas(
-            lambda: ready_replicas(self.snapshot, model_id, whole_only),
-            lambda: serving_state(self.snapshot, model_id)[0], self._next_change,
-            self._cold_start_wait_s)
+        def ready() -> list[WorkerInfo]:
+            return ready_replicas(self.snapshot, model_id, whole_only)
+
+        cold = not ready()  # counted as waiting for a cold start while it waits
+        with self.demand.waiting(model_id) if cold else contextlib.nullcontext():
+            replicas = await wait_for_replicas(
+                ready, lambda: serving_state(self.snapshot, model_id)[0], self._next_change,
+                self._cold_start_wait_s)
         if (waited := time.monotonic() - started) > 0.1:
             log.info("a request for %s waited %.1f s for a replica (%s)", model_id, waited,
                      "one came up" if replicas else "none came up")
@@ -147,12 +155,49 @@ class MeshBackend:
             raise NoLiveWorker(why_unavailable(self.snapshot, model_id))
         return candidates
 
+    @contextlib.asynccontextmanager
+    async def _metered(self, model_id: ModelId, count: int = 1) -> AsyncIterator[None]:
+        """Counts `count` requests' arrival, and their refusal (every replica busy: 429,
+        none: 503) when that is how they end."""
+        self.demand.arrived(model_id, count)
+        try:
+            yield
+        except (Overloaded, NoLiveWorker):
+            self.demand.refused(model_id, count)
+            raise
+
+    async def _served(self, model_id: ModelId, events: AsyncIterator[GenerateEvent]
+                      ) -> AsyncGenerator[GenerateEvent, None]:
+        """`events` of one request on one worker; once one came, the request counts as
+        admitted when it ends, however it ends. Without the worker's own times (0), its
+        time in a slot is from dispatch to the last event."""
+        dispatched = last = time.monotonic()
+        tokens, end, seen = 0, None, False
+        try:
+            async for event in events:
+                seen, last = True, time.monotonic()
+                if isinstance(event, TokenDelta):
+                    tokens += event.tokens
+                elif isinstance(event, Finished):
+                    end = event
+                yield event
+        finally:
+            if seen:
+                queued = end.queued_s if end else 0.0
+                service = end.service_s if end and end.service_s > 0 else max(
+                    0.0, last - dispatched - queued)
+                used = end.usage.completion_tokens if end else tokens
+                self.demand.admitted(model_id, queued, service, used)
+
     async def generate(self, req: ApiRequest) -> AsyncGenerator[GenerateEvent, None]:
         """One choice of `req` (its first)."""
         model_id = self.resolve(req.model)
-        async for event in self._attempt(await self._candidates(model_id),
-                                         generate_request(req, model_id, 0)):
-            yield event
+        async with self._metered(model_id):
+            candidates = await self._candidates(model_id)
+            events = self._attempt(candidates, generate_request(req, model_id, 0))
+            async with aclosing(events):
+                async for event in events:
+                    yield event
 
     async def generate_choices(self, req: ApiRequest, trace: Traced = _untraced
                                ) -> AsyncGenerator[tuple[int, GenerateEvent], None]:
@@ -165,12 +210,13 @@ class MeshBackend:
                     yield 0, event
             return
         model_id = self.resolve(req.model)
-        candidates = await self._candidates(model_id)
-        streams = [trace(self._attempt(candidates, generate_request(req, model_id, i)))
-                   for i in range(req.n)]
-        async with aclosing(merged(streams)) as choices:
-            async for item in choices:
-                yield item
+        async with self._metered(model_id, req.n):
+            candidates = await self._candidates(model_id)
+            streams = [trace(self._attempt(candidates, generate_request(req, model_id, i)))
+                       for i in range(req.n)]
+            async with aclosing(merged(streams)) as choices:
+                async for item in choices:
+                    yield item
 
     async def _attempt(self, candidates: Sequence[WorkerInfo], request: GenerateRequest
                        ) -> AsyncGenerator[GenerateEvent, None]:
@@ -181,9 +227,11 @@ class MeshBackend:
         for worker in candidates:
             started = False
             try:
-                async for event in self._call(worker, request):
-                    started = True
-                    yield event
+                async with aclosing(self._served(request.model_id,
+                                                 self._call(worker, request))) as events:
+                    async for event in events:
+                        started = True
+                        yield event
                 return
             except grpc.aio.AioRpcError as exc:
                 failure = f"{worker.worker_id}: {exc.code().name} {exc.details()}"
@@ -224,11 +272,20 @@ class MeshBackend:
             raise InvalidGenerateRequest(
                 f"model {model_id} is split across workers: it serves no embeddings", "model")
         request = EmbedRequest(RequestId("emb-" + uuid.uuid4().hex[:24]), model_id, inputs)
-        candidates = await self._candidates(model_id, whole_only=True)
+        async with self._metered(model_id):
+            return await self._embed_any(await self._candidates(model_id, whole_only=True),
+                                         request)
+
+    async def _embed_any(self, candidates: Sequence[WorkerInfo], request: EmbedRequest
+                         ) -> Embeddings:
+        model_id = request.model_id
         failures, busy = [], 0
         for worker in candidates:
             try:
-                return await self._embed_call(worker, request)
+                started = time.monotonic()
+                embeddings = await self._embed_call(worker, request)
+                self.demand.admitted(model_id, 0.0, time.monotonic() - started)
+                return embeddings
             except grpc.aio.AioRpcError as exc:
                 failure = f"{worker.worker_id}: {exc.code().name} {exc.details()}"
                 busy += self._failed(worker, grpc_errors.error_from_rpc(exc), failure, False)

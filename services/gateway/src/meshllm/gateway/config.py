@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import socket
 import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +37,23 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def finite_positive_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+@dataclass(frozen=True)
+class DemandSettings:
+    """How this gateway measures demand and publishes it for the planner."""
+
+    gateway_id: str = "gateway"  # its record's key under /meshllm/demand/
+    window_s: float = 60.0       # the sliding window rates and means cover
+    recent_s: float = 10.0       # the short window that shows a rise at once
+    publish_s: float = 5.0       # how often the record is written (at most)
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
     etcd_url: str
@@ -51,6 +70,7 @@ class GatewayConfig:
     limits: InputLimits           # on each request's size and fields
     cors_origins: tuple[str, ...]  # origins browsers may call from (() : CORS off)
     https: HttpsFiles | None = None  # None: plain HTTP
+    demand: DemandSettings = DemandSettings()
 
 
 @dataclass(frozen=True)
@@ -83,6 +103,17 @@ BASE_OPTIONS = (
            "(0: answer 503 at once)"),
     LOG_LEVEL_OPTION,
     *TLS_OPTIONS,
+)
+DEMAND_OPTIONS = (
+    Option("--gateway-id", "MESHLLM_GATEWAY_ID", str, "",
+           "unique id of this gateway's demand record (default hostname-port)",
+           per_process=True),
+    Option("--demand-window-s", "MESHLLM_DEMAND_WINDOW_S", finite_positive_float, "60",
+           "seconds of requests the published demand covers"),
+    Option("--demand-recent-s", "MESHLLM_DEMAND_RECENT_S", finite_positive_float, "10",
+           "seconds of the short window that shows a rise in demand at once"),
+    Option("--demand-publish-s", "MESHLLM_DEMAND_PUBLISH_S", finite_positive_float, "5",
+           "seconds between writes of the demand record to etcd (at most one each)"),
 )
 API_KEY_OPTION = Option("--api-key", "MESHLLM_API_KEYS", plain_key, "",
                         "API key the gateway accepts (Authorization: Bearer KEY)", repeat=True)
@@ -118,7 +149,8 @@ LIMIT_OPTIONS = (
 )
 # What the request parsers themselves accept: a limit may tighten these, not widen them.
 PARSER_MAXIMA = {"max_tools": MAX_TOOLS, "max_n": MAX_CHOICES, "max_stop": MAX_STOP_SEQUENCES}
-OPTIONS = (*BASE_OPTIONS, *ACCESS_OPTIONS, *HTTPS_OPTIONS, *(opt for opt, _ in LIMIT_OPTIONS))
+OPTIONS = (*BASE_OPTIONS, *DEMAND_OPTIONS, *ACCESS_OPTIONS, *HTTPS_OPTIONS,
+           *(opt for opt, _ in LIMIT_OPTIONS))
 
 
 DEFAULT_PORT = 9337
@@ -149,7 +181,19 @@ def load_config(argv: Sequence[str], env: Mapping[str, str]) -> GatewayConfig:
         trace=trace_settings("gateway", env), security=security_from(v),
         api_keys=keys, limits=input_limits(v),
         cors_origins=v["cors_origins"], https=https_files(v["https_cert"], v["https_key"]),
+        demand=demand_settings(v, port),
     )
+
+
+def demand_settings(v: dict[str, Any], port: int) -> DemandSettings:
+    if v["demand_recent_s"] > v["demand_window_s"]:
+        raise ConfigError("--demand-recent-s / MESHLLM_DEMAND_RECENT_S",
+                          f"must be at most the window ({v['demand_window_s']:g} s)")
+    gateway_id = v["gateway_id"] or f"{socket.gethostname()}-{port}"
+    if "/" in gateway_id:
+        raise ConfigError("--gateway-id / MESHLLM_GATEWAY_ID", "must not contain '/'")
+    return DemandSettings(gateway_id, v["demand_window_s"], v["demand_recent_s"],
+                          v["demand_publish_s"])
 
 
 def https_files(cert: str, key: str) -> HttpsFiles | None:

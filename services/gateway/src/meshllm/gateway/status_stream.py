@@ -13,13 +13,14 @@ import asyncio
 import collections
 import json
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any, Protocol
 
+from meshllm.common.demand import ModelDemand
 from meshllm.common.meshview import MeshSnapshot
 from meshllm.common.status import mesh_status
-from meshllm.common.types import WorkerId
+from meshllm.common.types import ModelId, WorkerId
 from meshllm.gateway.recent import RecentRequests, RequestRecord
 from meshllm.gateway.routing import FAILURE_MEMORY_S, WorkerLoad
 from prometheus_client import CollectorRegistry
@@ -82,9 +83,10 @@ class TokenRate:
 
 def console_state(snapshot: MeshSnapshot, loads: Mapping[WorkerId, WorkerLoad],
                   tokens_per_s: Mapping[str, float], recent: Sequence[RequestRecord],
-                  now_s: float, monotonic_s: float) -> dict[str, Any]:
+                  now_s: float, monotonic_s: float,
+                  demand: Mapping[ModelId, ModelDemand] | None = None) -> dict[str, Any]:
     """Everything the console shows, as plain data (pure)."""
-    status = mesh_status(snapshot).to_json()
+    status = mesh_status(snapshot, demand).to_json()
     for node in status["nodes"]:
         load = loads.get(node["worker_id"], WorkerLoad())
         node["in_flight"] = load.in_flight
@@ -102,8 +104,11 @@ def sse(event: str, data: object) -> str:
 
 class StatusStream:
     def __init__(self, source: MeshSource, registry: CollectorRegistry,
-                 recent: RecentRequests, interval_s: float = PUSH_INTERVAL_S) -> None:
+                 recent: RecentRequests,
+                 demand: Callable[[], Mapping[ModelId, ModelDemand]] | None = None,
+                 interval_s: float = PUSH_INTERVAL_S) -> None:
         self._source = source
+        self._demand = demand
         self._recent = recent
         self._rate = TokenRate(registry)
         self._interval_s = interval_s
@@ -111,7 +116,8 @@ class StatusStream:
     def state(self) -> dict[str, Any]:
         rates_now = self._rate.sample(time.monotonic())
         return console_state(self._source.snapshot, self._source.loads, rates_now,
-                             self._recent.latest(), time.time(), time.monotonic())
+                             self._recent.latest(), time.time(), time.monotonic(),
+                             self._demand() if self._demand else None)
 
     async def events(self) -> AsyncIterator[str]:
         """A `status` event whenever something the console shows changed (checked every

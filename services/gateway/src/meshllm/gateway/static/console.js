@@ -149,9 +149,19 @@ function renderModels(models, workerIds) {
         el("span", {}, el("b", { class: "rate" }, model.tokens_per_s.toFixed(1)),
           " tokens/s "),
         sparkline(values),
-        el("span", { class: "muted" }, model.ready_replicas + " ready")),
+        el("span", { class: "muted" }, model.ready_replicas + " ready"),
+        ...waitingBadge(model)),
       ...(model.replicas || []).map((replica) => placementBar(model, replica, workerIds)));
   }));
+}
+
+// Requests waiting now for the model's first replica (a cold start), when there are.
+function waitingBadge(model) {
+  const waiting = model.demand ? model.demand.waiting_requests : 0;
+  return waiting > 0
+    ? [el("span", { class: "badge warn", "data-waiting": waiting },
+        waiting + " waiting for a replica")]
+    : [];
 }
 
 function renderRecent(recent) {
