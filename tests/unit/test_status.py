@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from meshllm.cli.ready import all_models_decided, progress_line
+from meshllm.cli.status_cmd import render
 from meshllm.common.errors import InvalidRecord
 from meshllm.common.meshview import MeshSnapshot
 from meshllm.common.status import MeshStatus, ServingState, mesh_status
@@ -94,11 +95,12 @@ def test_split_replica_json_keeps_the_documented_shape() -> None:
     assert document["nodes"][0] == {
         "worker_id": "w1", "address": "w1:5000", "backend": "cpu",
         "memory_budget_bytes": 1 << 30, "threads": 4, "rtt_ms": {"w2": 0.25},
-        "models": {"m1": {**ready, "engine_restarts": 0}}}
+        "models": {"m1": {**ready, "engine_restarts": 0, "draining": False, "running": 0,
+                          "queued": 0, "slots": 0}}}
     assert document["models"] == [{
         "model_id": "m1", "source": "/models/m1.gguf", "n_layers": 18,
         "context_length": 2048, "weights_bytes": 300, "required_bytes": 400,
-        "replicas": [{"worker_id": "w1", "state": "ready", "split": True,
+        "replicas": [{"worker_id": "w1", "state": "ready", "split": True, "retiring": False,
                       "stages": [{"worker_id": "w1", "layers": [0, 10], **ready},
                                  {"worker_id": "w2", "layers": [10, 18], **ready}],
                       "link_rtt_ms": {"w2": 0.25}}],
@@ -169,3 +171,19 @@ def test_a_refusal_counts_only_once_every_worker_up_started_has_registered() -> 
     assert all_models_decided(serving, 1, workers=5)                 # serving is serving
     failed = mesh_status(CASES["failed stage and a stage whose worker left"][0])
     assert progress_line(failed) == "m1: loading (w1 failed, w2 absent)"
+
+
+def test_a_retiring_replica_is_shown_and_not_counted_ready() -> None:
+    retiring = Replica((Assignment(W2, 0, 18),), retiring=True)
+    mesh = snapshot((worker(W1, ModelState(M, LoadState.READY, running=2, slots=4)),
+                     worker(W2, ModelState(M, LoadState.READY, draining=True, running=1,
+                                           slots=4))),
+                    (spec(),), (Placement(M, (whole(W1, 18), retiring), 400),))
+    status = mesh_status(mesh)
+    assert status.models[0].ready_replicas == 1
+    document = status.to_json()
+    assert [r["retiring"] for r in document["models"][0]["replicas"]] == [False, True]
+    assert document["nodes"][1]["models"]["m1"]["draining"] is True
+    assert MeshStatus.from_json(json.loads(json.dumps(document))) == status
+    text = render(status)
+    assert "retiring" in text and "draining 1/4 slots" in text and "ready 2/4 slots" in text

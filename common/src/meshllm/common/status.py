@@ -42,6 +42,10 @@ class HostedModel:
     engine_restarts: int = 0
     phase: str = ""
     progress: float = 0.0  # 0..1 through the phase
+    draining: bool = False  # retiring: finishing its streams, taking no new ones
+    running: int = 0        # sequences in its slots now
+    queued: int = 0         # requests waiting for a slot now
+    slots: int = 0          # 0: not reported
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,7 @@ class ReplicaStatus:
     stages: tuple[StageStatus, ...]  # stages[0] is the head
     # Round trip from the head to each later stage; None where not measured yet.
     link_rtt_ms: Mapping[WorkerId, float | None] = field(default_factory=dict)
+    retiring: bool = False  # takes no new requests; unloaded once its streams end
 
     @property
     def worker_id(self) -> WorkerId:
@@ -102,7 +107,7 @@ class ModelStatus:
 
     @property
     def ready_replicas(self) -> int:
-        return sum(r.state is LoadState.READY for r in self.replicas)
+        return sum(r.state is LoadState.READY and not r.retiring for r in self.replicas)
 
     @property
     def decided(self) -> bool:
@@ -155,7 +160,8 @@ def mesh_status(snapshot: MeshSnapshot,
         NodeStatus(w.worker_id, w.address, w.backend, w.memory_budget_bytes, w.threads,
                    {WorkerId(k): v for k, v in sorted(w.rtt_ms.items())},
                    tuple(HostedModel(m.model_id, m.state, m.error, m.engine_restarts, m.phase,
-                                     round(m.progress, 3)) for m in w.models))
+                                     round(m.progress, 3), m.draining, m.running, m.queued,
+                                     m.slots) for m in w.models))
         for w in sorted(snapshot.workers.values(), key=lambda w: w.worker_id))
     demand = demand or {}
     models = tuple(_model(snapshot, spec, snapshot.placements.get(model_id),
@@ -189,7 +195,7 @@ def _replica(snapshot: MeshSnapshot, model_id: ModelId, replica: Replica) -> Rep
     head = snapshot.workers.get(replica.head.worker_id)
     links = {s.worker_id: head.rtt_ms.get(s.worker_id) if head else None
              for s in replica.stages[1:]}
-    return ReplicaStatus(tuple(stages), links)
+    return ReplicaStatus(tuple(stages), links, replica.retiring)
 
 
 # --- JSON ------------------------------------------------------------------------------
@@ -201,7 +207,9 @@ def _node_json(n: NodeStatus) -> dict[str, Any]:
             "rtt_ms": dict(n.rtt_ms),
             "models": {m.model_id: {"state": m.state.value, "error": m.error,
                                     "engine_restarts": m.engine_restarts, "phase": m.phase,
-                                    "progress": m.progress} for m in n.models}}
+                                    "progress": m.progress, "draining": m.draining,
+                                    "running": m.running, "queued": m.queued,
+                                    "slots": m.slots} for m in n.models}}
 
 
 def _state_json(state: LoadState | None) -> str:
@@ -213,7 +221,7 @@ def _replica_json(r: ReplicaStatus) -> dict[str, Any]:
                "state": _state_json(s.state), "error": s.error, "phase": s.phase,
                "progress": s.progress} for s in r.stages]
     return {"worker_id": r.worker_id, "state": _state_json(r.state), "split": r.split,
-            "stages": stages, "link_rtt_ms": dict(r.link_rtt_ms)}
+            "retiring": r.retiring, "stages": stages, "link_rtt_ms": dict(r.link_rtt_ms)}
 
 
 def _model_json(m: ModelStatus) -> dict[str, Any]:
@@ -275,6 +283,17 @@ class _Fields:
             self.fail(key, f"expected an integer, got {value!r:.40}")
         return value
 
+    def flag(self, key: str) -> bool:
+        """A true/false field; absent (a gateway from before it) is false."""
+        value = self._data.get(key, False)
+        if not isinstance(value, bool):
+            self.fail(key, f"expected true or false, got {value!r:.40}")
+        return value
+
+    def count(self, key: str) -> int:
+        """A whole number >= 0; absent (a gateway from before it) is 0."""
+        return self.integer(key) if key in self._data else 0
+
     def optional_integer(self, key: str) -> int | None:
         return None if self.get(key) is None else self.integer(key)
 
@@ -307,7 +326,9 @@ class _Fields:
 
 def _hosted_from(f: _Fields, model_id: str) -> HostedModel:
     return HostedModel(ModelId(model_id), f.choice("state", LoadState), f.text("error"),
-                       f.integer("engine_restarts"), f.text("phase"), f.number("progress"))
+                       f.integer("engine_restarts"), f.text("phase"), f.number("progress"),
+                       f.flag("draining"), f.count("running"), f.count("queued"),
+                       f.count("slots"))
 
 
 def _node_from(f: _Fields) -> NodeStatus:
@@ -339,7 +360,8 @@ def _replica_from(f: _Fields) -> ReplicaStatus:
         f.fail("stages", "a replica has at least one stage")
     links = f.mapping("link_rtt_ms")
     return ReplicaStatus(stages, {
-        WorkerId(w): None if links.get(w) is None else links.number(w) for w in links.names()})
+        WorkerId(w): None if links.get(w) is None else links.number(w) for w in links.names()},
+        f.flag("retiring"))
 
 
 def _demand_from(f: _Fields, model_id: ModelId) -> ModelDemand | None:

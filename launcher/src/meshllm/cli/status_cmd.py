@@ -15,7 +15,14 @@ from meshllm.common.config import ETCD_OPTION, format_size, process_env
 from meshllm.common.demand import GatewayDemand, ModelDemand, merged, parse_demand
 from meshllm.common.errors import InvalidRecord
 from meshllm.common.meshview import read_mesh
-from meshllm.common.status import ABSENT, MeshStatus, NodeStatus, ReplicaStatus, mesh_status
+from meshllm.common.status import (
+    ABSENT,
+    HostedModel,
+    MeshStatus,
+    NodeStatus,
+    ReplicaStatus,
+    mesh_status,
+)
 from meshllm.common.store import EtcdStore
 from meshllm.common.tls import PLAINTEXT, GrpcSecurity, security_from_env
 
@@ -75,14 +82,21 @@ def _latency_lines(nodes: tuple[NodeStatus, ...]) -> list[str]:
 
 
 def _node_line(n: NodeStatus) -> str:
-    models = ", ".join(f"{m.model_id} [{m.state.value}]" for m in n.models) or "-"
+    models = ", ".join(f"{m.model_id} [{_hosted(m)}]" for m in n.models) or "-"
     return (f"  {n.worker_id:<16} {n.address:<22} {n.backend:<6} "
             f"{format_size(n.memory_budget_bytes):>10} {n.threads:>2} threads"
             f"  models: {models}")
 
 
+def _hosted(m: HostedModel) -> str:
+    state = "draining" if m.draining else m.state.value
+    return f"{state} {m.running}/{m.slots} slots" if m.slots else state
+
+
 def _replica_lines(i: int, r: ReplicaStatus) -> list[str]:
     kind = f"split over {len(r.stages)} workers" if r.split else "whole"
+    if r.retiring:
+        kind += ", retiring: takes no new requests, unloads when its streams end"
     lines = [f"    replica {i} ({kind})"]
     for j, s in enumerate(r.stages):
         rtt = r.link_rtt_ms.get(s.worker_id)
