@@ -93,9 +93,11 @@ def _deps() -> HostDeps:
 
 
 def _worker(state: LoadState = LoadState.READY) -> tuple[Worker, ModelHost, ScriptedEngine]:
-    config = cast(WorkerConfig, SimpleNamespace(worker_id="w1"))
-    worker = Worker(config, cast(Registration, None), health.aio.HealthServicer(), _deps(),
-                    cast(LinkMonitor, None))
+    config = cast(WorkerConfig, SimpleNamespace(
+        worker_id="w1", advertise_address="127.0.0.1:1", backend="cpu", memory_budget_bytes=1,
+        threads=1, load_publish_s=1.0))  # slot use is published, throttled
+    worker = Worker(config, cast(Registration, _NoRegistration()), health.aio.HealthServicer(),
+                    _deps(), cast(LinkMonitor, SimpleNamespace(published={})))
     host = ModelHost(HostPlan(SPEC, Role.WHOLE, 0, 1), _deps(), _nothing)
     engine = ScriptedEngine()
     host.engine, host.state = engine, ModelState(M, state)
@@ -104,6 +106,11 @@ def _worker(state: LoadState = LoadState.READY) -> tuple[Worker, ModelHost, Scri
 
 
 async def _nothing() -> None: ...
+
+
+class _NoRegistration:
+    async def publish(self, value: bytes) -> bool:
+        return True
 
 
 @contextlib.asynccontextmanager

@@ -47,6 +47,9 @@ class WorkerConfig:
     ping_interval_s: float      # how often round trips to the other workers are measured
     weight_repack: bool         # llama.cpp's CPU weight repacking: faster, but split != whole
     max_queue: int              # requests waiting for a free slot before the worker is busy
+    drain_grace_s: float        # a retiring model unloads after this long with no request
+    drain_timeout_s: float      # ... or after this long draining, cutting what still runs
+    load_publish_s: float       # at most one record write per this long for slot-use changes
     metrics_port: int           # TCP port of the Prometheus endpoint; 0: off
     log_level: str              # logging level name
     trace: TraceSettings        # what the OTEL_* variables ask for
@@ -99,6 +102,12 @@ OPTIONS = (
            "answer slightly differently from whole ones)"),
     Option("--max-queue", "MESHLLM_MAX_QUEUE", int, str(DEFAULT_MAX_QUEUE),
            "requests waiting for a free slot per model before answering busy (429)"),
+    Option("--drain-grace-s", "MESHLLM_DRAIN_GRACE_S", positive_float, "2",
+           "seconds a retiring model must go without a request before it unloads"),
+    Option("--drain-timeout-s", "MESHLLM_DRAIN_TIMEOUT_S", positive_float, "600",
+           "seconds a retiring model may drain before it unloads anyway, cutting its streams"),
+    Option("--load-publish-s", "MESHLLM_LOAD_PUBLISH_S", positive_float, "1",
+           "least seconds between record writes caused by slot use changing"),
     METRICS_PORT_OPTION,
     LOG_LEVEL_OPTION,
     *TLS_OPTIONS,
@@ -127,7 +136,8 @@ def load_config(argv: Sequence[str], env: Mapping[str, str]) -> WorkerConfig:
         worker_id=worker_id, rpc_transport=v["rpc_transport"], rpc_library=v["rpc_library"],
         cache_dir=cache.expanduser(),
         ping_interval_s=v["ping_interval_s"], weight_repack=v["weight_repack"],
-        max_queue=v["max_queue"],
+        max_queue=v["max_queue"], drain_grace_s=v["drain_grace_s"],
+        drain_timeout_s=v["drain_timeout_s"], load_publish_s=v["load_publish_s"],
         memory_budget_bytes=v["worker_memory"], threads=v["threads"], backend=v["backend"],
         lease=LeaseConfig(v["lease_ttl_s"], v["keepalive_s"]),
         restart_backoff_s=v["restart_backoff_s"], metrics_port=v["metrics_port"],

@@ -37,6 +37,16 @@ def float32_values(raw: bytes) -> tuple[float, ...]:
         values.byteswap()
     return tuple(values)
 
+
+def finished_event(finished: wire.Finished, submitted_ns: int, ended_ns: int) -> Finished:
+    """The end of a generation with how long it queued for a slot and was in one. An engine
+    that reported no start (0) had it queue for nothing; clocks that disagree give 0."""
+    started_ns = finished.started_ns or submitted_ns
+    return Finished(finished.finish_reason, finished.usage,
+                    queued_s=max(0, started_ns - submitted_ns) / 1e9,
+                    service_s=max(0, ended_ns - started_ns) / 1e9)
+
+
 DEFAULT_LOAD_TIMEOUT_S = 600.0
 
 # What a request's stream receives: its events, or None once the engine process is gone.
@@ -173,8 +183,9 @@ class ProcessEngine:
                 if isinstance(event, wire.Embedded):
                     raise EngineCrashed("the engine answered a generation with embeddings")
                 done = True
-                self._trace_phases(request, submitted_ns, event)
-                yield Finished(event.finish_reason, event.usage)
+                ended_ns = time.time_ns()
+                self._trace_phases(request, submitted_ns, event, ended_ns)
+                yield finished_event(event, submitted_ns, ended_ns)
         finally:
             del self._streams[request.request_id]
             if not done and self._proc is not None and self._proc.returncode is None:
@@ -201,9 +212,9 @@ class ProcessEngine:
         return Embeddings(tuple(float32_values(v) for v in event.vectors), event.prompt_tokens)
 
     def _trace_phases(self, request: GenerateRequest, submitted_ns: int,
-                      finished: wire.Finished) -> None:
+                      finished: wire.Finished, ended_ns: int) -> None:
         phases = telemetry.EnginePhases(submitted_ns, finished.started_ns,
-                                        finished.first_token_ns, time.time_ns())
+                                        finished.first_token_ns, ended_ns)
         telemetry.record_engine_phases(self._tracer, phases, {
             "gen_ai.request.model": request.model_id,
             "gen_ai.usage.input_tokens": finished.usage.prompt_tokens,

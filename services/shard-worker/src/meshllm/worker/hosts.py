@@ -62,6 +62,7 @@ class ModelHost:
         self.engine: Engine | None = None
         self.stage: StageServer | None = None
         self.in_flight = 0
+        self.draining = False  # retired: serves what it has, then the Worker stops it
         self._deps = deps
         self._on_change = on_change
         self._task: asyncio.Task[None] | None = None
@@ -70,6 +71,21 @@ class ModelHost:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"host-{self.spec.model_id}")
+
+    @property
+    def started(self) -> bool:
+        """False while it waits for memory: it holds none yet."""
+        return self._task is not None
+
+    def wait_for_memory(self, why: str) -> None:
+        self.state = ModelState(self.spec.model_id, LoadState.LOADING, phase=why)
+
+    def published_state(self) -> ModelState:
+        """Its state as the worker record shows it: with drain and slot use, current."""
+        slots = self.spec.slots
+        return replace(self.state, draining=self.draining,
+                       running=min(self.in_flight, slots),
+                       queued=max(self.in_flight - slots, 0), slots=slots)
 
     async def _set(self, state: LoadState, error: str = "", restarted: bool = False,
                    phase: str = "", progress: float = 0.0) -> None:

@@ -27,6 +27,14 @@ def load_times(loading_since: Mapping[str, float], states: Sequence[ModelState],
     return still, done
 
 
+def _drain_metrics(r: CollectorRegistry) -> tuple[Gauge, Counter]:
+    return (Gauge("meshllm_worker_model_draining",
+                  "1 while the model drains before it unloads (retired)", ["model"],
+                  registry=r),
+            Counter("meshllm_worker_drain_cut_streams", "Streams cut because a drain timed out",
+                    ["model"], registry=r))
+
+
 class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = r = registry or CollectorRegistry()
@@ -55,6 +63,7 @@ class WorkerMetrics:
                                       buckets=LOAD_BUCKETS_S, registry=r)
         self.model_state = Gauge("meshllm_worker_model_state", "1 for the model's state",
                                  ["model", "state"], registry=r)
+        self.draining, self.drain_cut_streams = _drain_metrics(r)
         self.acceptance = Gauge("meshllm_worker_speculative_acceptance_ratio",
                                 "Drafted tokens the target accepted", ["model"],
                                 registry=self.registry)
@@ -92,6 +101,7 @@ class WorkerMetrics:
             self.waiting.labels(s.model_id)
             for state in LoadState:
                 self.model_state.labels(s.model_id, state.value).set(float(s.state is state))
+            self.draining.labels(s.model_id).set(float(s.draining))
 
     async def observe(self, model: str, context_tokens: int,
                       events: AsyncIterator[GenerateEvent]
