@@ -67,3 +67,16 @@ llama-server:
 
 clean:
 	rm -rf $(VENV) common/src/meshllm/v1
+
+# Container images with podman from the real Dockerfiles (build times and sizes in
+# build/images.tsv). BASES=local builds stand-in bases from Debian packages first, for a
+# machine without a registry; the default is the pinned public bases users get.
+.PHONY: images compose-test
+BASES ?= public
+images:
+	MESHLLM_BASES=$(BASES) bash scripts/containers/build_images.sh
+
+# The compose stack for real (needs root and podman): local bases, images, up, health,
+# OpenAI requests, a blackboard post replicated, a worker stopped, `down -v`.
+compose-test:
+	$(PYTHON) -m tests.deploy.compose_run

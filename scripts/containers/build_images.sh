@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Builds every CPU image with podman from the real Dockerfiles and reports build time and
+# size of each (the `make images` target).
+#
+#   bash scripts/containers/build_images.sh            # the pinned public bases (default)
+#   MESHLLM_BASES=local bash scripts/containers/build_images.sh
+#       # no registry: the stand-ins from scripts/containers/bases.sh, given as build args
+#
+# MESHLLM_VERSION (tag, 0.1.0), MESHLLM_IMAGES ("gateway planner blackboard worker-cpu"),
+# MESHLLM_GGML_CPU_CMAKE_ARGS (empty: the Dockerfile's portable all-variants build; the
+# container test passes "-DGGML_NATIVE=OFF" for one baseline backend, far quicker).
+# The model-fetch step runs the planner image, so it has no image of its own.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+VERSION=${MESHLLM_VERSION:-0.1.0}
+IMAGES=${MESHLLM_IMAGES:-gateway planner blackboard worker-cpu}
+BASE_ARGS=()
+if [[ ${MESHLLM_BASES:-public} == local ]]; then
+    bash scripts/containers/bases.sh
+    # The shim is mounted for RUN steps only: it is in no layer and no cache key.
+    BASE_ARGS=(--build-arg PYTHON_IMAGE=localhost/meshllm-base/python:3.11-bookworm
+               -v "$PWD/scripts/containers/standin_sitecustomize.py:/etc/python3.11/sitecustomize.py:ro")
+fi
+REPORT=${MESHLLM_IMAGE_REPORT:-build/images.tsv}
+mkdir -p "$(dirname "$REPORT")"
+: >"$REPORT"
+
+build() {  # build NAME TAG DOCKERFILE [ARGS...]
+    local name=$1 tag=$2 file=$3 start=$SECONDS
+    shift 3
+    echo "== $name: podman build $tag"
+    # --format docker keeps HEALTHCHECK, which the OCI image format drops.
+    podman build --format docker "${BASE_ARGS[@]}" --build-arg "VERSION=$VERSION" "$@" \
+        -f "$file" -t "$tag" .
+    local size
+    size=$(podman image inspect --format '{{.Size}}' "$tag")
+    printf '%s\t%s\t%d\t%d\n' "$name" "$tag" "$((SECONDS - start))" "$size" | tee -a "$REPORT"
+}
+
+for image in $IMAGES; do
+    case $image in
+        gateway|planner|blackboard)
+            build "$image" "mesh-llm/$image:$VERSION" "services/$image/Dockerfile" ;;
+        worker-cpu)
+            args=(--build-arg BACKEND=cpu)
+            [[ -n ${MESHLLM_GGML_CPU_CMAKE_ARGS:-} ]] \
+                && args+=(--build-arg "GGML_CPU_CMAKE_ARGS=$MESHLLM_GGML_CPU_CMAKE_ARGS")
+            build "$image" "mesh-llm/shard-worker:$VERSION-cpu" services/shard-worker/Dockerfile \
+                "${args[@]}" ;;
+        *) echo "unknown image $image" >&2; exit 2 ;;
+    esac
+done
+echo "== name, tag, build seconds, bytes (also in $REPORT)"
+column -t "$REPORT"
