@@ -17,6 +17,7 @@ from meshllm.common.config import (
     Option,
     csv_list,
     listen_option,
+    non_negative_float,
     parse_host_port,
     parse_size,
     positive_float,
@@ -28,13 +29,6 @@ from meshllm.common.telemetry import TraceSettings, trace_settings
 from meshllm.common.tls import TLS_OPTIONS, GrpcSecurity, security_from
 from meshllm.gateway.auth import ApiKey, keys_checked, parse_keys_file, plain_key, plain_keys
 from meshllm.gateway.limits import MAX_CHOICES, MAX_STOP_SEQUENCES, MAX_TOOLS, InputLimits
-
-
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:  # NaN too
-        raise ValueError(f"must be >= 0, got {text}")
-    return value
 
 
 def finite_positive_float(text: str) -> float:

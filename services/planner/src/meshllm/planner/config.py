@@ -14,6 +14,7 @@ from meshllm.common.config import (
     Option,
     csv_list,
     listen_option,
+    non_negative_float,
     on_off,
     parse_size,
     positive_float,
@@ -31,13 +32,6 @@ def fraction(text: str) -> float:
     value = float(text)
     if not 0 < value < 1:
         raise ValueError(f"must be between 0 and 1, got {value}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise ValueError(f"must be >= 0, got {value}")
     return value
 
 
