@@ -18,9 +18,7 @@ IMAGES=${MESHLLM_IMAGES:-gateway planner blackboard worker-cpu}
 BASE_ARGS=()
 if [[ ${MESHLLM_BASES:-public} == local ]]; then
     bash scripts/containers/bases.sh
-    # The shim is mounted for RUN steps only: it is in no layer and no cache key.
-    BASE_ARGS=(--build-arg PYTHON_IMAGE=localhost/meshllm-base/python:3.11-bookworm
-               -v "$PWD/scripts/containers/standin_sitecustomize.py:/etc/python3.11/sitecustomize.py:ro")
+    BASE_ARGS=(--build-arg PYTHON_IMAGE=localhost/meshllm-base/python:3.11-bookworm)
 fi
 REPORT=${MESHLLM_IMAGE_REPORT:-build/images.tsv}
 mkdir -p "$(dirname "$REPORT")"

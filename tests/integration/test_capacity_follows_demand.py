@@ -78,7 +78,9 @@ async def keep_busy(client: openai.AsyncOpenAI, model: str, until: asyncio.Event
 async def load_until_moved(mesh: LocalMesh) -> tuple[float, list[str], list[str]]:
     client = openai.AsyncOpenAI(base_url=mesh.base_url + "/v1", api_key="unused",
                                 max_retries=0, timeout=120)
-    moved, hot, idle = asyncio.Event(), [], []
+    moved = asyncio.Event()
+    hot: list[str] = []
+    idle: list[str] = []
     tasks = [asyncio.create_task(keep_busy(client, HOT, moved, hot)) for _ in range(4)]
     tasks.append(asyncio.create_task(keep_busy(client, IDLE, moved, idle, 8, 2.0)))
     started = time.monotonic()
