@@ -59,6 +59,7 @@ async def _publish_and_stop(url: str) -> None:
         assert list(raw) == [store.DEMAND + "gw-test"]
         record = parse_demand(raw[store.DEMAND + "gw-test"])
         assert record.gateway_id == "gw-test"
+        assert record.window_s == pytest.approx(10)  # an unlisted model was unrequested that long
         (demand,) = record.models
         assert demand.model_id == M
         assert demand.requests == pytest.approx(4)  # 3 admitted + 1 refused

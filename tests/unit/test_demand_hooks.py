@@ -8,7 +8,10 @@ import asyncio
 from dataclasses import replace
 
 import pytest
-from meshllm.common.types import LoadState, ModelState
+from meshllm.common import store
+from meshllm.common.demand import GatewayDemand, ModelDemand, demand_to_pb
+from meshllm.common.meshview import parse_snapshot
+from meshllm.common.types import LoadState, ModelId, ModelState
 from meshllm.gateway.failures import NoLiveWorker, ReplicasBusy
 
 from tests.unit.test_backend_failures import BUSY, OK, M, _events, mesh
@@ -85,3 +88,10 @@ async def test_status_shows_demand_and_reads_it_back() -> None:
     assert MeshStatus.from_json(plain.to_json()) == plain
     text = render(status)
     assert "0.50 req/s" in text and "12.5 tok/s" in text and "3 waiting for a replica" in text
+
+
+def test_the_mesh_view_holds_every_gateways_demand_record() -> None:
+    record = GatewayDemand("gw-2", 1.0, (ModelDemand(ModelId("m"), 60.0, 2.0),), 60.0)
+    snapshot = parse_snapshot({store.DEMAND + "gw-2": demand_to_pb(record).SerializeToString(),
+                               store.DEMAND + "bad": b"\xff\xff"})
+    assert snapshot.demand == {"gw-2": record}

@@ -1,5 +1,5 @@
-"""The mesh as one validated snapshot of what etcd holds: workers, models, placements and
-the models declared."""
+"""The mesh as one validated snapshot of what etcd holds: workers, models, placements, the
+models declared and the demand the gateways measured."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from meshllm.common import convert, store
+from meshllm.common.demand import GatewayDemand, parse_demand
 from meshllm.common.errors import InvalidRecord
 from meshllm.common.types import (
     ModelDeclaration,
@@ -29,6 +30,7 @@ class MeshSnapshot:
     models: Mapping[ModelId, ModelSpec] = field(default_factory=dict)
     placements: Mapping[ModelId, Placement] = field(default_factory=dict)
     declarations: Mapping[ModelId, ModelDeclaration] = field(default_factory=dict)
+    demand: Mapping[str, GatewayDemand] = field(default_factory=dict)  # by gateway id
 
 
 def _parse_all(raw: Mapping[str, bytes], prefix: str, parse: Callable[[bytes], T]) -> list[T]:
@@ -48,11 +50,13 @@ def parse_snapshot(raw: Mapping[str, bytes]) -> MeshSnapshot:
     models = _parse_all(raw, store.MODELS, convert.parse_model_spec)
     placements = _parse_all(raw, store.PLACEMENTS, convert.parse_placement)
     declarations = _parse_all(raw, store.DECLARATIONS, convert.parse_declaration)
+    demand = _parse_all(raw, store.DEMAND, parse_demand)
     return MeshSnapshot(
         workers={w.worker_id: w for w in workers},
         models={m.model_id: m for m in models},
         placements={p.model_id: p for p in placements},
         declarations={d.model_id: d for d in declarations},
+        demand={d.gateway_id: d for d in demand},
     )
 
 

@@ -10,10 +10,8 @@ from typing import Any
 
 from meshllm.cli.local_mesh import read_local_mesh
 from meshllm.cli.up_config import DEFAULT_DATA_DIR
-from meshllm.common import store
 from meshllm.common.config import ETCD_OPTION, format_size, process_env
-from meshllm.common.demand import GatewayDemand, ModelDemand, merged, parse_demand
-from meshllm.common.errors import InvalidRecord
+from meshllm.common.demand import ModelDemand, merged
 from meshllm.common.meshview import read_mesh
 from meshllm.common.status import (
     ABSENT,
@@ -49,20 +47,10 @@ async def read_status(url: str, security: GrpcSecurity = PLAINTEXT) -> MeshStatu
     kv = EtcdStore(url, security)
     await kv.connect(wait_s=3.0)
     try:
-        return mesh_status(await read_mesh(kv), merged(_records(
-            await kv.get_prefix(store.DEMAND))))
+        snapshot = await read_mesh(kv)
+        return mesh_status(snapshot, merged(snapshot.demand.values()))
     finally:
         await kv.close()
-
-
-def _records(raw: dict[str, bytes]) -> list[GatewayDemand]:
-    records = []
-    for value in raw.values():
-        try:
-            records.append(parse_demand(value))
-        except InvalidRecord:
-            continue  # a malformed record says nothing about demand
-    return records
 
 
 def demand_line(d: ModelDemand) -> str:

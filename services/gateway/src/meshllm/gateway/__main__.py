@@ -88,7 +88,7 @@ def demand_publisher(kv: EtcdStore, config: GatewayConfig, backend: MeshBackend
     def known() -> Collection[ModelId]:
         return backend.snapshot.declarations.keys() | backend.snapshot.models.keys()
     return DemandPublisher(kv, backend.demand, config.demand.gateway_id, known,
-                           config.demand.publish_s)
+                           lambda: backend.snapshot.demand, config.demand.publish_s)
 
 
 def http_server(config: GatewayConfig, app: Any) -> uvicorn.Server:

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from meshllm.common import store
@@ -21,9 +21,7 @@ from meshllm.common.demand import (
     ModelDemand,
     demand_to_pb,
     merged,
-    parse_demand,
 )
-from meshllm.common.errors import InvalidRecord
 from meshllm.common.membership import LeaseConfig, Registration
 from meshllm.common.types import ModelId
 
@@ -103,13 +101,17 @@ class DemandMeter:
         finally:
             model.waiting -= 1
 
+    def measured_s(self, now: float) -> float:
+        """How long the figures cover: the window, or the uptime while it is shorter."""
+        return min(self.window_s, max(now - self._started, 1.0))
+
     def snapshot(self, now: float | None = None,
                  keep: Collection[ModelId] | None = None) -> tuple[ModelDemand, ...]:
         """Each model's demand over the window (the uptime while it is shorter). A model
         without activity in the window nor a waiting request is still reported, with its
         idle_s, while it is in `keep` (the declared models; None: all); else forgotten."""
         now = self.clock() if now is None else now
-        window = min(self.window_s, max(now - self._started, 1.0))
+        window = self.measured_s(now)
         recent = min(self.recent_s, window)
         out = []
         for model_id in sorted(self._models):
@@ -169,20 +171,22 @@ class DemandPublisher:
     publish_s. The other gateways' records are read at each tick too, for the status."""
 
     def __init__(self, kv: store.KeyValueStore, meter: DemandMeter, gateway_id: str,
-                 declared: Callable[[], Collection[ModelId]], publish_s: float = 5.0,
+                 declared: Callable[[], Collection[ModelId]],
+                 published: Callable[[], Mapping[str, GatewayDemand]] = dict,
+                 publish_s: float = 5.0,
                  lease: LeaseConfig = DEFAULT_LEASE, refresh_s: float = 60.0,
                  wall_clock: Clock = time.time) -> None:
         self.meter = meter
         self.gateway_id = gateway_id
         self._kv = kv
         self._declared = declared
+        self._published = published  # every gateway's record, as the mesh view holds them
         self._publish_s = publish_s
         self._refresh_s = max(refresh_s, publish_s)
         self._wall = wall_clock
         self._registration = Registration(kv, store.DEMAND + gateway_id, lease)
         self._last: tuple[ModelDemand, ...] | None = None
         self._last_at = -math.inf
-        self.others: tuple[GatewayDemand, ...] = ()  # other gateways' records, last read
         self.writes = 0
 
     @property
@@ -196,34 +200,24 @@ class DemandPublisher:
         due = now - self._last_at >= self._refresh_s
         wrote = False
         if self._last is None or due or changed(self._last, models):
-            record = GatewayDemand(self.gateway_id, self._wall(), models)
-            await self._registration.publish(demand_to_pb(record).SerializeToString())
+            await self._registration.publish(
+                demand_to_pb(self._record(models, now)).SerializeToString())
             self._last, self._last_at, wrote = models, now, True
             self.writes += 1
-        await self._read_others()
         return wrote
 
-    async def _read_others(self) -> None:
-        try:
-            raw = await self._kv.get_prefix(store.DEMAND)
-        except Exception as exc:  # etcd away: keep the last view
-            log.debug("cannot read demand records: %s", exc)
-            return
-        records = []
-        for key, value in raw.items():
-            if key == self.key:
-                continue
-            try:
-                records.append(parse_demand(value))
-            except InvalidRecord as exc:
-                log.warning("ignoring demand record %s: %s", key, exc)
-        self.others = tuple(records)
+    def _record(self, models: tuple[ModelDemand, ...], now: float) -> GatewayDemand:
+        return GatewayDemand(self.gateway_id, self._wall(), models,
+                             self.meter.measured_s(now))
 
     def mesh_demand(self) -> tuple[GatewayDemand, ...]:
-        """Every gateway's demand: this one's live, the others' as last read."""
-        own = GatewayDemand(self.gateway_id, self._wall(),
-                            self.meter.snapshot(keep=self._declared()))
-        return (own, *self.others)
+        """Every gateway's demand: this one's live, the others' as the mesh view last
+        saw their records."""
+        now = self.meter.clock()
+        own = self._record(self.meter.snapshot(now, keep=self._declared()), now)
+        others = [r for gateway_id, r in self._published().items()
+                  if gateway_id != self.gateway_id]
+        return (own, *others)
 
     def mesh_view(self) -> dict[ModelId, ModelDemand]:
         """Per model, merged over every gateway (for the status and the console)."""

@@ -117,15 +117,16 @@ def phase_of(replica: Replica, model_id: ModelId, workers: Mapping[WorkerId, Wor
     return ReplicaPhase.LOADING
 
 
-def held_bytes(placements: Mapping[ModelId, Placement], specs: Mapping[ModelId, ModelSpec],
-               policy: PlacementPolicy) -> dict[WorkerId, int]:
+def held_bytes(placements: Mapping[ModelId, Sequence[Replica]],
+               specs: Mapping[ModelId, ModelSpec], policy: PlacementPolicy
+               ) -> dict[WorkerId, int]:
     """Memory each worker's placed replicas take, retiring ones included (until drained)."""
     held: dict[WorkerId, int] = {}
-    for model_id, placement in placements.items():
+    for model_id, replicas in placements.items():
         spec = specs.get(model_id)
         if spec is None:
             continue
-        for replica in placement.replicas:
+        for replica in replicas:
             for i, stage in enumerate(replica.stages):
                 need = (required_bytes(spec, policy) if not replica.is_split
                         else stage_bytes(spec, stage, i == 0, policy.split))
@@ -133,7 +134,7 @@ def held_bytes(placements: Mapping[ModelId, Placement], specs: Mapping[ModelId, 
     return held
 
 
-def free_workers(inputs: RoundInputs, placements: Mapping[ModelId, Placement],
+def free_workers(inputs: RoundInputs, placements: Mapping[ModelId, Sequence[Replica]],
                  policy: PlacementPolicy) -> list[WorkerInfo]:
     """The workers with their budgets less what is placed on them."""
     held = held_bytes(placements, inputs.specs, policy)
@@ -157,8 +158,7 @@ def first_replicas(inputs: RoundInputs, placements: dict[ModelId, list[Replica]]
             if not placements.get(model_id) and _wanted_first(inputs, model_id, policy)]
     if not bare:
         return {}
-    current = {m: Placement(m, tuple(r), 0) for m, r in placements.items()}
-    room = free_workers(inputs, current, policy.placement)
+    room = free_workers(inputs, placements, policy.placement)
     caps = {spec.model_id: 1 for spec in bare}
     placed = place(bare, room, inputs.published, policy.placement, caps)
     reasons = {}
@@ -209,9 +209,8 @@ def current_assignment(inputs: RoundInputs, placements: Mapping[ModelId, list[Re
 
 def capacities(inputs: RoundInputs, placements: Mapping[ModelId, list[Replica]],
                policy: PlacementPolicy) -> list[WorkerCapacity]:
-    current = {m: Placement(m, tuple(r), 0) for m, r in placements.items()}
     return [WorkerCapacity(w.worker_id, w.memory_budget_bytes)
-            for w in free_workers(inputs, current, policy)]
+            for w in free_workers(inputs, placements, policy)]
 
 
 def apply_moves(moves: Moves, placements: dict[ModelId, list[Replica]],
@@ -232,9 +231,8 @@ def fill(inputs: RoundInputs, placements: dict[ModelId, list[Replica]],
          models: Mapping[ModelId, SizedModel], policy: PlacementPolicy) -> None:
     """More replicas of the models served whole into memory still free, round-robin,
     highest priority and busiest first, up to each model's max_replicas."""
-    current = {m: Placement(m, tuple(r), 0) for m, r in placements.items()}
     free = {w.worker_id: w.memory_budget_bytes
-            for w in free_workers(inputs, current, policy)}
+            for w in free_workers(inputs, placements, policy)}
 
     def busy(model: SizedModel) -> float:
         demand = inputs.demand.get(model.model_id)
