@@ -17,10 +17,7 @@ from meshllm.common.types import (
     whole,
 )
 from meshllm.gateway.routing import (
-    FAILURE_MEMORY_S,
-    WorkerLoad,
     ready_replicas,
-    route,
     serves_embeddings,
     why_unavailable,
 )
@@ -50,20 +47,6 @@ def snapshot(workers: list[WorkerInfo], placed: list[str], reason: str = "") -> 
         "not reporting"])
 def test_ready_replicas(workers: list[WorkerInfo], placed: list[str], expected: list[str]) -> None:
     assert [w.worker_id for w in ready_replicas(snapshot(workers, placed), M)] == expected
-
-
-@pytest.mark.parametrize(("loads", "expected"), [
-    ({}, ["a", "b", "c"]),
-    ({"a": WorkerLoad(2), "b": WorkerLoad(1)}, ["c", "b", "a"]),
-    ({"a": WorkerLoad(0, 99.0)}, ["b", "c", "a"]),
-    ({"a": WorkerLoad(0, 100.0 - FAILURE_MEMORY_S - 1)}, ["a", "b", "c"]),
-    ({"a": WorkerLoad(5), "b": WorkerLoad(0, 99.0), "c": WorkerLoad(5)}, ["a", "c", "b"]),
-], ids=["ties by id", "least busy first", "recent failure last", "old failure forgotten",
-        "failure outweighs load"])
-def test_route_order(loads: dict[str, WorkerLoad], expected: list[str]) -> None:
-    replicas = [worker("c"), worker("a"), worker("b")]
-    typed = {WorkerId(k): v for k, v in loads.items()}
-    assert [w.worker_id for w in route(replicas, typed, now_s=100.0)] == expected
 
 
 def test_why_unavailable_explains_each_case() -> None:

@@ -37,16 +37,12 @@ async def serve(config: GatewayConfig, stop: asyncio.Event) -> None:
     kv = EtcdStore(config.etcd_url, config.security)
     await lifecycle.unless_stopped(stop, kv.connect())
     tel = telemetry.build_telemetry(config.trace)
-    backend = MeshBackend(kv, config.first_token_timeout_s, config.token_timeout_s,
-                          tel.tracer, telemetry.client_interceptors(tel), config.security,
-                          config.cold_start_wait_s,
-                          DemandMeter(window_s=config.demand.window_s,
-                                      recent_s=config.demand.recent_s))
+    metrics = GatewayMetrics()
+    backend = mesh_backend(kv, config, tel, metrics)
     publisher = demand_publisher(kv, config, backend)
     blackboard = (BlackboardClient(config.blackboard_address, security=config.security,
                                    interceptors=telemetry.client_interceptors(tel))
                   if config.blackboard_address else None)
-    metrics = GatewayMetrics()
     extra = extra_routes(kv, backend, metrics, blackboard, publisher.mesh_view)
     app = front_door(build_app(Api(backend, metrics, tel.tracer, publisher.mesh_view), extra),
                      Gate(KeyRing(config.api_keys), config.limits), config.cors_origins)
@@ -71,6 +67,16 @@ async def serve(config: GatewayConfig, stop: asyncio.Event) -> None:
             await blackboard.close()
         await kv.close()
         tel.shutdown()
+
+
+def mesh_backend(kv: EtcdStore, config: GatewayConfig, tel: telemetry.Telemetry,
+                 metrics: GatewayMetrics) -> MeshBackend:
+    return MeshBackend(kv, config.first_token_timeout_s, config.token_timeout_s,
+                       tel.tracer, telemetry.client_interceptors(tel), config.security,
+                       config.cold_start_wait_s,
+                       DemandMeter(window_s=config.demand.window_s,
+                                   recent_s=config.demand.recent_s),
+                       routing_metrics=metrics.routing)
 
 
 def extra_routes(kv: EtcdStore, backend: MeshBackend, metrics: GatewayMetrics,

@@ -13,7 +13,6 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import aclosing
-from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -35,6 +34,8 @@ from meshllm.common.types import (
     WorkerId,
     WorkerInfo,
 )
+from meshllm.gateway.affinity import PrefixTable, prefix_keys
+from meshllm.gateway.bans import on_dispatch, on_failure, on_return, on_success
 from meshllm.gateway.choices import Traced, generate_request, merged
 from meshllm.gateway.cold_start import wait_for_replicas
 from meshllm.gateway.demand import DemandMeter
@@ -46,11 +47,15 @@ from meshllm.gateway.failures import (
     UnknownModel,
     WorkerSilent,
 )
+from meshllm.gateway.metrics import RoutingMetrics
 from meshllm.gateway.openai_api import ApiRequest
 from meshllm.gateway.routing import (
+    Decision,
+    RequestKey,
+    RouteStats,
     WorkerLoad,
+    decide,
     ready_replicas,
-    route,
     serves_embeddings,
     serving_state,
     why_unavailable,
@@ -71,14 +76,18 @@ class MeshBackend:
     def __init__(self, kv: KeyValueStore, first_token_timeout_s: float,
                  token_timeout_s: float, tracer: telemetry.Tracer = telemetry.NO_TRACER,
                  interceptors: Sequence[Any] = (), security: GrpcSecurity = PLAINTEXT,
-                 cold_start_wait_s: float = 0.0, demand: DemandMeter | None = None) -> None:
+                 cold_start_wait_s: float = 0.0, demand: DemandMeter | None = None,
+                 routing_metrics: RoutingMetrics | None = None) -> None:
         self.snapshot = MeshSnapshot()
         self.demand = demand if demand is not None else DemandMeter()
         self._mesh_changed = asyncio.Event()  # set, then replaced, at every new snapshot
         self._cold_start_wait_s = cold_start_wait_s  # a request's wait for a first replica
         self._security = security
         self.synced = asyncio.Event()
-        self.loads: dict[WorkerId, WorkerLoad] = {}
+        self.loads: dict[WorkerId, WorkerLoad] = {}  # updated by bans.on_* only
+        self.prefixes = PrefixTable()  # which replica last served each prompt prefix
+        self.routing_metrics = routing_metrics if routing_metrics is not None else (
+            RoutingMetrics())
         self._kv = kv
         self._first_timeout_s = first_token_timeout_s
         self._token_timeout_s = token_timeout_s
@@ -127,15 +136,36 @@ class MeshBackend:
             await self._next_change(left)
         return True
 
-    def _note(self, worker: WorkerInfo, delta: int, failed: bool = False) -> None:
-        load = self.loads.get(worker.worker_id, WorkerLoad())
-        self.loads[worker.worker_id] = replace(
-            load, in_flight=load.in_flight + delta,
-            last_failure_at_s=time.monotonic() if failed else load.last_failure_at_s,
-        )
+    def _load(self, worker: WorkerInfo) -> WorkerLoad:
+        return self.loads.get(worker.worker_id, WorkerLoad())
 
-    async def _candidates(self, model_id: ModelId, whole_only: bool = False
-                          ) -> list[WorkerInfo]:
+    def _dispatched(self, worker: WorkerInfo) -> bool:
+        """A call starts on `worker`; whether it is the probe that may end its ban."""
+        state, probe = on_dispatch(self._load(worker), time.monotonic())
+        self.loads[worker.worker_id] = state
+        if probe:
+            log.info("probing worker %s after its ban", worker.worker_id)
+            self.routing_metrics.probed(worker.worker_id)
+        return probe
+
+    def _returned(self, worker: WorkerInfo, probe: bool) -> None:
+        self.loads[worker.worker_id] = on_return(self._load(worker), probe)
+
+    def _answered(self, worker: WorkerInfo) -> None:
+        self.loads[worker.worker_id] = on_success(self._load(worker), time.monotonic())
+
+    def _broke(self, worker: WorkerInfo) -> None:
+        state = on_failure(self._load(worker), time.monotonic())
+        self.loads[worker.worker_id] = state
+        self.routing_metrics.banned(worker.worker_id)
+        log.info("worker %s banned for %.0f s (failure %d in a row)", worker.worker_id,
+                 state.banned_until_s - state.last_failure_at_s, state.strikes)
+
+    def _decide(self, key: RequestKey, replicas: Sequence[WorkerInfo]) -> Decision:
+        return decide(key, replicas, RouteStats(self.loads, self.prefixes), time.monotonic())
+
+    async def _candidates(self, model_id: ModelId, whole_only: bool = False,
+                          prefixes: tuple[int, ...] = ()) -> list[WorkerInfo]:
         """Ready replicas in the order to try them; waits a while for one to come up."""
         started = time.monotonic()
         def ready() -> list[WorkerInfo]:
@@ -149,7 +179,9 @@ class MeshBackend:
         if (waited := time.monotonic() - started) > 0.1:
             log.info("a request for %s waited %.1f s for a replica (%s)", model_id, waited,
                      "one came up" if replicas else "none came up")
-        candidates = route(replicas, self.loads, time.monotonic())
+        decision = self._decide(RequestKey(model_id, prefixes), replicas)
+        self.routing_metrics.routed(model_id, decision.affinity.value)
+        candidates = list(decision.order)
         telemetry.record_route(self._tracer, model_id, [w.worker_id for w in candidates])
         if not candidates:
             raise NoLiveWorker(why_unavailable(self.snapshot, model_id))
@@ -192,9 +224,10 @@ class MeshBackend:
     async def generate(self, req: ApiRequest) -> AsyncGenerator[GenerateEvent, None]:
         """One choice of `req` (its first)."""
         model_id = self.resolve(req.model)
+        keys = prefix_keys(model_id, req.text, req.chat, req.tools_json)
         async with self._metered(model_id):
-            candidates = await self._candidates(model_id)
-            events = self._attempt(candidates, generate_request(req, model_id, 0))
+            candidates = await self._candidates(model_id, prefixes=keys)
+            events = self._attempt(candidates, generate_request(req, model_id, 0), keys)
             async with aclosing(events):
                 async for event in events:
                     yield event
@@ -210,18 +243,19 @@ class MeshBackend:
                     yield 0, event
             return
         model_id = self.resolve(req.model)
+        keys = prefix_keys(model_id, req.text, req.chat, req.tools_json)
         async with self._metered(model_id, req.n):
-            candidates = await self._candidates(model_id)
-            streams = [trace(self._attempt(candidates, generate_request(req, model_id, i)))
-                       for i in range(req.n)]
+            candidates = await self._candidates(model_id, prefixes=keys)
+            streams = [trace(self._attempt(candidates, generate_request(req, model_id, i),
+                                           keys)) for i in range(req.n)]
             async with aclosing(merged(streams)) as choices:
                 async for item in choices:
                     yield item
 
-    async def _attempt(self, candidates: Sequence[WorkerInfo], request: GenerateRequest
-                       ) -> AsyncGenerator[GenerateEvent, None]:
+    async def _attempt(self, candidates: Sequence[WorkerInfo], request: GenerateRequest,
+                       prefixes: tuple[int, ...] = ()) -> AsyncGenerator[GenerateEvent, None]:
         """`request` on the first candidate that takes it; the next when one fails before
-        its first token."""
+        its first token. The one that takes it holds the prompt's `prefixes` from then."""
         failures: list[str] = []
         busy, silent = 0, []
         for worker in candidates:
@@ -230,16 +264,18 @@ class MeshBackend:
                 async with aclosing(self._served(request.model_id,
                                                  self._call(worker, request))) as events:
                     async for event in events:
-                        started = True
+                        if not started:
+                            started = True
+                            self.prefixes.remember(prefixes, worker.worker_id)
                         yield event
                 return
             except grpc.aio.AioRpcError as exc:
                 failure = f"{worker.worker_id}: {exc.code().name} {exc.details()}"
                 busy += self._failed(worker, grpc_errors.error_from_rpc(exc), failure, started)
             except WorkerSilent as exc:  # a frozen node: like a failed one, until it answers
+                self._broke(worker)
                 if started:
                     raise
-                self._note(worker, 0, failed=True)
                 failure = str(exc)
                 silent.append(exc)
             failures.append(failure)
@@ -259,7 +295,7 @@ class MeshBackend:
             raise error
         busy = isinstance(error, Overloaded)
         if not busy:  # busy is not broken: no failure mark against the worker
-            self._note(worker, 0, failed=True)
+            self._broke(worker)
         if started:
             raise StreamBroken(f"worker {failure} after the stream began")
         return busy
@@ -299,18 +335,19 @@ class MeshBackend:
     async def _embed_call(self, worker: WorkerInfo, request: EmbedRequest) -> Embeddings:
         # As long as a first token may take, for every engine decode the inputs may need.
         timeout_s = self._first_timeout_s * (1 + len(request.inputs) // EMBED_SEQS_PER_DECODE)
-        self._note(worker, +1)
+        probe = self._dispatched(worker)
         try:
             reply = await self._stub(worker.address).Embed(
                 convert.embed_request_to_pb(request), timeout=timeout_s)
+            self._answered(worker)
         finally:
-            self._note(worker, -1)
+            self._returned(worker, probe)
         return convert.embeddings_from_pb(reply)
 
     async def _call(self, worker: WorkerInfo, request: GenerateRequest
                     ) -> AsyncIterator[GenerateEvent]:
         call = self._stub(worker.address).Generate(convert.generate_request_to_pb(request))
-        self._note(worker, +1)
+        probe, answered = self._dispatched(worker), False
         timeout = self._first_timeout_s
         try:
             while True:
@@ -328,11 +365,14 @@ class MeshBackend:
                     raise WorkerSilent(worker.worker_id, timeout) from None
                 if message is grpc.aio.EOF:
                     return
+                if not answered:  # its first answer: it is alive (a probe succeeded)
+                    answered = True
+                    self._answered(worker)
                 timeout = self._token_timeout_s
                 yield convert.event_from_pb(message)
         finally:
             call.cancel()  # no-op when finished; frees the worker's slot when we stop early
-            self._note(worker, -1)
+            self._returned(worker, probe)
 
     async def close(self) -> None:
         for channel in self._channels.values():

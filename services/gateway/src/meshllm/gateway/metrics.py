@@ -35,6 +35,8 @@ class GatewayMetrics:
         self.completion_tokens = Counter("meshllm_gateway_completion_tokens",
                                          "Generated tokens", ["model"], registry=self.registry)
 
+        self.routing = RoutingMetrics(self.registry)
+
     def request_timer(self, model: str, kind: str, request_id: str) -> RequestTimer:
         """The timer of one OpenAI request (`kind`: "chat" or "completion")."""
         return RequestTimer(self, model, telemetry.api_operation(kind), request_id)
@@ -54,6 +56,32 @@ class GatewayMetrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class RoutingMetrics:
+    """What routing learned: bans, probes, and prefix-affinity outcomes (`routing.Affinity`
+    values: hit, miss, busy; prompts with no prefix key are not counted)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        registry = registry if registry is not None else CollectorRegistry()
+        self.bans = Counter("meshllm_gateway_worker_bans", "Workers banned after a failed call",
+                            ["worker"], registry=registry)
+        self.probes = Counter("meshllm_gateway_worker_probes",
+                              "Requests sent to a worker as the probe that ends its ban",
+                              ["worker"], registry=registry)
+        self.affinity = Counter("meshllm_gateway_prefix_affinity",
+                                "Requests by prefix-affinity outcome", ["model", "result"],
+                                registry=registry)
+
+    def banned(self, worker: str) -> None:
+        self.bans.labels(worker).inc()
+
+    def probed(self, worker: str) -> None:
+        self.probes.labels(worker).inc()
+
+    def routed(self, model: str, affinity: str) -> None:
+        if affinity != "none":
+            self.affinity.labels(model, affinity).inc()
 
 
 class RequestTimer:

@@ -1,36 +1,102 @@
-"""Choosing a worker for a request: a pure function of the mesh and what we measured."""
+"""Choosing a worker for a request: a pure function of the mesh and what we measured
+(each worker's ban and load, and which replica holds a prompt's prefix)."""
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from meshllm.common.meshview import MeshSnapshot
 from meshllm.common.replicas import ready_replicas as ready_replicas
 from meshllm.common.replicas import serves_embeddings as serves_embeddings
 from meshllm.common.types import LoadState, ModelId, WorkerId, WorkerInfo
+from meshllm.gateway.affinity import longest_match
+from meshllm.gateway.bans import Health, health
+from meshllm.gateway.bans import WorkerLoad as WorkerLoad
 
-FAILURE_MEMORY_S = 30.0  # a worker that failed recently is tried after the others
+AFFINITY_MAX_EXTRA_LOAD = 2  # a prefix's replica is skipped when busier than the least by more
 
 
 @dataclass(frozen=True)
-class WorkerLoad:
-    in_flight: int = 0               # requests this gateway has open on the worker
-    last_failure_at_s: float = -1e9  # monotonic time of the last failed call
+class RequestKey:
+    """What routing knows of a request: its model and its prompt's prefix keys."""
+
+    model_id: ModelId
+    prefixes: tuple[int, ...] = ()  # affinity.prefix_keys: shortest prefix first
 
 
-def route(replicas: list[WorkerInfo], loads: Mapping[WorkerId, WorkerLoad],
+@dataclass(frozen=True)
+class RouteStats:
+    """What this gateway measured: each worker's record, and which replica last served
+    each prompt prefix."""
+
+    loads: Mapping[WorkerId, WorkerLoad] = field(default_factory=dict)
+    prefixes: Mapping[int, WorkerId] = field(default_factory=dict)
+
+
+class Affinity(enum.Enum):
+    NONE = "none"  # the prompt has no prefix key
+    HIT = "hit"    # sent back to the replica that served its prefix
+    MISS = "miss"  # no replica serving now is known to hold its prefix
+    BUSY = "busy"  # its replica was banned or much busier than the least busy one
+
+
+@dataclass(frozen=True)
+class Decision:
+    order: tuple[WorkerInfo, ...]  # replicas in the order to try them
+    affinity: Affinity
+    matched: int = 0               # prefix keys the chosen replica is known to hold
+
+
+def worker_load(worker: WorkerInfo, model_id: ModelId, state: WorkerLoad) -> int:
+    """Requests ahead of a new one: the worker's own running + queued, or this gateway's
+    calls in flight when more (the worker's report lags; it counts ours too, when fresh)."""
+    model = worker.model_state(model_id)
+    reported = model.running + model.queued if model else 0
+    return max(state.in_flight, reported)
+
+
+def _full(worker: WorkerInfo, model_id: ModelId, load: int) -> bool:
+    """Whether a new request would wait for a slot (unknown slots: never full)."""
+    model = worker.model_state(model_id)
+    return bool(model and model.slots and load >= model.slots)
+
+
+def _rank(key: RequestKey, stats: RouteStats, now_s: float
+          ) -> Callable[[WorkerInfo], tuple[bool, bool, int, str]]:
+    def rank(worker: WorkerInfo) -> tuple[bool, bool, int, str]:
+        state = stats.loads.get(worker.worker_id, WorkerLoad())
+        load = worker_load(worker, key.model_id, state)
+        banned = health(state, now_s) is Health.BANNED
+        return banned, _full(worker, key.model_id, load), load, worker.worker_id
+    return rank
+
+
+def decide(key: RequestKey, replicas: Sequence[WorkerInfo], stats: RouteStats,
+           now_s: float) -> Decision:
+    """Replicas in the order to try them: not banned first, then those with a free slot,
+    then least busy, ties by id so that equal loads spread deterministically; and first
+    of all the replica that served this prompt's longest known prefix, unless it is
+    banned or busier than the least busy by more than AFFINITY_MAX_EXTRA_LOAD."""
+    rank = _rank(key, stats, now_s)
+    ranked = tuple(sorted(replicas, key=rank))
+    target, depth = longest_match(key.prefixes, stats.prefixes)
+    chosen = next((w for w in ranked if w.worker_id == target), None)
+    if chosen is None:
+        return Decision(ranked, Affinity.MISS if key.prefixes else Affinity.NONE)
+    banned, _, load, _ = rank(chosen)
+    least = min(r[2] for r in map(rank, ranked) if not r[0])  # chosen is one of them
+    if banned or load > least + AFFINITY_MAX_EXTRA_LOAD:
+        return Decision(ranked, Affinity.BUSY)
+    rest = tuple(w for w in ranked if w is not chosen)
+    return Decision((chosen, *rest), Affinity.HIT, depth)
+
+
+def route(key: RequestKey, replicas: Sequence[WorkerInfo], stats: RouteStats,
           now_s: float) -> list[WorkerInfo]:
-    """Replicas in the order to try them: healthy before recently failed, then least
-    busy first, ties broken by id so that equal loads spread deterministically."""
-
-    def key(worker: WorkerInfo) -> tuple[bool, int, str]:
-        load = loads.get(worker.worker_id, WorkerLoad())
-        failed_recently = now_s - load.last_failure_at_s < FAILURE_MEMORY_S
-        return failed_recently, load.in_flight, worker.worker_id
-
-    return sorted(replicas, key=key)
+    """The order of `decide`, for callers that need no more."""
+    return list(decide(key, replicas, stats, now_s).order)
 
 
 def why_unavailable(snapshot: MeshSnapshot, model_id: ModelId) -> str:

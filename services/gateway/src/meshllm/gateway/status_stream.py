@@ -21,8 +21,8 @@ from meshllm.common.demand import ModelDemand
 from meshllm.common.meshview import MeshSnapshot
 from meshllm.common.status import mesh_status
 from meshllm.common.types import ModelId, WorkerId
+from meshllm.gateway.bans import Health, WorkerLoad, health
 from meshllm.gateway.recent import RecentRequests, RequestRecord
-from meshllm.gateway.routing import FAILURE_MEMORY_S, WorkerLoad
 from prometheus_client import CollectorRegistry
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -90,7 +90,7 @@ def console_state(snapshot: MeshSnapshot, loads: Mapping[WorkerId, WorkerLoad],
     for node in status["nodes"]:
         load = loads.get(node["worker_id"], WorkerLoad())
         node["in_flight"] = load.in_flight
-        node["failed_recently"] = monotonic_s - load.last_failure_at_s < FAILURE_MEMORY_S
+        node["failed_recently"] = health(load, monotonic_s) is not Health.HEALTHY
     for model in status["models"]:
         model["tokens_per_s"] = round(tokens_per_s.get(model["model_id"], 0.0), 2)
     return {"at_unix_s": now_s, "nodes": status["nodes"], "models": status["models"],
