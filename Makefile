@@ -70,13 +70,15 @@ clean:
 
 # Container images with podman from the real Dockerfiles (build times and sizes in
 # build/images.tsv). BASES=local builds stand-in bases from Debian packages first, for a
-# machine without a registry; the default is the pinned public bases users get.
+# machine without a registry, and hands the worker the llama-cpp-python wheel `make
+# install` built (no llama.cpp compile); the default is the pinned public bases users get.
 .PHONY: images compose-test
 BASES ?= public
 images:
 	MESHLLM_BASES=$(BASES) bash scripts/containers/build_images.sh
 
 # The compose stack for real (needs root and podman): local bases, images, up, health,
-# OpenAI requests, a blackboard post replicated, a worker stopped, `down -v`.
+# OpenAI requests, a blackboard post replicated, a worker stopped, `down -v`. `make test`
+# runs it too (tests/deploy/test_compose_run.py; MESHLLM_CONTAINER_TESTS=0 skips it).
 compose-test:
 	$(PYTHON) -m tests.deploy.compose_run

@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,43 @@ WORKERS = ("worker-cpu", "worker-cpu-2")
 # after a worker is lost waits for its etcd lease (seconds) and a new load.
 HEALTH_TIMEOUT_S = 600.0
 RECOVERY_TIMEOUT_S = 300.0
+
+
+SWITCH = "MESHLLM_CONTAINER_TESTS"
+REPORT_PATH = ROOT / "build" / "containers" / "compose-report.json"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether this machine runs the container test: "run", "skip" or "fail", and why."""
+
+    action: str
+    reason: str
+
+
+def verdict(env: Mapping[str, str], which: Callable[[str], str | None], euid: int) -> Verdict:
+    """The container test runs wherever podman is or can be installed (bases.sh installs it
+    with apt as root); only an explicit MESHLLM_CONTAINER_TESTS=0 skips it, so a machine
+    that cannot run it fails, saying why, instead of passing without it."""
+    switch = env.get(SWITCH, "")
+    if switch == "0":
+        return Verdict("skip", f"{SWITCH}=0")
+    if switch not in ("", "1"):
+        return Verdict("fail", f"{SWITCH} is {switch!r}: 1 (or unset) runs the container "
+                               "test, 0 skips it")
+    off = f"; set {SWITCH}=0 to run the suite without it"
+    if euid != 0:
+        return Verdict("fail", "the container test needs root (podman's rootful API "
+                               f"service, debootstrap for the stand-in bases){off}")
+    if which("podman") is None and which("apt-get") is None:
+        return Verdict("fail", "the container test needs podman, and there is neither "
+                               f"podman nor apt-get to install it with{off}")
+    how = "podman" if which("podman") else "podman installed with apt by bases.sh"
+    return Verdict("run", f"root, {how}")
+
+
+def machine_verdict() -> Verdict:
+    return verdict(os.environ, shutil.which, os.geteuid())
 
 
 @dataclass
@@ -219,14 +257,36 @@ def exercise(stack: Stack, report: Report) -> None:
     blackboard_round_trip(stack, report)
     lost = stack.containers()[WORKERS[0]]
     start = time.monotonic()
-    sh("podman", "stop", "-t", "30", lost)
+    sh("podman", "stop", "-t", str(STOP_TIMEOUT_S), lost)
     report.seconds["worker_stop"] = time.monotonic() - start
+    code = stack.state(lost)[2]
+    report.check(code in STOPPED_CLEANLY, f"{WORKERS[0]} stopped on SIGTERM (exit {code})")
     try:
         report.seconds["served_again_after_worker_stop"] = wait_served(stack.port,
                                                                        RECOVERY_TIMEOUT_S)
         report.check(True, f"mesh serves with {WORKERS[0]} stopped")
     except TimeoutError as exc:
         report.check(False, f"mesh after {WORKERS[0]} stopped: {exc}")
+
+
+# `podman stop` sends SIGTERM to PID 1 (tini, which forwards it; etcd itself) and SIGKILL
+# after the timeout: exit 137. Exiting 0, or 143 from tini when the child died of SIGTERM,
+# means the service stopped by itself.
+STOP_TIMEOUT_S = 20
+STOPPED_CLEANLY = (0, 143)
+
+
+def stop_each(stack: Stack, report: Report) -> None:
+    """Stops every running container by id, etcd last, and checks none had to be killed."""
+    running = [(svc, cid) for svc, cid in stack.containers().items()
+               if stack.state(cid)[0] == "running"]
+    for svc, cid in sorted(running, key=lambda item: item[0] == "etcd"):
+        start = time.monotonic()
+        sh("podman", "stop", "-t", str(STOP_TIMEOUT_S), cid, check=False, timeout=120)
+        report.seconds[f"stop_{svc}"] = round(time.monotonic() - start, 2)
+        status, _, code = stack.state(cid)
+        report.check(status == "exited" and code in STOPPED_CLEANLY,
+                     f"{svc} stopped on SIGTERM ({status}, exit {code}; 137 means killed)")
 
 
 def tear_down(stack: Stack, report: Report) -> None:
@@ -247,11 +307,23 @@ def tear_down(stack: Stack, report: Report) -> None:
         report.check(not rest, f"down -v removed every {kind} (left: {rest})")
 
 
+BUILD_LOG = ROOT / "build" / "containers" / "images.log"
+
+
 def build_images() -> float:
+    """The stand-in bases and every image (build_images.sh), its output in BUILD_LOG; a
+    failed build raises with the log's tail, which would otherwise be lost."""
     start = time.monotonic()
-    sh("bash", "scripts/containers/build_images.sh", timeout=3600,
-       env={**os.environ, "MESHLLM_BASES": "local",
-            "MESHLLM_GGML_CPU_CMAKE_ARGS": "-DGGML_NATIVE=OFF"})
+    BUILD_LOG.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "MESHLLM_BASES": "local",
+           "MESHLLM_GGML_CPU_CMAKE_ARGS": "-DGGML_NATIVE=OFF"}
+    with BUILD_LOG.open("w") as out:
+        code = subprocess.run(["bash", "scripts/containers/build_images.sh"], cwd=ROOT,
+                              env=env, stdout=out, stderr=subprocess.STDOUT,
+                              timeout=3600, check=False).returncode
+    if code:
+        tail = BUILD_LOG.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"build_images.sh exited {code} (log: {BUILD_LOG}):\n{tail}")
     return time.monotonic() - start
 
 
@@ -273,6 +345,7 @@ def run_stack(build: bool = True) -> Report:
     missing = missing_images(os.environ.get("MESHLLM_VERSION", "0.1.0"))
     report.check(not missing, f"images built (missing: {missing})")
     if missing:
+        save(report)
         return report
     stack = Stack(project=f"meshllm-ct-{os.getpid()}", port=free_port(),
                   compose=compose_binary())
@@ -293,13 +366,26 @@ def run_stack(build: bool = True) -> Report:
             if up.poll() is None:  # still waiting on a health condition it cannot see
                 up.kill()
             report.notes.append((up.communicate()[0] or "")[-2000:])
+            stop_each(stack, report)
             tear_down(stack, report)
     report.seconds["total"] = time.monotonic() - started
+    save(report)
     return report
+
+
+def save(report: Report) -> None:
+    """The numbers for the session note and the README: build/containers/compose-report.json."""
+    REPORT_PATH.parent.mkdir(parents=True, exist_ok=True)
+    REPORT_PATH.write_text(json.dumps({"seconds": report.seconds, "health": report.health,
+                                       "failures": report.failures}, indent=2) + "\n")
 
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    machine = machine_verdict()
+    if machine.action != "run":
+        print(f"compose test not run: {machine.reason}")
+        return 0 if machine.action == "skip" else 2
     report = run_stack(build=os.environ.get("MESHLLM_CT_BUILD", "1") != "0")
     print(json.dumps({"seconds": report.seconds, "health": report.health,
                       "failures": report.failures}, indent=2))

@@ -278,6 +278,48 @@ def test_with_tls_etcd_requires_the_mesh_certificate(chart: helm_python.Chart) -
     assert plain["readinessProbe"]["httpGet"]["port"] == "client"
 
 
+def writes(c: dict[str, Any]) -> set[str]:
+    """Where a container writes: /tmp, and the directories its settings name (the env
+    variables of the services' configs, etcd's --data-dir, pip's --target)."""
+    paths = {"/tmp"}
+    env = env_of(c)
+    paths |= {env[k] for k in ("MESHLLM_DATA_DIR", "MESHLLM_MODEL_CACHE") if env.get(k)}
+    words = " ".join(c.get("command", []) + c.get("args", [])).split()
+    paths |= {w.split("=", 1)[1] for w in words if w.startswith("--data-dir=")}
+    paths |= {words[i + 1] for i, w in enumerate(words[:-1]) if w == "--target"}
+    return paths
+
+
+def covering_mount(path: str, c: dict[str, Any]) -> dict[str, Any] | None:
+    found = [m for m in c.get("volumeMounts", [])
+             if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")]
+    return max(found, key=lambda m: len(m["mountPath"]), default=None)
+
+
+@pytest.mark.parametrize("case", VALUE_SETS)
+def test_root_filesystems_are_read_only_with_volumes_where_services_write(
+        chart: helm_python.Chart, case: str) -> None:
+    # As compose's `read_only: true` with a tmpfs /tmp: an image that writes anywhere else
+    # fails on its first start here rather than in a cluster.
+    workloads = [d for d in manifests(render(chart, VALUE_SETS[case]))
+                 if d["kind"] in ("Deployment", "StatefulSet")]
+    assert {w["metadata"]["name"].rsplit("-", 1)[-1] for w in workloads} >= {
+        "gateway", "planner", "blackboard"}
+    for workload in workloads:
+        spec = workload["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        claims = {t["metadata"]["name"] for t in workload["spec"].get("volumeClaimTemplates", [])}
+        for c in spec["containers"] + spec.get("initContainers", []):
+            where = f"{case}: {workload['metadata']['name']}/{c['name']}"
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True, where
+            for path in writes(c):
+                mount = covering_mount(path, c)
+                assert mount is not None, f"{where} writes {path}, which no volume covers"
+                assert not mount.get("readOnly"), f"{where}: {path} is mounted read-only"
+                assert mount["name"] in claims or "emptyDir" in volumes.get(mount["name"], {}), (
+                    f"{where}: {path} is on {mount['name']}, neither a claim nor an emptyDir")
+
+
 def test_notes_say_how_to_reach_the_api(chart: helm_python.Chart) -> None:
     notes = render(chart, {})["mesh-llm/templates/NOTES.txt"]
     assert f"port-forward svc/{RELEASE}-mesh-llm-gateway" in notes
