@@ -2,7 +2,10 @@
 
 Engines, all started in this run on the same model and threads, alternating in each round
 (the median round per cell is shown):
-  (a) engine    meshllm's BatchEngine, driven through a small asyncio harness
+  (gateway)     the whole mesh path with the mesh's defaults (see below)
+  (a) engine    meshllm's BatchEngine, driven through a small asyncio harness, with its
+      default config and the kernel switches a worker gives its engine process (so
+      gateway / engine is the mesh path's cost, engine / llama-server the engine's)
   (b) lcp       llama-cpp-python's OpenAI server (`python -m llama_cpp.server`), default
   (b') lcp-noint  the same with `--interrupt_requests False` (queues instead of interrupting)
   (c) llama-server  llama.cpp's C++ server `--parallel 8`, built from the same vendored source
@@ -11,7 +14,12 @@ Then speculative decoding, one stream, on a slower F16 copy of the model and a p
 repeats its context: no speculation vs n-gram lookup vs the Q4_K_M model as the draft.
 
     .venv/bin/python bench/batching.py [--threads 2] [--max-tokens 64] [--streams 1,4,8]
-        [--rounds 3] [--only engine,lcp,lcp-noint,llama-server,spec]
+        [--rounds 3] [--only gateway,engine,lcp,lcp-noint,llama-server,spec]
+
+`gateway` is the mesh as `mesh-llm up` starts it (its default slots and context); the
+ratios at the largest stream count compare it and `engine` with each baseline. The `-ctx`
+rows (not run by default) give each slot the mesh's default context, 4096 tokens, as
+`gateway` has, instead of 512.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from meshllm.common.ports import PortPicker  # noqa: E402
 from meshllm.common.types import SamplingParams  # noqa: E402
 from meshllm.worker.engine.batch import BatchConfig, BatchEngine, Delta, Event, Failed, SpecMode  # noqa: E402
 from meshllm.worker.engine.batch.backend import requantize  # noqa: E402
+from meshllm.worker.engine.batch.numerics import TILED_MATMUL_ENV, numerics_for  # noqa: E402
 
 LLAMA_SERVER = ROOT / "build/llama-server/bin/llama-server"
 TOPICS = ["the ocean", "a mountain town", "the printing press", "bees", "a lighthouse keeper",
@@ -46,8 +55,12 @@ TOPICS = ["the ocean", "a mountain town", "the printing press", "bees", "a light
 REPEATING = ("Here is a list of fruits: apple, banana, cherry, date, elderberry, fig, grape, "
              "honeydew, kiwi, lemon, mango, nectarine, orange, papaya, quince, raspberry. "
              "Repeat the list exactly five times.\n") * 3 + "apple, banana, cherry,"
-N_CTX = 4096
-ENGINES = ("gateway", "engine", "lcp", "lcp-noint", "llama-server")
+N_CTX = 4096  # cells in all: 512 per slot at 8 slots
+# The mesh's default: a slot gets the model's whole --context-length (4096), so the
+# `-ctx` rows give the engine and llama-server that per slot too (8 x 4096 cells).
+N_CTX_MESH = 8 * 4096
+ENGINES = ("gateway", "engine", "engine-ctx", "lcp", "lcp-noint", "llama-server",
+           "llama-server-ctx")
 # One request: (prompt, max_tokens) -> (ttft seconds or None, completion tokens, completed)
 Issue = Callable[[str, int], Awaitable[tuple[float | None, int, bool]]]
 
@@ -165,8 +178,22 @@ def http_issuer(base: str, timeout: float) -> Issue:
     return issue
 
 
+def engine_numerics_env() -> None:
+    """This process computes the `engine` row as a worker's engine process would with the
+    default BatchConfig (ggml reads the kernel switch once, at the first matmul): set it
+    before any engine starts. The baselines' own processes start without it (baseline_env)."""
+    os.environ.update(numerics_for(BatchConfig(model_path="").deterministic).process_env())
+
+
+def baseline_env() -> dict[str, str]:
+    """The environment llama.cpp's own servers run in: their defaults, whatever this
+    process set for the `engine` row."""
+    return {k: v for k, v in os.environ.items() if k != TILED_MATMUL_ENV}
+
+
 def start_server(cmd: list[str], port: int) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=baseline_env())
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
@@ -187,13 +214,14 @@ def server_cmds(model: str, threads: int) -> dict[str, Callable[[int], list[str]
                 str(N_CTX), "--n_threads", str(threads), "--n_threads_batch", str(threads),
                 "--host", "127.0.0.1", "--port", str(port)]
 
-    def cpp(port: int) -> list[str]:
-        return [str(LLAMA_SERVER), "-m", model, "-c", str(N_CTX), "-t", str(threads), "-tb",
+    def cpp(port: int, n_ctx: int = N_CTX) -> list[str]:
+        return [str(LLAMA_SERVER), "-m", model, "-c", str(n_ctx), "-t", str(threads), "-tb",
                 str(threads), "--parallel", "8", "--host", "127.0.0.1", "--port", str(port)]
 
     cmds = {"lcp": lcp, "lcp-noint": lambda port: [*lcp(port), "--interrupt_requests", "False"]}
     if LLAMA_SERVER.is_file():
         cmds["llama-server"] = cpp
+        cmds["llama-server-ctx"] = lambda port: cpp(port, N_CTX_MESH)
     return cmds
 
 
@@ -208,12 +236,13 @@ def start_all(model: str, threads: int, only: set[str],
     issuers: dict[str, Issue] = {}
     if "gateway" in only:
         issuers["gateway"] = start_mesh(threads, stack)
-    if "engine" in only:
-        engine = BatchEngine(BatchConfig(model_path=model, n_ctx=N_CTX, n_slots=8,
-                                         n_threads=threads))
-        engine.start()
-        stack.callback(engine.stop)
-        issuers["engine"] = engine_issuer(engine)
+    for name, n_ctx in (("engine", N_CTX), ("engine-ctx", N_CTX_MESH)):
+        if name in only:
+            engine = BatchEngine(BatchConfig(model_path=model, n_ctx=n_ctx, n_slots=8,
+                                             n_threads=threads))
+            engine.start()
+            stack.callback(engine.stop)
+            issuers[name] = engine_issuer(engine)
     for name, cmd_for in server_cmds(model, threads).items():
         if name in only:
             port = PortPicker().pick()
@@ -224,26 +253,33 @@ def start_all(model: str, threads: int, only: set[str],
 
 def start_mesh(threads: int, stack: contextlib.ExitStack) -> Issue:
     """The whole path a user takes: gateway -> gRPC -> worker -> engine process, with the
-    engine's 8 slots sharing the same {N_CTX}-token KV cache as the in-process engine."""
+    planner's defaults (no --slots, no --context-length: what `mesh-llm up` gives), so the
+    row measures the defaults and not a tuned mesh. Only the threads match the others."""
     sys.path.insert(0, str(ROOT))
     from tests.support.mesh import LocalMesh, MeshOptions
 
     root = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-    mesh = LocalMesh(root, MeshOptions(workers=1, threads=threads, worker_memory="4GiB",
-                                       context_length=N_CTX // 8,
-                                       planner_args=("--slots", "8")))
+    mesh = LocalMesh(root, MeshOptions(workers=1, threads=threads, worker_memory="4GiB"))
     mesh.start()
     stack.callback(mesh.stop)
+    status = mesh.status()
+    slots = [m.get("slots") for n in status.get("nodes", []) for m in n["models"].values()]
+    contexts = [m.get("context_length") for m in status.get("models", [])]
+    print(f"gateway: the mesh's defaults: slots {slots}, context {contexts} per slot",
+          flush=True)
     return http_issuer(mesh.base_url, timeout=120)
 
 
+Rounds = dict[tuple[str, int], list[Result]]  # (engine, streams) -> one result per round
+
+
 def measure(issuers: dict[str, Issue], streams: list[int], rounds: int,
-            max_tokens: int) -> list[Result]:
-    """Alternates engines within each round (the machine is shared: noise hits all alike)
-    and keeps each cell's median round by tok/s."""
+            max_tokens: int) -> Rounds:
+    """Alternates engines within each round (the machine is shared: noise hits all alike);
+    every round's result per cell."""
     for name, issue in issuers.items():
         asyncio.run(load(name, issue, 1, 8))  # warm-up
-    raw: dict[tuple[str, int], list[Result]] = {}
+    raw: Rounds = {}
     for round_no in range(rounds):
         for s in streams:
             for name, issue in issuers.items():
@@ -251,6 +287,11 @@ def measure(issuers: dict[str, Issue], streams: list[int], rounds: int,
                 print(f"  round {round_no}: {name:<13}{s} streams {r.tok_s:7.1f} tok/s "
                       f"{r.completed}/{r.requests} done", flush=True)
                 raw.setdefault((name, s), []).append(r)
+    return raw
+
+
+def medians(raw: Rounds) -> list[Result]:
+    """Each cell's median round by tok/s."""
     return [sorted(rs, key=lambda r: r.tok_s)[len(rs) // 2] for rs in raw.values()]
 
 
@@ -285,12 +326,28 @@ def print_table(results: list[Result]) -> None:
               f"{fmt(r.ttft_p50):>13}{fmt(r.ttft_p95):>13}")
 
 
-def ratios(results: list[Result], streams: int) -> None:
-    at = {r.engine: r.tok_s for r in results if r.streams == streams}
-    for ours in ("gateway", "engine"):
-        for base in ("lcp", "lcp-noint", "llama-server"):
-            if ours in at and base in at and at[base] > 0:
-                print(f"{ours} / {base} at {streams} streams: {at[ours] / at[base]:.2f}x")
+def ratios(raw: Rounds, streams: int) -> None:
+    """Ours over each baseline at `streams`: the median of the per-round ratios (both ran
+    in the same round, so slow drifts of the machine's load cancel) and the ratio of the
+    medians."""
+    for ours in ("gateway", "engine", "engine-ctx"):
+        for base in ("lcp", "lcp-noint", "llama-server", "llama-server-ctx"):
+            mine, theirs = raw.get((ours, streams)), raw.get((base, streams))
+            if not mine or not theirs:
+                continue
+            # A round where either lost requests (a shared machine starved a lease) says
+            # nothing about speed: left out.
+            per_round = sorted(a.tok_s / b.tok_s for a, b in zip(mine, theirs, strict=True)
+                               if b.tok_s > 0 and a.completed == a.requests
+                               and b.completed == b.requests)
+            if not per_round:
+                continue
+            of_medians = medians({(ours, streams): mine})[0].tok_s / \
+                max(medians({(base, streams): theirs})[0].tok_s, 1e-9)
+            print(f"{ours} / {base} at {streams} streams: {per_round[len(per_round) // 2]:.2f} "
+                  f"(median of {len(per_round)} rounds: "
+                  f"{', '.join(f'{x:.2f}' for x in per_round)}; of the medians "
+                  f"{of_medians:.2f})")
 
 
 def speculative(model: str, threads: int, max_tokens: int) -> None:
@@ -314,20 +371,23 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--streams", default="1,4,8")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--only", default="gateway,engine,lcp,lcp-noint,llama-server,spec")
+    ap.add_argument("--only", default="gateway,engine,lcp,lcp-noint,llama-server,spec",
+                    help=f"any of {','.join(ENGINES)},spec")
     args = ap.parse_args()
     model, streams = str(materialize("gemma3-270m")), [int(s) for s in args.streams.split(",")]
     only = set(args.only.split(","))
+    engine_numerics_env()
     with contextlib.ExitStack() as stack:
-        results = measure(start_all(model, args.threads, only, stack), streams, args.rounds,
-                          args.max_tokens)
+        raw = measure(start_all(model, args.threads, only, stack), streams, args.rounds,
+                      args.max_tokens)
+    results = medians(raw)
     if "llama-server" in only and not LLAMA_SERVER.is_file():
         print(f"(c) skipped: {LLAMA_SERVER} is absent; build it with "
               "scripts/build_llama_server.sh")
     print(f"\n{args.max_tokens} tokens per request, 2 x streams requests per cell, greedy, "
           f"{args.threads} threads; median of {args.rounds} alternating rounds")
     print_table(sorted(results, key=lambda r: (ENGINES.index(r.engine), r.streams)))
-    ratios(results, max(streams))
+    ratios(raw, max(streams))
     if "spec" in only:
         speculative(model, args.threads, 128)
 

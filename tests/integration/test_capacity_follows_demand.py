@@ -39,7 +39,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
     root = tmp_path_factory.mktemp("demand-mesh")
     idle_file = root / f"{IDLE}.gguf"
     shutil.copyfile(materialize(HOT), idle_file)
-    # One replica (about 410 MiB at 1,024 tokens and 4 slots) fits each worker, two do not.
+    # One replica (about 480 MiB at 1,024 tokens and 8 slots) fits each worker, two do not.
     options = MeshOptions(workers=3, worker_memory="700MiB", models=(HOT, str(idle_file)),
                           context_length=1024, expect_replicas=1,
                           planner_args=FAST_REBALANCE, gateway_args=FAST_DEMAND)

@@ -18,6 +18,10 @@ A round, in order:
    whole, highest priority and busiest first, round-robin, up to each `max_replicas`: an
    idle replica costs nothing and makes the next burst free. A cold model's replica is
    taken back only when another model needs the memory (step 3).
+
+Before step 1 each model gets its slots (`place.size_slots`): those it asked for, or fewer
+when its KV cache at that many fits no worker whole and fewer would. The round plans with
+those specs and returns them: the planner publishes them, so workers run that many.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from meshllm.planner.demand import (
     SizedModel,
     WorkerCapacity,
 )
-from meshllm.planner.place import PlacementPolicy, place, required_bytes
+from meshllm.planner.place import PlacementPolicy, place, required_bytes, size_slots
 from meshllm.planner.rebalance import rebalance
 from meshllm.planner.split import stage_bytes
 
@@ -85,6 +89,8 @@ class RoundResult:
     placements: dict[ModelId, Placement]
     moves: Moves
     current: CurrentAssignment  # what rebalancing saw (phases and their start times)
+    specs: dict[ModelId, ModelSpec] = dataclasses.field(default_factory=dict)  # as planned
+    slot_notes: dict[ModelId, str] = dataclasses.field(default_factory=dict)  # fewer slots: why
 
 
 def holds(worker: WorkerInfo | None, model_id: ModelId) -> bool:
@@ -258,8 +264,19 @@ def fill(inputs: RoundInputs, placements: dict[ModelId, list[Replica]],
                 growing = True
 
 
+def sized_specs(inputs: RoundInputs, policy: PlacementPolicy
+                ) -> tuple[dict[ModelId, ModelSpec], dict[ModelId, str]]:
+    """Each model with the slots it gets on these workers, and why where it got fewer."""
+    budgets = [w.memory_budget_bytes for w in inputs.workers.values()]
+    sizings = {m: size_slots(spec, budgets, policy) for m, spec in inputs.specs.items()}
+    return ({m: s.spec for m, s in sizings.items()},
+            {m: s.note for m, s in sizings.items() if s.note})
+
+
 def next_placements(inputs: RoundInputs, policy: RoundPolicy) -> RoundResult:
     """The placements after this round's moves; see the module docstring."""
+    specs, notes = sized_specs(inputs, policy.placement)
+    inputs = dataclasses.replace(inputs, specs=specs)
     placements = {m: list(live_replicas(p, inputs.workers))
                   for m, p in inputs.published.items() if m in inputs.specs}
     reasons = first_replicas(inputs, placements, policy)
@@ -276,4 +293,4 @@ def next_placements(inputs: RoundInputs, policy: RoundPolicy) -> RoundResult:
         m: Placement(m, tuple(sorted(placements.get(m, []), key=lambda r: r.head.worker_id)),
                      required_bytes(spec, policy.placement), reasons.get(m, ""))
         for m, spec in inputs.specs.items()}
-    return RoundResult(result, moves, current)
+    return RoundResult(result, moves, current, specs, notes)

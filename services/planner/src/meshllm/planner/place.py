@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,41 @@ class PlacementPolicy:
 
 def required_bytes(model: ModelSpec, policy: PlacementPolicy) -> int:
     return model.weights_bytes + model.kv_cache_bytes + policy.engine_overhead_bytes
+
+
+def slots_that_fit(spec: ModelSpec, free_bytes: int, wanted: int,
+                   policy: PlacementPolicy) -> int:
+    """The most slots, at most `wanted`, with which the model fits `free_bytes` whole (its
+    KV cache is one context per slot); 0 when not even one slot fits."""
+    room = free_bytes - spec.weights_bytes - policy.engine_overhead_bytes
+    per_slot = spec.kv_bytes_per_token * spec.context_length
+    if room < per_slot or wanted < 1:
+        return 0
+    return wanted if per_slot == 0 else min(wanted, room // per_slot)
+
+
+@dataclass(frozen=True)
+class SlotSizing:
+    spec: ModelSpec  # with the slots it gets
+    note: str = ""   # why it got fewer than it asked for ("": as many as asked)
+
+
+def size_slots(spec: ModelSpec, budgets: Sequence[int], policy: PlacementPolicy
+               ) -> SlotSizing:
+    """Fewer slots (down to 1) for a model whose KV cache at its asked-for slots fits no
+    worker whole, when fewer would fit the largest budget: a whole replica with fewer
+    slots beats a split one (RPC per token) or none. A model set to split, one no budget
+    holds even with one slot, and one without workers keep the slots they asked for."""
+    largest = max(budgets, default=0)
+    if spec.force_split or not largest or required_bytes(spec, policy) <= largest:
+        return SlotSizing(spec)
+    fit = slots_that_fit(spec, largest, spec.slots, policy)
+    if fit < 1:
+        return SlotSizing(spec)
+    note = (f"{fit} of {spec.slots} slots: the KV cache of {spec.slots} x "
+            f"{spec.context_length} tokens does not fit the largest worker budget "
+            f"({format_size(largest)}) beside {format_size(spec.weights_bytes)} of weights")
+    return SlotSizing(dataclasses.replace(spec, slots=fit), note)
 
 
 def _explain(model: ModelSpec, policy: PlacementPolicy, workers: Sequence[WorkerInfo],

@@ -153,7 +153,6 @@ class Planner:
     async def _round(self, inputs: PlanInputs, published: dict[ModelId, Placement]
                      ) -> dict[ModelId, Placement]:
         described = await self._catalog.describe(inputs.declarations)
-        await self._publish_models(specs_of(described))
         result = next_placements(RoundInputs(
             specs={s.model_id: s for s in specs_of(described)},
             declarations={d.model_id: d for d in inputs.declarations},
@@ -162,6 +161,8 @@ class Planner:
             last_grew_s=self._memory.last_grew_s,
             last_shrank_s=self._memory.last_shrank_s), self._settings.policy)
         self._memory.remember(result)
+        # The specs as planned (slots sized to the workers): workers run what was budgeted.
+        await self._publish_models(list(result.specs.values()), result.slot_notes)
         log_moves(result.moves)
         placements = result.placements
         for model_id, found in described.items():
@@ -172,7 +173,8 @@ class Planner:
             await self._board.update(placements)
         return placements
 
-    async def _publish_models(self, specs: Sequence[ModelSpec]) -> None:
+    async def _publish_models(self, specs: Sequence[ModelSpec],
+                              notes: Mapping[ModelId, str]) -> None:
         wanted = {store.MODELS + m.model_id: convert.model_spec_to_pb(m).SerializeToString()
                   for m in specs}
         held = await self._kv.get_prefix(store.MODELS)
@@ -181,6 +183,9 @@ class Planner:
         for key, value in wanted.items():
             if held.get(key) != value:  # an unchanged record is not written: no watch event
                 await self._kv.put(key, value)
+                model_id = ModelId(key.removeprefix(store.MODELS))
+                if model_id in notes:
+                    log.info("model %s: %s", model_id, notes[model_id])
     async def _read_published(self) -> dict[ModelId, Placement]:
         found: dict[ModelId, Placement] = {}
         for key, value in (await self._kv.get_prefix(store.PLACEMENTS)).items():
