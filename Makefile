@@ -61,6 +61,9 @@ bench: install
 	$(BIN)/python bench/blackboard_search.py
 	$(BIN)/python bench/planner_scale.py
 	$(BIN)/python bench/rebalance_sim.py
+	$(BIN)/python bench/reproducible.py
+	$(BIN)/python bench/prefix_affinity.py
+	$(BIN)/python bench/moe_surgery.py
 
 llama-server:
 	bash scripts/build_llama_server.sh

@@ -26,6 +26,7 @@ and batch8.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -50,8 +51,26 @@ PROMPTS = [
     "Translate to French: 'The weather is nice today, and we are going to the beach "
     "with our friends after lunch.'\nFrench:",
 ]
+# Long enough (~350 tokens) that attention spans 512 KV cells (padded), where flash attention on
+# F16 KV switches to its split-KV path for single-row decodes.
+LONG_PROMPT = ("A detailed report on the water cycle, the carbon cycle and the nitrogen cycle, "
+               "with the role of oceans, forests, soils and the atmosphere in each. " * 14
+               + "In conclusion,")
 N_GEN = 32
 FA = {"auto": -1, "off": 0, "on": 1}
+TILED_OFF = ("GGML_CPU_TILED_MM", "0")
+
+
+class Tok(int):
+    """A greedy token that remembers a digest of the logit row it was picked from, so that
+    agreement can be judged bitwise (same logits) and not only by the argmax."""
+
+    digest: str
+
+    def __new__(cls, token: int, row: Any) -> Tok:
+        t = super().__new__(cls, token)
+        t.digest = hashlib.blake2b(row.tobytes(), digest_size=8).hexdigest()
+        return t
 
 
 @dataclass(frozen=True)
@@ -104,7 +123,7 @@ class Model:
         n = self.l.llama_tokenize(self.vocab, data, len(data), buf, len(buf), True, True)
         return list(buf[:n])
 
-    def decode(self, items: Sequence[tuple[int, int, int, bool]]) -> list[int]:
+    def decode(self, items: Sequence[tuple[int, int, int, bool]]) -> list[Tok]:
         """items: (token, pos, seq, want); returns the argmax of each wanted row."""
         b = self.batch
         b.n_tokens = len(items)
@@ -117,7 +136,7 @@ class Model:
             if want:
                 row = self.np.ctypeslib.as_array(self.l.llama_get_logits_ith(self.ctx, i),
                                                  shape=(self.n_vocab,))
-                out.append(int(row.argmax()))
+                out.append(Tok(int(row.argmax()), row))
         return out
 
     def clear(self) -> None:
@@ -189,14 +208,17 @@ def batched(m: Model, prompts: Sequence[list[int]], n: int = N_GEN) -> list[list
 
 def agreement(ref: Sequence[list[int]], got: Sequence[list[int]]) -> dict[str, Any]:
     same = sum(a == b for a, b in zip(ref, got, strict=True))
+    bits = sum([getattr(t, "digest", "") for t in a] == [getattr(t, "digest", "") for t in b]
+               for a, b in zip(ref, got, strict=True))
     first = [next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
              for a, b in zip(ref, got, strict=True)]
-    return {"same": same, "of": len(ref), "diverge_at": [f for f in first if f is not None]}
+    return {"same": same, "bitwise": bits, "of": len(ref),
+            "diverge_at": [f for f in first if f is not None]}
 
 
 def probe(m: Model, quick: bool = False) -> dict[str, Any]:
     """quick: only warm, chunks16 and batch8 (the conditions that disagree most)."""
-    prompts = [m.tokenize(p) for p in PROMPTS]
+    prompts = [m.tokenize(p) for p in (*PROMPTS, LONG_PROMPT)]
     ref = [cold(m, p) for p in prompts]
     conds: dict[str, list[list[int]]] = {"warm": [warm(m, p) for p in prompts],
                                          "chunks16": [cold(m, p, 16) for p in prompts]}
@@ -253,6 +275,12 @@ SWEEP = [
     Config("unified-kv", kv_unified=True),
     Config("kv-f32-fa-off", type_kv="f32", flash_attn="off"),
     Config("no-fusion", env=(("GGML_CPU_DISABLE_FUSION", "1"),)),
+    # The tiled K-quant matmul (ggml-cpu/tiled, 8+ rows) sums in another order than vec_dot.
+    Config("tiled-off", env=(TILED_OFF,)),
+    Config("tiled-off-fa-off", flash_attn="off", env=(TILED_OFF,)),
+    # Flash attention with a quantized KV cache takes its row-by-row path only (the tiled and
+    # split-KV paths need F16/F32 K and V), so attention never goes through a matmul.
+    Config("tiled-off-fa-kvq8", flash_attn="on", type_kv="q8_0", env=(TILED_OFF,)),
 ]
 
 
@@ -270,7 +298,8 @@ def child(c: Config, do_speed: bool, quick: bool) -> dict[str, Any]:
 def summary(r: dict[str, Any]) -> str:
     if "error" in r:
         return f"{r['config']['name']:<16} ERROR {r['error'][-200:]}"
-    cells = " ".join(f"{k}={v['same']}/{v['of']}" for k, v in r["agreement"].items())
+    cells = " ".join(f"{k}={v['same']}/{v['of']}({v.get('bitwise', '?')})"
+                     for k, v in r["agreement"].items())
     sp = r.get("speed", {})
     return f"{r['config']['name']:<16} {cells} {sp}"
 

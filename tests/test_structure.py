@@ -34,7 +34,12 @@ ALLOWED = {
     "cli": {"common", "native", *SERVICES},
 }
 # The one function that reads the process environment; services get it passed down.
-ENV_READERS = {("common/src/meshllm/common/config.py", "process_env")}
+ENV_READERS = {
+    ("common/src/meshllm/common/config.py", "process_env"),
+    # Not configuration: native libraries' switches that only the environment can set,
+    # written before they compute (batch/numerics.py says why).
+    ("common/src/meshllm/common/config.py", "export_to_process"),
+}
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,15 @@ def test_common_prefix(a: list[int], b: list[int], n: int) -> None:
     # no match: the least recently used slot
     ([FreeSlot(0, [7], 5), FreeSlot(1, [8], 2)], [1, 2], True, Placement(1, 0)),
     ([FreeSlot(0, [1, 2, 3], 0)], [1, 2, 3, 4], False, Placement(0, 0)),
+    # a short shared opening (a chat template's) does not take another conversation's
+    # slot: the least recently used one is taken, and what it shares is still reused
+    ([FreeSlot(0, [1, 2, 9, 9, 9, 9], 1), FreeSlot(1, [], 0)], [1, 2, 3, 4, 5, 6], True,
+     Placement(1, 0)),
+    ([FreeSlot(0, [1, 2, 9, 9], 0), FreeSlot(1, [5], 3)], [1, 2, 3, 4, 5, 6], True,
+     Placement(0, 2)),
+    # half the prompt shared is enough
+    ([FreeSlot(0, [1, 2, 3, 9], 1), FreeSlot(1, [], 0)], [1, 2, 3, 4, 5, 6], True,
+     Placement(0, 3)),
 ])
 def test_place(free: list[FreeSlot], prompt: list[int], enabled: bool, want: Placement) -> None:
     assert place(free, prompt, enabled) == want

@@ -252,6 +252,7 @@ def test_up_defaults() -> None:
         2, ("gemma3-270m",), (), 9337, 9339)
     assert (cfg.rpc_transport, cfg.etcd_url, cfg.context_length_tokens,
             cfg.ready_timeout_s) == ("tunnel", "", 4096, 900.0)
+    assert cfg.slots == 8  # llama-server --parallel 8's throughput at 8 streams
     assert cfg.worker_memory_bytes == 1024**3
     assert cfg.threads == max(1, (os.cpu_count() or 1) // 2)
     assert cfg.data_dir == (Path.home() / ".local/share/mesh-llm").resolve()
@@ -264,6 +265,7 @@ def test_up_reads_the_environment(tmp_path: Path) -> None:
            "MESHLLM_WORKER_MEMORY": "512MiB", "MESHLLM_THREADS": "2",
            "MESHLLM_UP_DATA_DIR": str(tmp_path), "MESHLLM_ETCD": "http://e:2379",
            "MESHLLM_CONTEXT_LENGTH": "2048", "MESHLLM_UP_READY_TIMEOUT_S": "30",
+           "MESHLLM_SLOTS": "3",
            "MESHLLM_METRICS_PORT": "9100", "MESHLLM_TLS_CA": "/ca.pem"}
     cfg = load_up_config([], env)
     assert (cfg.workers, cfg.models, cfg.split) == (3, ("gemma3-270m", "/m/x.gguf"),
@@ -271,16 +273,17 @@ def test_up_reads_the_environment(tmp_path: Path) -> None:
     assert (cfg.rpc_transport, cfg.port, cfg.blackboard_port) == ("direct", 8000, 8001)
     assert (cfg.worker_memory_bytes, cfg.threads) == (512 * 1024**2, 2)
     assert (cfg.data_dir, cfg.etcd_url) == (tmp_path.resolve(), "http://e:2379")
-    assert (cfg.context_length_tokens, cfg.ready_timeout_s) == (2048, 30.0)
+    assert (cfg.context_length_tokens, cfg.ready_timeout_s, cfg.slots) == (2048, 30.0, 3)
     assert "MESHLLM_METRICS_PORT" not in cfg.child_env
     assert cfg.child_env["MESHLLM_TLS_CA"] == "/ca.pem"
 
 
 def test_up_flags_beat_the_environment() -> None:
     cfg = load_up_config(["--model", "a.gguf", "--model", "b.gguf", "--workers", "1",
-                          "--worker-memory", "1GiB", "--threads", "0"],
-                         {"MESHLLM_MODELS": "c.gguf", "MESHLLM_UP_WORKERS": "4"})
-    assert (cfg.models, cfg.workers) == (("a.gguf", "b.gguf"), 1)
+                          "--worker-memory", "1GiB", "--threads", "0", "--slots", "2"],
+                         {"MESHLLM_MODELS": "c.gguf", "MESHLLM_UP_WORKERS": "4",
+                          "MESHLLM_SLOTS": "5"})
+    assert (cfg.models, cfg.workers, cfg.slots) == (("a.gguf", "b.gguf"), 1, 2)
     assert cfg.threads == max(1, os.cpu_count() or 1)  # 0: cores / workers
 
 
@@ -293,6 +296,7 @@ def test_up_flags_beat_the_environment() -> None:
     (["--worker-memory", "lots"], {}, "--worker-memory / MESHLLM_WORKER_MEMORY"),
     ([], {"MESHLLM_THREADS": "-1"}, "--threads / MESHLLM_THREADS"),
     ([], {"MESHLLM_CONTEXT_LENGTH": "0"}, "--context-length / MESHLLM_CONTEXT_LENGTH"),
+    (["--slots", "0"], {}, "--slots / MESHLLM_SLOTS"),
     ([], {"MESHLLM_UP_READY_TIMEOUT_S": "soon"},
      "--ready-timeout-s / MESHLLM_UP_READY_TIMEOUT_S"),
 ])

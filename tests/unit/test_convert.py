@@ -57,6 +57,12 @@ def test_spec_and_placement_round_trip() -> None:
     for template in ("name:gemma", "text:{% for m in messages %}{{ m.content }}{% endfor %}"):
         spec = dataclasses.replace(SPEC, chat_template=template)
         assert convert.model_spec_from_pb(convert.model_spec_to_pb(spec)) == spec
+    fast = dataclasses.replace(SPEC, deterministic=False)
+    assert convert.model_spec_from_pb(convert.model_spec_to_pb(fast)) == fast
+    # A record that does not say (an older planner's) is reproducible, the default.
+    assert convert.model_spec_from_pb(mesh_pb2.ModelSpec(
+        model_id="m", source="m.gguf", weights_bytes=1, n_layers=1, context_length=1)
+    ).deterministic
     raw = convert.placement_to_pb(PLACEMENT).SerializeToString()
     assert convert.parse_placement(raw) == PLACEMENT
     unplaced = Placement(ModelId("m"), (), 5, "too big")

@@ -53,6 +53,7 @@ COMMANDS: list[wire.Command] = [
               speculative="draft:/d.gguf", rpc_library="stock"),
     wire.Load(Path("/m.gguf"), 512, 1, chat_template="name:chatml"),
     wire.Load(Path("/m.gguf"), 512, 1, chat_template="text:{{ messages[0].content }}\n✓"),
+    wire.Load(Path("/m.gguf"), 512, 1, deterministic=False),
     wire.Generate(R, "Once upon a time", None, SAMPLING),
     wire.Generate(R, None, (ChatMessage("system", "be brief"), ChatMessage("user", "héllo ✓")),
                   SamplingParams()),

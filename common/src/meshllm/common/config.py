@@ -191,3 +191,9 @@ ADVERTISE_ADDRESS_OPTION = Option(
 def process_env() -> Mapping[str, str]:
     """The environment, read when a service starts (never at import time)."""
     return dict(os.environ)
+
+
+def export_to_process(switches: Mapping[str, str]) -> None:
+    """Sets variables in this process's environment: for native libraries whose only
+    switch is a variable they read themselves (ggml's kernel choice, batch/numerics.py)."""
+    os.environ.update(switches)

@@ -108,6 +108,7 @@ def model_spec_to_pb(s: ModelSpec) -> mesh_pb2.ModelSpec:
         train_context_length=s.train_context_length, shared_bytes=s.shared_bytes,
         layer_bytes=list(s.layer_bytes), force_split=s.force_split, slots=s.slots,
         speculative=s.speculative, chat_template=s.chat_template,
+        fast_kernels=not s.deterministic,
     )
 
 
@@ -126,6 +127,7 @@ def model_spec_from_pb(m: mesh_pb2.ModelSpec) -> ModelSpec:
         train_context_length=m.train_context_length, shared_bytes=m.shared_bytes,
         layer_bytes=tuple(m.layer_bytes), force_split=m.force_split, slots=max(1, m.slots),
         speculative=m.speculative or "none", chat_template=m.chat_template,
+        deterministic=not m.fast_kernels,
     )
 
 

@@ -15,6 +15,16 @@ from meshllm.common.errors import ConfigError
 from meshllm.common.grpc_guard import MalformedRequestGuard
 from meshllm.common.tls import PLAINTEXT, GrpcSecurity, security_from_env
 
+# A peer that vanished without a reset (a cut link, a frozen host) leaves a half-open
+# connection that no call notices until its deadline: clients ping every 10 s, calls open
+# or not, and drop the connection 5 s after an unanswered ping; servers accept pings that
+# often instead of answering them with GOAWAY (too_many_pings).
+KEEPALIVE_CLIENT = (("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
+                    ("grpc.keepalive_permit_without_calls", 1),
+                    ("grpc.http2.max_pings_without_data", 0))
+KEEPALIVE_SERVER = (("grpc.keepalive_permit_without_calls", 1),
+                    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+                    ("grpc.http2.max_ping_strikes", 0))
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -29,7 +39,7 @@ def new_server(listen: str, interceptors: Sequence[Any] = (),
     """
     # The guard goes last, next to the servicers, to parse what they are about to receive.
     server = grpc.aio.server(interceptors=[*interceptors, MalformedRequestGuard()],
-                             options=[("grpc.so_reuseport", 0)])
+                             options=[("grpc.so_reuseport", 0), *KEEPALIVE_SERVER])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = security.add_port(server, listen)

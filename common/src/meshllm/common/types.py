@@ -75,6 +75,8 @@ class ModelSpec:
     chat_template: str = ""              # "": automatic (the GGUF's own, else its family's);
                                          # "name:NAME": a built-in (CHAT_TEMPLATE_NAMES);
                                          # "text:SOURCE": a Jinja template's text
+    deterministic: bool = True           # batch-invariant kernels: the same request gives
+                                         # the same tokens whatever shares its batch
 
     @property
     def kv_cache_bytes(self) -> int:

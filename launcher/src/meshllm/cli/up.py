@@ -60,6 +60,7 @@ def start_services(group: ProcessGroup, cfg: UpConfig, etcd: str, ports: PortPic
         "meshllm.planner", "--etcd", etcd, "--listen", f"127.0.0.1:{ports.pick()}",
         "--models", ",".join((*cfg.models, *(s for s in cfg.split if s not in cfg.models))),
         "--split", ",".join(cfg.split), "--context-length", str(cfg.context_length_tokens),
+        "--slots", str(cfg.slots), "--deterministic", ",".join(cfg.deterministic),
         "--chat-template", ",".join(cfg.chat_templates)))
     group.start("blackboard", service_argv(
         "meshllm.blackboard", "--etcd", etcd, "--listen", blackboard,

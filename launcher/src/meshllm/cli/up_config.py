@@ -25,7 +25,7 @@ from meshllm.common.config import (
 from meshllm.gateway.config import API_KEY_OPTION, API_KEYS_FILE_OPTION, default_host
 from meshllm.gateway.config import OPTIONS as GATEWAY_OPTIONS
 from meshllm.planner.config import OPTIONS as PLANNER_OPTIONS
-from meshllm.planner.config import chat_templates
+from meshllm.planner.config import chat_templates, deterministic_modes
 from meshllm.worker.config import OPTIONS as WORKER_OPTIONS
 from meshllm.worker.config import spare_memory_bytes
 
@@ -49,6 +49,8 @@ class UpConfig:
     data_dir: Path
     etcd_url: str               # "" : start one under data_dir
     context_length_tokens: int
+    slots: int                  # requests each engine decodes at once (the planner's --slots)
+    deterministic: tuple[str, ...]  # the planner's --deterministic: on | off | MODEL=on|off
     ready_timeout_s: float
     require_models: bool        # exit non-zero (after stopping) when a model is not served
     open_console: bool          # open the console in a browser once ready
@@ -95,6 +97,9 @@ UP_OPTIONS = (
                         help="use this etcd URL instead of starting one"),
     Option("--context-length", "MESHLLM_CONTEXT_LENGTH", positive_int, "4096",
            "context length in tokens per engine"),
+    # The planner's own option: one default and one help text for both commands.
+    next(o for o in PLANNER_OPTIONS if o.flag == "--slots"),
+    next(o for o in PLANNER_OPTIONS if o.flag == "--deterministic"),
     Option("--ready-timeout-s", "MESHLLM_UP_READY_TIMEOUT_S", positive_float, "900",
            "seconds to wait for every model to serve"),
     Option("--require-models", "MESHLLM_UP_REQUIRE_MODELS", on_off, "false",
@@ -116,6 +121,7 @@ def load_up_config(argv: Sequence[str], env: Mapping[str, str]) -> UpConfig:
     v = read_options("mesh-llm up", UP_OPTIONS, argv, env)
     workers = v["workers"]
     chat_templates(v["chat_template"])  # a bad name or file fails here, before any service
+    deterministic_modes(v["deterministic"])  # and so does a bad --deterministic entry
     return UpConfig(
         workers=workers, models=v["model"] or (DEFAULT_MODEL,), split=v["split"],
         chat_templates=v["chat_template"],
@@ -124,7 +130,9 @@ def load_up_config(argv: Sequence[str], env: Mapping[str, str]) -> UpConfig:
         worker_memory_bytes=v["worker_memory"] or spare_memory_bytes() // workers,
         threads=v["threads"] or max(1, (os.cpu_count() or 1) // workers),
         data_dir=v["data_dir"].expanduser().resolve(), etcd_url=v["etcd"],
-        context_length_tokens=v["context_length"], ready_timeout_s=v["ready_timeout_s"],
+        context_length_tokens=v["context_length"], slots=v["slots"],
+        deterministic=tuple(v["deterministic"]),
+        ready_timeout_s=v["ready_timeout_s"],
         require_models=v["require_models"], open_console=v["open"], api_keys=v["api_key"],
         api_keys_file=str(Path(v["api_keys_file"]).expanduser().resolve())
         if v["api_keys_file"] else "", tls=v["tls"],

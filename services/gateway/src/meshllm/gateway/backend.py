@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 from meshllm.common import convert, grpc_errors, telemetry
 from meshllm.common.errors import InvalidGenerateRequest, MeshError, Overloaded
+from meshllm.common.grpcutil import KEEPALIVE_CLIENT
 from meshllm.common.meshview import MeshSnapshot, follow_mesh
 from meshllm.common.store import KeyValueStore
 from meshllm.common.tls import PLAINTEXT, GrpcSecurity
@@ -111,7 +112,7 @@ class MeshBackend:
     def _stub(self, address: str) -> worker_pb2_grpc.ShardWorkerStub:
         if address not in self._channels:
             self._channels[address] = self._security.channel(
-                address, interceptors=self._interceptors)
+                address, options=KEEPALIVE_CLIENT, interceptors=self._interceptors)
         return worker_pb2_grpc.ShardWorkerStub(self._channels[address])
 
     def resolve(self, model: str) -> ModelId:

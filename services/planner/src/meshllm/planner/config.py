@@ -56,8 +56,11 @@ class PlannerConfig:
     models: tuple[str, ...]         # catalog names or .gguf paths to serve
     split: tuple[str, ...]          # models to split across workers even if one holds them
     max_link_rtt_ms: float          # never split a model over a slower link
-    slots: int                      # sequences each engine decodes together, full context each
+    slots: int                      # sequences each engine decodes together, full context
+                                    # each (fewer where the model would not fit: place.py)
     speculative: dict[str, str]     # model -> none | ngram | draft:<model>; "*" for all
+    deterministic: dict[str, bool]  # model -> reproducible generation (batch-invariant
+                                    # kernels); "*" for all
     chat_templates: dict[str, str]  # model -> name:NAME | text:SOURCE (ModelSpec.chat_template)
     context_length_tokens: int      # context each engine serves, capped at the trained one
     engine_overhead_bytes: int      # memory an engine needs beside weights and KV cache
@@ -81,11 +84,16 @@ OPTIONS = (
            "comma-separated models (as given in --models) to split even when they fit"),
     Option("--max-link-rtt-ms", "MESHLLM_MAX_LINK_RTT_MS", positive_float, "80",
            "links slower than this (round trip) are never used to split a model"),
-    Option("--slots", "MESHLLM_SLOTS", positive_int, "4",
-           "requests each engine decodes at once (continuous batching); KV cache grows with it"),
+    Option("--slots", "MESHLLM_SLOTS", positive_int, "8",
+           "requests each engine decodes at once (continuous batching), one context of KV "
+           "cache each; fewer (down to 1) where a model with that many fits no worker"),
     Option("--speculative", "MESHLLM_SPECULATIVE", csv_list, "none",
            "speculative decoding: none | ngram | draft:MODEL, for all models or as "
            "MODEL=MODE entries"),
+    Option("--deterministic", "MESHLLM_DETERMINISTIC", csv_list, "on",
+           "reproducible generation (the same request gives the same tokens whatever shares "
+           "its batch; README: 'Same request, same answer'): on | off, for all models or as "
+           "MODEL=on|off entries"),
     Option("--chat-template", "MESHLLM_CHAT_TEMPLATE", csv_list, "",
            f"chat template override: {' | '.join(CHAT_TEMPLATE_NAMES)} or a Jinja FILE, "
            "for all models or as MODEL=VALUE entries (default: the GGUF's own, else its "
@@ -143,6 +151,18 @@ def speculative_modes(entries: Sequence[str]) -> dict[str, str]:
     return modes
 
 
+def deterministic_modes(entries: Sequence[str]) -> dict[str, bool]:
+    """{"*": True, "big-model": False} from "on,big-model=off"."""
+    modes = {}
+    for entry in entries:
+        model, _, value = entry.rpartition("=") if "=" in entry else ("*", "", entry)
+        if value not in ("on", "off"):
+            raise ConfigError("--deterministic / MESHLLM_DETERMINISTIC",
+                              f"{entry!r}: expected on, off or MODEL=on|off")
+        modes[model or "*"] = value == "on"
+    return modes
+
+
 def _chat_template(entry: str, value: str, read: Callable[[Path], str]) -> str:
     if value in CHAT_TEMPLATE_NAMES:
         return f"name:{value}"
@@ -179,6 +199,7 @@ def load_config(argv: Sequence[str], env: Mapping[str, str]) -> PlannerConfig:
         etcd_url=v["etcd"], listen=v["listen"], models=v["models"], split=v["split"],
         max_link_rtt_ms=v["max_link_rtt_ms"], slots=v["slots"],
         speculative=speculative_modes(v["speculative"]),
+        deterministic=deterministic_modes(v["deterministic"]),
         chat_templates=chat_templates(v["chat_template"]),
         context_length_tokens=v["context_length"], engine_overhead_bytes=v["engine_overhead"],
         max_replicas=v["max_replicas"], debounce_s=v["debounce_s"],

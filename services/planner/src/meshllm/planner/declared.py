@@ -34,8 +34,10 @@ def describer(config: PlannerConfig) -> Describe:
         spec = models.describe(source, config.context_length_tokens, source in config.split)
         mode = config.speculative.get(source, config.speculative.get("*", "none"))
         template = config.chat_templates.get(source, config.chat_templates.get("*", ""))
+        exact = config.deterministic.get(source, config.deterministic.get("*", True))
         return dataclasses.replace(spec, model_id=declaration.model_id, slots=config.slots,
-                                   speculative=mode, chat_template=template)
+                                   speculative=mode, chat_template=template,
+                                   deterministic=exact)
     return describe
 
 

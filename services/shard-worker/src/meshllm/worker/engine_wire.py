@@ -67,6 +67,7 @@ class Load:
     speculative: str = DEFAULT_SPECULATIVE
     rpc_library: str = DEFAULT_RPC_LIBRARY
     chat_template: str = ""              # ModelSpec.chat_template: "" | name:NAME | text:SOURCE
+    deterministic: bool = True           # ModelSpec.deterministic: batch-invariant kernels
 
 
 @dataclass(frozen=True)
@@ -248,7 +249,8 @@ def _load(f: Fields) -> Load:
     return Load(Path(f.text("model_path")), f.integer("context_length_tokens"),
                 f.integer("threads"), f.texts("rpc_endpoints"), f.integers("stage_layers"),
                 f.flag("weight_repack"), f.integer("slots"), f.integer("max_queue"),
-                f.text("speculative"), f.text("rpc_library"), f.text("chat_template"))
+                f.text("speculative"), f.text("rpc_library"), f.text("chat_template"),
+                f.flag("deterministic"))
 
 
 def _sampling(f: Fields) -> SamplingParams:

@@ -14,6 +14,7 @@ from meshllm.common import models
 from meshllm.common.errors import EngineUnavailable, MeshError
 from meshllm.common.types import LoadState, ModelState
 from meshllm.worker import engine_wire as wire
+from meshllm.worker.engine.batch.numerics import numerics_for
 from meshllm.worker.engines import Engine, EngineSettings
 from meshllm.worker.plans import HostPlan, Role
 from meshllm.worker.stage import StageServer, StageSettings
@@ -126,10 +127,16 @@ class ModelHost:
     async def _start_stage(self) -> StageServer:
         stage = self._deps.stage_factory(StageSettings(
             self._deps.stage_host, self._deps.stage_cache_dir, self._deps.threads,
-            self._deps.rpc_library, child_env=self._deps.child_env))
+            self._deps.rpc_library, child_env=self._compute_env()))
         await stage.start()
         self.stage = stage
         return stage
+
+    def _compute_env(self) -> dict[str, str]:
+        """The environment of the processes computing this model (the engine, a stage):
+        the kernel switches of its numerics, so that a stage computes as the head does."""
+        numerics = numerics_for(self.spec.deterministic)
+        return {**self._deps.child_env, **numerics.process_env()}
 
     async def _engine_settings(self) -> EngineSettings:
         await self._set(LoadState.LOADING, self.state.error, phase="assembling model file")
@@ -142,8 +149,9 @@ class ModelHost:
             stage_layers=tuple(p.n_layers for p in self.plan.peers),
             weight_repack=self._deps.weight_repack, slots=self.spec.slots,
             max_queue=self._deps.max_queue, speculative=await self._speculative(),
-            rpc_library=self._deps.rpc_library, chat_template=self.spec.chat_template)
-        return EngineSettings(load, self._deps.child_env, on_progress=self._loading_progress,
+            rpc_library=self._deps.rpc_library, chat_template=self.spec.chat_template,
+            deterministic=self.spec.deterministic)
+        return EngineSettings(load, self._compute_env(), on_progress=self._loading_progress,
                               log_level=self._deps.log_level)
 
     async def _load(self) -> Runner:

@@ -28,7 +28,7 @@ def batch_config(load: Load, on_progress: Callable[[float], None] | None = None
         model_path=str(load.model_path), n_ctx=load.context_length_tokens * load.slots,
         n_slots=load.slots, n_threads=load.threads, max_queue=load.max_queue,
         spec_mode=SpecMode(mode), draft_model_path=draft or None,
-        chat_template=load.chat_template,
+        chat_template=load.chat_template, deterministic=load.deterministic,
         load=load_options(load, on_progress),
     )
 

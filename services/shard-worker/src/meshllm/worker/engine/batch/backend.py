@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -16,6 +17,7 @@ import numpy as np
 from meshllm.worker.engine.batch.embed import LlamaEmbedder
 from meshllm.worker.engine.batch.errors import DecodeFailed, ModelLoadFailed
 from meshllm.worker.engine.batch.load_options import LoadOptions, model_params
+from meshllm.worker.engine.batch.numerics import FASTEST, Numerics
 from meshllm.worker.engine.batch.sampling import Logits
 
 log = logging.getLogger(__name__)
@@ -46,15 +48,28 @@ class Backend(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class ContextSettings:
+    """One llama.cpp context: its size, parallelism and the kernels it computes with."""
+
+    n_ctx: int           # KV cells in all
+    n_seq: int           # sequences (slots)
+    n_threads: int
+    n_batch: int         # most tokens in one llama_decode call
+    kv_unified: bool     # one KV stream shared by the sequences (else one per sequence)
+    numerics: Numerics = FASTEST
+
+
 class LlamaBackend:
     """One llama.cpp model and context with n_seq sequences."""
 
-    def __init__(self, path: str, *, n_ctx: int, n_seq: int, n_threads: int, n_batch: int,
-                 kv_unified: bool, load: LoadOptions | None = None) -> None:
+    def __init__(self, path: str, context: ContextSettings,
+                 load: LoadOptions | None = None) -> None:
         import llama_cpp  # only the engine process loads llama.cpp
         from llama_cpp._logger import set_verbose
 
         set_verbose(False)
+        context.numerics.apply_to_process()
         self._l: Any = llama_cpp
         llama_cpp.llama_backend_init()
         self._params = model_params(load or LoadOptions())
@@ -62,31 +77,30 @@ class LlamaBackend:
                                                            self._params.native)
         if not self._model:
             raise ModelLoadFailed(f"llama.cpp could not load {path}")
-        self._ctx = llama_cpp.llama_init_from_model(
-            self._model, self._context_params(n_ctx, n_seq, n_threads, n_batch, kv_unified))
+        self._ctx = llama_cpp.llama_init_from_model(self._model, self._context_params(context))
         if not self._ctx:
             llama_cpp.llama_model_free(self._model)
             raise ModelLoadFailed(f"llama.cpp could not create a context for {path}")
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self.n_vocab: int = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
-        self.n_batch = n_batch
-        self._n_threads = n_threads
-        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self.n_batch = context.n_batch
+        self._n_threads = context.n_threads
+        self._batch = llama_cpp.llama_batch_init(context.n_batch, 0, 1)
         self._pieces: dict[int, bytes] = {}
         self._embedder: LlamaEmbedder | None = None
 
-    def _context_params(self, n_ctx: int, n_seq: int, n_threads: int, n_batch: int,
-                        kv_unified: bool) -> Any:
+    def _context_params(self, c: ContextSettings) -> Any:
         p = self._l.llama_context_default_params()
-        p.n_ctx, p.n_seq_max = n_ctx, n_seq
-        p.n_batch, p.n_ubatch = n_batch, min(n_batch, 512)
-        p.n_threads = p.n_threads_batch = n_threads
+        p.n_ctx, p.n_seq_max = c.n_ctx, c.n_seq
+        p.n_batch, p.n_ubatch = c.n_batch, min(c.n_batch, 512)
+        p.n_threads = p.n_threads_batch = c.n_threads
         # A full-size sliding-window cache lets us drop any suffix of a sequence: rejected
         # drafts and the unshared tail of a reused prefix (Gemma 3 uses sliding windows).
         p.swa_full = True
-        p.kv_unified = kv_unified
+        p.kv_unified = c.kv_unified
         p.no_perf = True
+        c.numerics.apply_to_context(p, self._l)
         return p
 
     def decode(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int],

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 from meshllm.common.errors import ConfigError
+from meshllm.worker.engine.batch.backend import ContextSettings
 from meshllm.worker.engine.batch.load_options import LoadOptions
+from meshllm.worker.engine.batch.numerics import numerics_for
 from meshllm.worker.engine_wire import DEFAULT_MAX_QUEUE
 
 
@@ -27,6 +30,9 @@ class BatchConfig:
     max_queue: int = DEFAULT_MAX_QUEUE  # waiting requests beyond busy slots before QueueFull
     prefix_reuse: bool = True
     kv_unified: bool = False  # as llama-server --parallel N: one KV stream per slot
+    # Batch-invariant kernels (batch/numerics): the same request gives the same tokens
+    # whatever shares its batch or its cache; needs repacking off and one stream per slot.
+    deterministic: bool = True
     spec_mode: SpecMode = SpecMode.NONE
     draft_model_path: str | None = None
     draft_max: int = 4  # most tokens proposed per sequence and step
@@ -56,6 +62,22 @@ class BatchConfig:
             raise ConfigError("draft_model_path", "speculative mode 'draft' needs a draft model")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ConfigError("ngram_min", "must be between 1 and ngram_max")
+        if self.deterministic and self.kv_unified:
+            # A unified cache interleaves the sequences' cells, so attention sums a
+            # sequence's cells in an order that depends on the others.
+            raise ConfigError("kv_unified", "deterministic generation needs one KV stream "
+                              "per slot: turn kv_unified or deterministic off")
+
+    @property
+    def model_load(self) -> LoadOptions:
+        """How to load the models: repacked weights run other kernels per batch size, so
+        deterministic generation loads without repacking whatever `load` says."""
+        return dataclasses.replace(self.load, repack=False) if self.deterministic else self.load
+
+    def context(self, n_batch: int) -> ContextSettings:
+        """The llama.cpp context of the target (and of a draft model) for this config."""
+        return ContextSettings(self.n_ctx, self.n_slots, self.n_threads, n_batch,
+                               self.kv_unified, numerics_for(self.deterministic))
 
     @property
     def n_ctx_slot(self) -> int:

@@ -52,10 +52,8 @@ def make_drafter(config: BatchConfig, n_batch: int) -> Drafter | None:
         # Small by design: held whole in this process even when the target is split (a
         # draft offloaded to the stages would add their round trips to every proposal),
         # with the target's repacking so that both run the same kernels.
-        draft = LlamaBackend(config.draft_model_path, n_ctx=config.n_ctx,
-                             n_seq=config.n_slots, n_threads=config.n_threads,
-                             n_batch=n_batch, kv_unified=config.kv_unified,
-                             load=LoadOptions(repack=config.load.repack))
+        draft = LlamaBackend(config.draft_model_path, config.context(n_batch),
+                             LoadOptions(repack=config.model_load.repack))
         return ModelDrafter(draft, config.n_slots, n_batch)
     return None
 
@@ -66,9 +64,7 @@ class BatchEngine:
                  embedder: Callable[[], Embedder] | None = None) -> None:
         self.config = config
         self._backend: Backend = backend or LlamaBackend(
-            config.model_path, n_ctx=config.n_ctx, n_seq=config.n_slots,
-            n_threads=config.n_threads, n_batch=config.n_batch, kv_unified=config.kv_unified,
-            load=config.load)
+            config.model_path, config.context(config.n_batch), config.model_load)
         if drafter is None and backend is None and config.speculative:
             drafter = make_drafter(config, config.n_batch)
         self._counters = Counters()

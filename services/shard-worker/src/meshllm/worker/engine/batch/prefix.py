@@ -28,8 +28,16 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+# A slot counts as holding this prompt's prefix only when it shares at least this share of
+# the prompt (llama-server's --slot-prompt-similarity): every chat shares the template's
+# first tokens, and taking another conversation's slot for those would throw its cache away
+# while an unused or older slot is free.
+MIN_SHARED = 0.5
+
+
 def place(free: Sequence[FreeSlot], prompt: Sequence[int], enabled: bool = True) -> Placement:
-    """The free slot sharing the longest prefix; ties go to the least recently used slot.
+    """The free slot sharing the longest prefix (at least MIN_SHARED of the prompt), else
+    the least recently used slot; ties go to the least recently used.
 
     At least the prompt's last token is always evaluated again: its logits give the first
     output token, and logits are not kept with the KV.
@@ -38,7 +46,9 @@ def place(free: Sequence[FreeSlot], prompt: Sequence[int], enabled: bool = True)
         raise ValueError("place() needs at least one free slot")
 
     def reuse(slot: FreeSlot) -> int:
-        return min(common_prefix(slot.cached, prompt), len(prompt) - 1) if enabled else 0
+        shared = min(common_prefix(slot.cached, prompt), len(prompt) - 1) if enabled else 0
+        return shared if shared >= MIN_SHARED * len(prompt) else 0
 
     best = min(free, key=lambda s: (-reuse(s), s.last_used, s.index))
-    return Placement(best.index, max(0, reuse(best)))
+    reused = min(common_prefix(best.cached, prompt), len(prompt) - 1) if enabled else 0
+    return Placement(best.index, max(0, reused))
