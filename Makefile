@@ -53,6 +53,7 @@ bench: install
 	$(BIN)/pip install --quiet -r requirements-bench.txt
 	$(BIN)/python bench/gateway_overhead.py
 	$(BIN)/python bench/pipeline_split.py
+	$(BIN)/python bench/split_latency.py
 	$(BIN)/python bench/batching.py
 	$(BIN)/python bench/constrained_decoding.py
 	$(BIN)/python bench/blackboard_gossip.py
@@ -64,6 +65,9 @@ bench: install
 	$(BIN)/python bench/reproducible.py
 	$(BIN)/python bench/prefix_affinity.py
 	$(BIN)/python bench/moe_surgery.py
+	$(BIN)/python bench/moe_quality.py
+	$(BIN)/python bench/moe_shard_speed.py
+	$(BIN)/python bench/moe_bytes.py
 
 llama-server:
 	bash scripts/build_llama_server.sh

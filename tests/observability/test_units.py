@@ -15,6 +15,7 @@ from meshllm.common.types import Finished, GenerateEvent, SamplingParams, TokenD
 from meshllm.gateway.__main__ import UNTRACED_PATHS
 from meshllm.gateway.app import Api, build_app
 from meshllm.gateway.backend import MeshBackend
+from meshllm.gateway.config import StreamTiming
 from meshllm.gateway.metrics import GatewayMetrics
 from meshllm.gateway.openai_api import ApiRequest
 from meshllm.gateway.recent import RecentRequests, RequestRecord
@@ -211,7 +212,7 @@ class AnsweringBackend(MeshBackend):
     """Answers every request with "Hello" in two tokens."""
 
     def __init__(self) -> None:
-        super().__init__(cast(KeyValueStore, object()), 1.0, 1.0)
+        super().__init__(cast(KeyValueStore, object()), StreamTiming(1.0, 1.0))
 
     async def generate(self, req: ApiRequest) -> AsyncGenerator[GenerateEvent, None]:
         async for event in _events():

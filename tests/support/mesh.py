@@ -25,6 +25,7 @@ class MeshOptions:
     keepalive_s: float = 1.0
     expect_replicas: int = 0   # ready replicas to wait for (0: one per worker)
     worker_memories: tuple[str, ...] = ()  # per worker, overriding worker_memory
+    per_worker_args: tuple[tuple[str, ...], ...] = ()  # per worker, after worker_args
     planner_args: tuple[str, ...] = ()
     worker_args: tuple[str, ...] = ()
     gateway_args: tuple[str, ...] = ()
@@ -79,7 +80,8 @@ class LocalMesh:
             "meshllm.worker", "--etcd", self.etcd_url, "--listen", f"127.0.0.1:{port}",
             "--worker-id", name, "--worker-memory", memory, "--threads", str(o.threads),
             "--lease-ttl-s", str(o.lease_ttl_s), "--keepalive-s", str(o.keepalive_s),
-            "--cache-dir", str(self.root / f"rpc-cache-{name}"), *o.worker_args),
+            "--cache-dir", str(self.root / f"rpc-cache-{name}"), *o.worker_args,
+            *(o.per_worker_args[index] if index < len(o.per_worker_args) else ())),
             self.root / "logs")
 
     def status(self) -> dict[str, Any]:

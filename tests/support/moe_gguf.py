@@ -37,11 +37,15 @@ class MoeSpec:
     context_length: int = 512
     seed: int = 0
     shared_experts: bool = False  # add *_shexp tensors (llama.cpp's llama arch rejects them)
+    # > 0: the router prefers some experts, in another order in each layer, as trained
+    # routers do (calibration then has something to find); 0 (default): no preference
+    router_skew: float = 0.0
 
     def file_name(self) -> str:
         shexp = "-shexp" if self.shared_experts else ""
+        skew = f"-skew{self.router_skew:g}" if self.router_skew else ""
         return (f"moe-llama-{self.n_expert}x{self.n_expert_used}-l{self.n_layer}-e{self.n_embd}"
-                f"-f{self.n_ff}-s{self.seed}{shexp}-{self.quant.lower()}.gguf")
+                f"-f{self.n_ff}-s{self.seed}{shexp}{skew}-{self.quant.lower()}.gguf")
 
 
 def gemma_path() -> Path:
@@ -113,6 +117,45 @@ def _tensors(spec: MoeSpec, n_vocab: int) -> list[tuple[str, Any]]:
                     (f"blk.{i}.ffn_up_shexp.weight", _matrix(rng, (ff, e), 1.0 / e ** 0.5)),
                     (f"blk.{i}.ffn_down_shexp.weight", _matrix(rng, (e, ff), 1.0 / ff ** 0.5))]
     out += [("output_norm.weight", ones), ("output.weight", _matrix(rng, (n_vocab, e), 0.6))]
+    return _skewed(out, spec) if spec.router_skew else out
+
+
+SKEW_DIM = 0  # the hidden dimension every token carries, which the router rows read
+
+
+def expert_preference(spec: MoeSpec, layer: int) -> tuple[float, ...]:
+    """How much the skewed router of `layer` favours each expert: from +1 (the favourite)
+    down to -1, in an order of its own per layer."""
+    order = np.random.default_rng([spec.seed, 7919, layer]).permutation(spec.n_expert)
+    ranks = np.empty(spec.n_expert)
+    ranks[order] = np.linspace(1.0, -1.0, spec.n_expert)
+    return tuple(float(r) for r in ranks)
+
+
+def _skewed(tensors: list[tuple[str, Any]], spec: MoeSpec) -> list[tuple[str, Any]]:
+    """Every token carries the same value along SKEW_DIM through all layers (set in the
+    embedding, never written by attention or the experts), the norm before the router
+    amplifies it, and each router row reads it with its expert's preference: the favoured
+    experts' logits are raised for every token in every layer. Only existing weights are
+    changed, without drawing from the generator, so the rest of the model is the same."""
+    out = []
+    for name, data in tensors:
+        data = data.copy()
+        if name == "token_embd.weight":
+            data[:, SKEW_DIM] = 3.0
+        elif name.endswith((".attn_output.weight", ".ffn_down_shexp.weight")):
+            data[SKEW_DIM, :] = 0.0
+        elif name.endswith(".ffn_down_exps.weight"):
+            data[:, SKEW_DIM, :] = 0.0
+        elif name.endswith(".ffn_norm.weight"):
+            # the residual stream grows layer by layer, so that the constant's share of it
+            # (what the norm leaves of it) shrinks: a larger gain keeps it as decisive
+            data[SKEW_DIM] = 4.0 * 2 ** int(name.split(".")[1])
+        elif name.endswith(".ffn_gate_inp.weight"):
+            layer = int(name.split(".")[1])
+            data[:, SKEW_DIM] += spec.router_skew * np.asarray(expert_preference(spec, layer),
+                                                                dtype=np.float32)
+        out.append((name, data))
     return out
 
 

@@ -10,6 +10,7 @@ from meshllm.common.store import KeyValueStore
 from meshllm.common.types import GenerateEvent
 from meshllm.gateway.backend import MeshBackend
 from meshllm.gateway.choices import Traced
+from meshllm.gateway.config import StreamTiming
 from meshllm.gateway.openai_api import ApiRequest
 
 Script = Sequence[tuple[int, GenerateEvent] | Exception]
@@ -17,7 +18,7 @@ Script = Sequence[tuple[int, GenerateEvent] | Exception]
 
 class ScriptedChoices(MeshBackend):
     def __init__(self, script: Script) -> None:
-        super().__init__(cast(KeyValueStore, object()), 1.0, 1.0)
+        super().__init__(cast(KeyValueStore, object()), StreamTiming(1.0, 1.0))
         self.script = script
         self.requests: list[ApiRequest] = []
 

@@ -30,6 +30,7 @@ from meshllm.common.types import GenerateEvent, TokenDelta
 from meshllm.gateway.app import Api, build_app
 from meshllm.gateway.auth import InvalidApiKey, ModelNotAllowed
 from meshllm.gateway.backend import MeshBackend
+from meshllm.gateway.config import StreamTiming
 from meshllm.gateway.errors import API_ERRORS, api_error_for
 from meshllm.gateway.failures import (
     IncompleteAnswer,
@@ -137,7 +138,7 @@ class ScriptedBackend(MeshBackend):
     """Sends `tokens` deltas, then raises `error`."""
 
     def __init__(self, error: MeshError, tokens: int) -> None:
-        super().__init__(cast(KeyValueStore, object()), 1.0, 1.0)
+        super().__init__(cast(KeyValueStore, object()), StreamTiming(1.0, 1.0))
         self.error = error
         self.tokens = tokens
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import grpc
@@ -25,11 +25,13 @@ from meshllm.common.store import KeyValueStore
 from meshllm.common.types import (
     Finished,
     GenerateEvent,
+    GenerateRequest,
     LoadState,
     ModelId,
     ModelSpec,
     ModelState,
     Placement,
+    Resume,
     SamplingParams,
     TokenDelta,
     Usage,
@@ -38,6 +40,7 @@ from meshllm.common.types import (
     whole,
 )
 from meshllm.gateway.backend import MeshBackend
+from meshllm.gateway.config import StreamTiming
 from meshllm.gateway.failures import (
     NoLiveWorker,
     ReplicasBusy,
@@ -62,26 +65,39 @@ class Script:
     error: MeshError | None = None
     no_reason: bool = False
     silent: bool = False
+    refuse_first: MeshError | None = None  # the first call only: refused with this
+    hang: bool = False  # after its tokens: no more, while GetStats says it is decoding
 
 
 class ScriptedWorker(worker_pb2_grpc.ShardWorkerServicer):
     def __init__(self, script: Script) -> None:
         self.script = script
         self.calls = 0
+        self.requests: list[GenerateRequest] = []
 
     async def Generate(self, request: worker_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext[Any, Any]
                        ) -> AsyncIterator[worker_pb2.GenerateResponse]:
         self.calls += 1
-        for _ in range(self.script.tokens):
-            yield convert.event_to_pb(TokenDelta("x", 1))
+        self.requests.append(convert.generate_request_from_pb(request))
+        if self.script.refuse_first is not None and self.calls == 1:
+            await grpc_errors.abort(context, self.script.refuse_first)
+        for i in range(self.script.tokens):
+            yield convert.event_to_pb(TokenDelta("x", 1, sent_ids=(100 + i,), draws=i + 1))
         if self.script.error is not None:
             await grpc_errors.abort(context, self.script.error)
         if self.script.no_reason:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset")
-        if self.script.silent:
+        if self.script.silent or self.script.hang:
             await asyncio.sleep(30)
         yield convert.event_to_pb(Finished("stop", Usage(2, self.script.tokens)))
+
+
+    async def GetStats(self, request: worker_pb2.GetStatsRequest,
+                       context: grpc.aio.ServicerContext[Any, Any]) -> worker_pb2.WorkerStats:
+        if not self.script.hang:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "not scripted")
+        return worker_pb2.WorkerStats(running_requests=1, generated_tokens_total=7)
 
 
 @contextlib.asynccontextmanager
@@ -98,7 +114,7 @@ async def mesh(*scripts: Script) -> AsyncIterator[tuple[MeshBackend, list[Script
         workers.append(worker)
         infos.append(WorkerInfo(WorkerId(f"w{i}"), f"127.0.0.1:{port}", "cpu", 1, 1, 0.0,
                                 (ModelState(M, LoadState.READY),)))
-    backend = MeshBackend(cast(KeyValueStore, object()), 0.5, 0.5)
+    backend = MeshBackend(cast(KeyValueStore, object()), StreamTiming(0.5, 0.5))
     spec = ModelSpec(M, "m", 1, 1, 1, 1, "x", 1)
     placement = Placement(M, tuple(whole(w.worker_id, 1) for w in infos), 1)
     backend.snapshot = MeshSnapshot({w.worker_id: w for w in infos}, {M: spec}, {M: placement})
@@ -170,23 +186,68 @@ async def test_every_replica_failed() -> None:
     assert _marked_failed(backend) == {"w1"}
 
 
-async def test_failure_after_the_first_token_breaks_the_stream() -> None:
+async def test_failure_after_the_first_token_moves_the_stream_to_another_replica() -> None:
     async with mesh(Script(tokens=1, error=EngineCrashed("exit code 134")), OK) as (
             backend, workers):
+        seen = await _events(backend)
+        assert [w.calls for w in workers] == [1, 1]
+        assert workers[0].requests[0].resume is None
+        assert workers[1].requests[0].resume == Resume((100,), 1, 1)
+    assert [type(e).__name__ for e in seen] == ["TokenDelta"] * 3 + ["Finished"]
+    assert _marked_failed(backend) == {"w0"}
+
+
+async def test_a_replica_that_refuses_a_moving_stream_for_now_is_asked_again() -> None:
+    """Loading (the snapshot said ready) is not broken: it takes the stream once ready."""
+    loading = Script(tokens=2, refuse_first=EngineUnavailable("gemma is loading"))
+    async with mesh(Script(tokens=1, error=EngineCrashed("exit code 134")), loading) as (
+            backend, workers):
+        seen = await _events(backend)
+        assert [w.calls for w in workers] == [1, 2]
+        assert workers[1].requests[1].resume == Resume((100,), 1, 2)
+    assert [type(e).__name__ for e in seen] == ["TokenDelta"] * 3 + ["Finished"]
+
+
+async def test_a_worker_that_answers_but_makes_no_tokens_loses_its_stream() -> None:
+    """An engine that hangs under a live worker: probes are answered, but the worker's
+    token count stands still while it claims to decode; the stream moves long before the
+    token timeout."""
+    async with mesh(Script(tokens=1, hang=True), OK) as (backend, workers):
+        backend.timing = replace(backend.timing, token_timeout_s=30, stall_probe_s=0.05)
+        seen = await _events(backend)
+        assert [w.calls for w in workers] == [1, 1]
+        assert workers[1].requests[0].resume == Resume((100,), 1, 1)
+    assert [type(e).__name__ for e in seen] == ["TokenDelta"] * 3 + ["Finished"]
+    moved = backend.routing_metrics.migrations.labels("m", "silent")._value.get()
+    assert moved == 1  # found silent by the watchdog (the token timeout would be 30 s)
+
+
+async def test_a_stream_moves_at_most_max_migrations_times() -> None:
+    failing = Script(tokens=1, error=EngineCrashed("exit code 134"))
+    async with mesh(failing, failing, OK) as (backend, workers):
+        backend.timing = replace(backend.timing, max_migrations=1)
         seen: list[GenerateEvent] = []
         with pytest.raises(StreamBroken) as info:
             async for event in backend.generate(REQUEST):
                 seen.append(event)
-        assert len(seen) == 1 and [w.calls for w in workers] == [1, 0]
-    assert str(info.value) == "worker w0: UNAVAILABLE exit code 134 after the stream began"
-    assert _marked_failed(backend) == {"w0"}
+        assert len(seen) == 2 and [w.calls for w in workers] == [1, 1, 0]
+        assert workers[1].requests[0].resume == Resume((100,), 1, 1)
+    assert str(info.value) == ("worker w1: UNAVAILABLE exit code 134 after the stream began "
+                               "(moved 1 times already)")
+
+
+async def test_a_stream_with_no_replica_left_ends_with_an_error() -> None:
+    async with mesh(Script(tokens=1, error=EngineCrashed("exit code 134"))) as (backend, _):
+        backend.timing = replace(backend.timing, migrate_wait_s=0.2)
+        with pytest.raises(StreamBroken, match="no replica could carry the stream on"):
+            await _events(backend)
 
 
 async def test_a_silent_worker_times_out() -> None:
     async with mesh(Script(silent=True)) as (backend, _):
         with pytest.raises(WorkerSilent) as info:
             await _events(backend)
-    assert str(info.value) == "worker w0 sent nothing for 0s"
+    assert str(info.value) == "worker w0 sent nothing for 0.5 s"
 
 
 async def test_a_silent_worker_before_its_first_token_is_passed_over() -> None:

@@ -53,7 +53,7 @@ async def test_no_ready_replica_is_a_refusal() -> None:
 
 async def test_a_request_waiting_for_a_cold_start_is_counted_while_it_waits() -> None:
     async with mesh(OK) as (backend, _):
-        backend._cold_start_wait_s = 30.0
+        backend.timing = replace(backend.timing, cold_start_wait_s=30.0)
         (worker,) = backend.snapshot.workers.values()
         loading = replace(worker, models=(ModelState(M, LoadState.LOADING),))
         ready = backend.snapshot

@@ -26,6 +26,7 @@ from meshllm.gateway.app import Api, build_app
 from meshllm.gateway.auth import KeyRing, plain_keys
 from meshllm.gateway.backend import MeshBackend
 from meshllm.gateway.cold_start import wait_for_replicas
+from meshllm.gateway.config import StreamTiming
 from meshllm.gateway.errors import ApiError
 from meshllm.gateway.failures import NoLiveWorker
 from meshllm.gateway.gate import Gate, front_door
@@ -177,7 +178,8 @@ async def test_no_wait_when_the_bound_is_zero() -> None:
 
 
 def backend(mesh: MeshSnapshot, cold_start_wait_s: float = 0.0) -> MeshBackend:
-    b = MeshBackend(cast(KeyValueStore, object()), 1.0, 1.0, cold_start_wait_s=cold_start_wait_s)
+    b = MeshBackend(cast(KeyValueStore, object()),
+                    StreamTiming(1.0, 1.0, cold_start_wait_s=cold_start_wait_s))
     b.snapshot = mesh
     return b
 

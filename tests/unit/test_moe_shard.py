@@ -94,6 +94,39 @@ def test_every_tensor_is_copied_or_cut(model: Path, tmp_path: Path,
     assert written.file_bytes == shard.stat().st_size
 
 
+@pytest.mark.parametrize("selection", [
+    ((7, 3, 1, 0, 5, 2, 6, 4), (0, 1, 2, 3, 4, 5, 6, 7), (4, 5, 6, 7, 0, 1, 2, 3)),
+    ((0, 1, 2), (5, 6, 7), (2, 4, 7)),
+    ((6,), (0,), (3,)),
+])
+def test_each_layer_keeps_its_own_experts(model: Path, tmp_path: Path,
+                                          selection: tuple[tuple[int, ...], ...]) -> None:
+    shard = tmp_path / "layers.gguf"
+    written = write_shard(model, shard, selection)
+    assert written.experts == selection and written.expert_count == len(selection[0])
+    src, dst = read_header(model), read_header(shard)
+    assert dst.get_int("llama.expert_count") == len(selection[0])
+    for name in src.tensors:
+        expected = tensor_data(model, src, name)
+        if "_exps." in name or ".ffn_gate_inp." in name:
+            expected = expert_rows(expected, 8, selection[int(name.split(".")[1])])
+        assert tensor_data(shard, dst, name) == expected, name
+    layout = moe_layout(src)
+    assert layout is not None
+    assert sum(dst.tensor_bytes.values()) == shard_bytes(layout, len(selection[0]))
+
+
+@pytest.mark.parametrize(("selection", "words"), [
+    (((0, 1), (2, 3)), "2 layers of experts; the model has 3"),
+    (((0, 1), (2, 3), (4,)), "every layer of a shard must hold as many"),
+])
+def test_bad_selections(model: Path, tmp_path: Path, selection: tuple[tuple[int, ...], ...],
+                        words: str) -> None:
+    with pytest.raises(InvalidExpertSelection, match=words):
+        write_shard(model, tmp_path / "bad.gguf", selection)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_shared_experts_stay(models_dir: Path, tmp_path: Path) -> None:
     source = moe_model(models_dir, MoeSpec(n_layer=1, shared_experts=True))
     shard = tmp_path / "shexp.gguf"

@@ -31,6 +31,7 @@ from meshllm.common.types import (
 )
 from meshllm.gateway.backend import MeshBackend
 from meshllm.gateway.bans import Health, health
+from meshllm.gateway.config import StreamTiming
 from meshllm.gateway.metrics import GatewayMetrics
 from meshllm.gateway.openai_api import ApiRequest
 from meshllm.v1 import worker_pb2, worker_pb2_grpc
@@ -74,7 +75,7 @@ async def mesh() -> AsyncIterator[tuple[MeshBackend, list[Worker], list[int], Ga
         servers.append(server)
         workers.append(worker)
     metrics = GatewayMetrics()
-    backend = MeshBackend(cast(KeyValueStore, object()), 2.0, 2.0,
+    backend = MeshBackend(cast(KeyValueStore, object()), StreamTiming(2.0, 2.0),
                           routing_metrics=metrics.routing)
     backend.snapshot = snapshot(ports)
     try:

@@ -9,9 +9,12 @@ import re
 from typing import TypeVar
 
 from google.protobuf.message import DecodeError
+from meshllm.common import convert_moe
+from meshllm.common.convert_placement import placement_from_pb as placement_from_pb
+from meshllm.common.convert_placement import placement_to_pb as placement_to_pb
 from meshllm.common.errors import InvalidRecord
+from meshllm.common.moe import ExpertRanking
 from meshllm.common.types import (
-    Assignment,
     ChatMessage,
     Embeddings,
     EmbedInput,
@@ -27,8 +30,8 @@ from meshllm.common.types import (
     ModelSpec,
     ModelState,
     Placement,
-    Replica,
     RequestId,
+    Resume,
     SamplingParams,
     TokenDelta,
     TokenLogprob,
@@ -42,7 +45,7 @@ from meshllm.common.types import (
 from meshllm.v1 import mesh_pb2, worker_pb2
 
 _M = TypeVar("_M", mesh_pb2.WorkerRecord, mesh_pb2.ModelSpec, mesh_pb2.Placement,
-             mesh_pb2.ModelDeclaration)
+             mesh_pb2.ModelDeclaration, mesh_pb2.ExpertRanking)
 
 MODEL_ID = re.compile(r"[a-z0-9._-]{1,128}")  # what models.model_id_for makes
 _STATE_TO_PB = {
@@ -108,7 +111,8 @@ def model_spec_to_pb(s: ModelSpec) -> mesh_pb2.ModelSpec:
         train_context_length=s.train_context_length, shared_bytes=s.shared_bytes,
         layer_bytes=list(s.layer_bytes), force_split=s.force_split, slots=s.slots,
         speculative=s.speculative, chat_template=s.chat_template,
-        fast_kernels=not s.deterministic,
+        fast_kernels=not s.deterministic, model_digest=s.model_digest,
+        moe=convert_moe.moe_to_pb(s.moe) if s.moe else None,
     )
 
 
@@ -127,7 +131,9 @@ def model_spec_from_pb(m: mesh_pb2.ModelSpec) -> ModelSpec:
         train_context_length=m.train_context_length, shared_bytes=m.shared_bytes,
         layer_bytes=tuple(m.layer_bytes), force_split=m.force_split, slots=max(1, m.slots),
         speculative=m.speculative or "none", chat_template=m.chat_template,
-        deterministic=not m.fast_kernels,
+        deterministic=not m.fast_kernels, model_digest=m.model_digest,
+        moe=convert_moe.moe_from_pb(m.model_id, m.architecture, m.moe)
+        if m.HasField("moe") else None,
     )
 
 
@@ -148,43 +154,6 @@ def declaration_from_pb(m: mesh_pb2.ModelDeclaration) -> ModelDeclaration:
                             m.priority, m.at_start)
 
 
-def placement_to_pb(p: Placement) -> mesh_pb2.Placement:
-    return mesh_pb2.Placement(
-        model_id=p.model_id,
-        replicas=[
-            mesh_pb2.Replica(stages=[
-                mesh_pb2.Assignment(worker_id=a.worker_id, layer_start=a.layer_start,
-                                    layer_end=a.layer_end)
-                for a in r.stages
-            ], retiring=r.retiring)
-            for r in p.replicas
-        ],
-        unplaced_reason=p.unplaced_reason, required_bytes=p.required_bytes,
-    )
-
-
-def _replica_from_pb(model_id: str, r: mesh_pb2.Replica) -> Replica:
-    stages: list[Assignment] = []
-    for a in r.stages:
-        _require(bool(a.worker_id), f"placement {model_id}: stage without worker")
-        _require(a.layer_start < a.layer_end, f"placement {model_id}: empty layer range")
-        if stages:
-            _require(a.layer_start == stages[-1].layer_end,
-                     f"placement {model_id}: stages are not contiguous")
-        stages.append(Assignment(WorkerId(a.worker_id), a.layer_start, a.layer_end))
-    _require(bool(stages), f"placement {model_id}: replica without stages")
-    _require(stages[0].layer_start == 0, f"placement {model_id}: head does not start at 0")
-    _require(len({s.worker_id for s in stages}) == len(stages),
-             f"placement {model_id}: a worker holds two stages of one replica")
-    return Replica(tuple(stages), r.retiring)
-
-
-def placement_from_pb(m: mesh_pb2.Placement) -> Placement:
-    _require(bool(m.model_id), "placement without model_id")
-    replicas = tuple(_replica_from_pb(m.model_id, r) for r in m.replicas)
-    return Placement(ModelId(m.model_id), replicas, m.required_bytes, m.unplaced_reason)
-
-
 def parse_worker(raw: bytes) -> WorkerInfo:
     return worker_from_pb(_decode(mesh_pb2.WorkerRecord(), raw))
 
@@ -199,6 +168,13 @@ def parse_declaration(raw: bytes) -> ModelDeclaration:
 
 def parse_placement(raw: bytes) -> Placement:
     return placement_from_pb(_decode(mesh_pb2.Placement(), raw))
+
+
+ranking_to_pb, ranking_from_pb = convert_moe.ranking_to_pb, convert_moe.ranking_from_pb
+
+
+def parse_ranking(raw: bytes) -> ExpertRanking:
+    return ranking_from_pb(_decode(mesh_pb2.ExpertRanking(), raw))
 
 
 def _decode(message: _M, raw: bytes) -> _M:
@@ -271,7 +247,18 @@ def generate_request_to_pb(r: GenerateRequest) -> worker_pb2.GenerateRequest:
         pb.grammar.CopyFrom(grammar_to_pb(r.grammar))
     if r.logprobs is not None:
         pb.logprobs = r.logprobs
+    if r.resume is not None:
+        pb.resume.CopyFrom(worker_pb2.Resume(token_ids=r.resume.token_ids,
+                                             draws=r.resume.draws,
+                                             migrations=r.resume.migrations))
     return pb
+
+
+def _resume_from_pb(m: worker_pb2.GenerateRequest) -> Resume | None:
+    if not m.HasField("resume"):
+        return None
+    _require(m.resume.migrations > 0, "a resumed generation that has not moved")
+    return Resume(tuple(m.resume.token_ids), m.resume.draws, m.resume.migrations)
 
 
 def generate_request_from_pb(m: worker_pb2.GenerateRequest) -> GenerateRequest:
@@ -287,7 +274,7 @@ def generate_request_from_pb(m: worker_pb2.GenerateRequest) -> GenerateRequest:
         sampling=sampling_from_pb(m.sampling),
         grammar=grammar_from_pb(m.grammar) if m.HasField("grammar") else None,
         logprobs=m.logprobs if m.HasField("logprobs") else None,
-        tools_json=m.tools_json,
+        tools_json=m.tools_json, resume=_resume_from_pb(m),
     )
 
 
@@ -306,7 +293,8 @@ def _logprob_from_pb(m: worker_pb2.TokenLogprob) -> TokenLogprob:
 def event_to_pb(e: GenerateEvent) -> worker_pb2.GenerateResponse:
     if isinstance(e, TokenDelta):
         delta = worker_pb2.TokenDelta(text=e.text, tokens=e.tokens,
-                                      logprobs=[_logprob_to_pb(t) for t in e.logprobs])
+                                      logprobs=[_logprob_to_pb(t) for t in e.logprobs],
+                                      sent_ids=e.sent_ids, draws=e.draws)
         return worker_pb2.GenerateResponse(delta=delta)
     usage = worker_pb2.Usage(
         prompt_tokens=e.usage.prompt_tokens, completion_tokens=e.usage.completion_tokens,
@@ -322,7 +310,8 @@ def event_from_pb(m: worker_pb2.GenerateResponse) -> GenerateEvent:
     kind = m.WhichOneof("event")
     if kind == "delta":
         logprobs = tuple(_logprob_from_pb(t) for t in m.delta.logprobs)
-        return TokenDelta(m.delta.text, m.delta.tokens, logprobs)
+        return TokenDelta(m.delta.text, m.delta.tokens, logprobs, tuple(m.delta.sent_ids),
+                          m.delta.draws)
     _require(kind == "finished", "generate response without an event")
     u = m.finished.usage
     return Finished(m.finished.finish_reason,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from meshllm.common.errors import ModelSourceError
 from meshllm.common.gguf import GgufHeader, read_header
+from meshllm.common.moe import MoeLayout, UnsupportedMoeLayout, model_digest, moe_layout
 from meshllm.common.types import ModelId, ModelSpec
 
 KV_CACHE_ELEMENT_BYTES = 2  # llama.cpp's default KV cache type is f16
@@ -82,6 +83,15 @@ def layer_sizes(header: GgufHeader, n_layers: int) -> tuple[int, tuple[int, ...]
     return shared, tuple(layers)
 
 
+def _experts(header: GgufHeader) -> MoeLayout | None:
+    """The model's experts, when they can be cut into shards; a mixture of experts stored
+    another way is still served whole or split by layers."""
+    try:
+        return moe_layout(header)
+    except UnsupportedMoeLayout:
+        return None
+
+
 def describe(source: str, context_length: int, force_split: bool = False) -> ModelSpec:
     """A ModelSpec from the GGUF header; `context_length` is capped at the trained one."""
     path = materialize(source)
@@ -92,10 +102,13 @@ def describe(source: str, context_length: int, force_split: bool = False) -> Mod
         raise ModelSourceError(f"{path}: GGUF header lacks architecture or block count")
     trained = header.get_int(f"{arch}.context_length", context_length)
     shared, layers = layer_sizes(header, n_layers)
+    moe = _experts(header)
     return ModelSpec(
         model_id=model_id_for(source), source=source, weights_bytes=path.stat().st_size,
         n_layers=n_layers, context_length=min(context_length, trained),
         kv_bytes_per_token=kv_bytes_per_token(header), architecture=arch,
         train_context_length=trained, shared_bytes=shared, layer_bytes=layers,
-        force_split=force_split,
+        force_split=force_split, moe=moe,
+        # Rankings and shard files are keyed by the file's hash: read only where they exist.
+        model_digest=model_digest(path) if moe is not None else "",
     )

@@ -16,9 +16,13 @@ alignment multiples, which real and synthetic models are):
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeGuard, cast, overload
 
 from meshllm.common.errors import MeshError
 from meshllm.common.gguf import GgufHeader, TensorInfo
@@ -142,20 +146,80 @@ def moe_layout(header: GgufHeader) -> MoeLayout | None:
     return MoeLayout(arch, count, used, len(layers), trunk, per_expert, router_row, shared)
 
 
-def validate_experts(layout: MoeLayout, experts: Sequence[int]) -> tuple[int, ...]:
-    """The expert list as a tuple, or InvalidExpertSelection saying what is wrong."""
+ExpertSelection = tuple[tuple[int, ...], ...]
+"""The experts a shard holds in each MoE layer, in block order: one tuple of expert indices
+per layer (sorted, by convention), all of the same length."""
+
+
+def _validate_list(layout: MoeLayout, experts: Sequence[int], where: str = "") -> tuple[int, ...]:
     chosen = tuple(int(e) for e in experts)
     if not chosen:
-        raise InvalidExpertSelection("a shard needs at least one expert; the list is empty")
+        raise InvalidExpertSelection(
+            f"a shard needs at least one expert{where}; the list is empty")
     outside = sorted({e for e in chosen if not 0 <= e < layout.expert_count})
     if outside:
         raise InvalidExpertSelection(
-            f"experts {outside} are out of range: the model has experts 0.."
+            f"experts {outside}{where} are out of range: the model has experts 0.."
             f"{layout.expert_count - 1}")
     if len(set(chosen)) != len(chosen):
         repeated = sorted({e for e in chosen if chosen.count(e) > 1})
-        raise InvalidExpertSelection(f"experts {repeated} are listed more than once")
+        raise InvalidExpertSelection(f"experts {repeated}{where} are listed more than once")
     return chosen
+
+
+def _validate_selection(layout: MoeLayout,
+                        selection: Sequence[Sequence[int]]) -> ExpertSelection:
+    if len(selection) != layout.moe_layers:
+        raise InvalidExpertSelection(
+            f"the selection has {len(selection)} layers of experts; the model has "
+            f"{layout.moe_layers} MoE layers: give one list per layer, or one list for all")
+    chosen = tuple(_validate_list(layout, layer, f" (MoE layer {i})")
+                   for i, layer in enumerate(selection))
+    sizes = sorted({len(layer) for layer in chosen})
+    if len(sizes) > 1:
+        raise InvalidExpertSelection(
+            f"the layers hold {sizes} experts: every layer of a shard must hold as many, "
+            "since the file has one expert_count")
+    return chosen
+
+
+@overload
+def validate_experts(layout: MoeLayout, experts: Sequence[int]) -> tuple[int, ...]: ...
+@overload
+def validate_experts(layout: MoeLayout,
+                     experts: Sequence[Sequence[int]]) -> ExpertSelection: ...
+def validate_experts(layout: MoeLayout, experts: Sequence[int] | Sequence[Sequence[int]]
+                     ) -> tuple[int, ...] | ExpertSelection:
+    """One expert list for every layer as a tuple, or a per-layer ExpertSelection as one;
+    InvalidExpertSelection saying what is wrong."""
+    if _is_selection(experts):
+        return _validate_selection(layout, experts)
+    return _validate_list(layout, cast("Sequence[int]", experts))
+
+
+def _is_selection(experts: Sequence[int] | Sequence[Sequence[int]]
+                  ) -> TypeGuard[Sequence[Sequence[int]]]:
+    return len(experts) > 0 and isinstance(experts[0], Sequence)
+
+
+def as_selection(layout: MoeLayout,
+                 experts: Sequence[int] | Sequence[Sequence[int]]) -> ExpertSelection:
+    """Validated, and one list per MoE layer: a single list stands for every layer."""
+    if _is_selection(experts):
+        return _validate_selection(layout, experts)
+    flat = _validate_list(layout, cast("Sequence[int]", experts))
+    return tuple(flat for _ in range(layout.moe_layers))
+
+
+def expert_blocks(header: GgufHeader) -> tuple[int, ...]:
+    """The block indices that hold routed experts, in order: MoE layer i is block
+    expert_blocks(header)[i] (models with dense leading blocks number them apart)."""
+    blocks = set()
+    for name in header.tensors:
+        match = _BLOCK_TENSOR.match(name)
+        if match is not None and tensor_role(name) is TensorRole.EXPERT:
+            blocks.add(int(match.group(1)))
+    return tuple(sorted(blocks))
 
 
 def shard_bytes(layout: MoeLayout, n_experts: int) -> int:
@@ -177,8 +241,66 @@ def experts_that_fit(layout: MoeLayout, budget_bytes: int) -> int:
     return max(0, min(layout.expert_count, (budget_bytes - base) // per))
 
 
-def shard_metadata(layout: MoeLayout, experts: Sequence[int]) -> Mapping[str, int]:
-    """The metadata a shard with these experts carries in place of the original's."""
-    kept = validate_experts(layout, experts)
-    return {f"{layout.arch}.expert_count": len(kept),
-            f"{layout.arch}.expert_used_count": min(layout.expert_used_count, len(kept))}
+def shard_metadata(layout: MoeLayout, experts: Sequence[int] | Sequence[Sequence[int]]
+                   ) -> Mapping[str, int]:
+    """The metadata a shard with these experts (one list, or one per layer) carries in
+    place of the original's."""
+    kept = len(as_selection(layout, experts)[0])
+    return {f"{layout.arch}.expert_count": kept,
+            f"{layout.arch}.expert_used_count": min(layout.expert_used_count, kept)}
+
+
+@dataclass(frozen=True)
+class ExpertRanking:
+    """How often the router chose each expert, per MoE layer, over a calibration text."""
+
+    model_digest: str                    # model_digest(path) of the full model
+    counts: tuple[tuple[int, ...], ...]  # [moe layer in block order][expert] selections
+    tokens: int                          # calibration tokens evaluated
+    seconds: float                       # time the calibration took
+
+    def __post_init__(self) -> None:
+        widths = {len(layer) for layer in self.counts}
+        if len(widths) > 1:
+            raise InvalidExpertSelection(
+                f"ranking of {self.model_digest[:12]}: layers count {sorted(widths)} experts; "
+                "every layer must count every expert")
+
+    @property
+    def expert_count(self) -> int:
+        return len(self.counts[0]) if self.counts else 0
+
+    def layer_order(self, layer: int) -> tuple[int, ...]:
+        """The experts of MoE layer `layer`, most chosen first, ties by index."""
+        counts = self.counts[layer]
+        return tuple(sorted(range(len(counts)), key=lambda e: (-counts[e], e)))
+
+
+_DIGEST_CHUNK = 8 << 20
+
+
+def model_digest(path: Path) -> str:
+    """The sha256 (hex) of the file, streamed. Remembered in a sidecar `<file>.sha256`
+    keyed by the file's size and mtime, so a second call costs a stat; where the sidecar
+    cannot be written (a read-only directory) it is computed each time."""
+    stat = path.stat()
+    key = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    sidecar = path.with_name(path.name + ".sha256")
+    try:
+        cached = json.loads(sidecar.read_text())
+        if {k: cached.get(k) for k in key} == key and isinstance(cached.get("sha256"), str):
+            return str(cached["sha256"])
+    except (OSError, ValueError, AttributeError):
+        pass  # absent, unreadable or stale: compute it
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_DIGEST_CHUNK):
+            digest.update(chunk)
+    hexdigest = digest.hexdigest()
+    try:
+        partial = sidecar.with_name(sidecar.name + ".partial")
+        partial.write_text(json.dumps({**key, "sha256": hexdigest}))
+        partial.replace(sidecar)
+    except OSError:
+        pass  # a read-only model directory: the digest is still right, only not remembered
+    return hexdigest

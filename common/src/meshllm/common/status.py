@@ -18,6 +18,12 @@ from typing import Any, NoReturn, TypeVar
 from meshllm.common.demand import ModelDemand
 from meshllm.common.errors import InvalidRecord
 from meshllm.common.meshview import MeshSnapshot
+from meshllm.common.status_experts import (
+    ExpertStatus,
+    expert_status,
+    expert_status_from_json,
+    expert_status_json,
+)
 from meshllm.common.types import LoadState, ModelId, ModelSpec, Placement, Replica, WorkerId
 
 ABSENT = "absent"  # a stage's state when its worker is not in the mesh (JSON only)
@@ -104,6 +110,7 @@ class ModelStatus:
     unplaced_reason: str = ""   # why the planner could not place it (NOT_SERVED)
     replicas: tuple[ReplicaStatus, ...] = ()
     demand: ModelDemand | None = None  # as the gateways measured it (None: not known)
+    experts: ExpertStatus | None = None  # served by expert shards: which hold which experts
 
     @property
     def ready_replicas(self) -> int:
@@ -180,7 +187,7 @@ def _model(snapshot: MeshSnapshot, spec: ModelSpec, placement: Placement | None,
         required_bytes=placement.required_bytes if placement else None,
         state=serving_state(placement, replicas),
         unplaced_reason=placement.unplaced_reason if placement else "", replicas=replicas,
-        demand=demand)
+        demand=demand, experts=expert_status(spec, placement, snapshot.workers))
 
 
 def _replica(snapshot: MeshSnapshot, model_id: ModelId, replica: Replica) -> ReplicaStatus:
@@ -231,7 +238,8 @@ def _model_json(m: ModelStatus) -> dict[str, Any]:
             "replicas": [_replica_json(r) for r in m.replicas],
             "ready_replicas": m.ready_replicas, "status": m.status_text,
             "state": m.state.value, "unplaced_reason": m.unplaced_reason,
-            **({"demand": _demand_json(m.demand)} if m.demand else {})}  # absent: unknown
+            **({"demand": _demand_json(m.demand)} if m.demand else {}),  # absent: unknown
+            **({"experts": expert_status_json(m.experts)} if m.experts else {})}
 
 
 DEMAND_FIGURES = ("window_s", "requests_per_s", "refused_per_s", "mean_service_s",
@@ -383,4 +391,5 @@ def _model_from(f: _Fields) -> ModelStatus:
         required_bytes=f.optional_integer("required_bytes"),
         state=f.choice("state", ServingState), unplaced_reason=f.text("unplaced_reason"),
         replicas=tuple(_replica_from(r) for r in f.objects("replicas")),
-        demand=_demand_from(f, model_id))
+        demand=_demand_from(f, model_id),
+        experts=expert_status_from_json(f.get("experts") if "experts" in f.names() else None))

@@ -26,6 +26,7 @@ MODELS = ROOT + "models/"
 PLACEMENTS = ROOT + "placements/"
 DECLARATIONS = ROOT + "declarations/"
 DEMAND = ROOT + "demand/"  # one leased record per gateway (common.demand.GatewayDemand)
+MOE_RANKINGS = ROOT + "moe-rankings/"  # <model digest>: an ExpertRanking (calibration)
 
 
 class StoreUnavailable(MeshError):

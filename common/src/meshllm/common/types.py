@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NewType
 
+from meshllm.common.moe import ExpertSelection, MoeLayout
+
 WorkerId = NewType("WorkerId", str)
 ModelId = NewType("ModelId", str)
 RequestId = NewType("RequestId", str)
@@ -77,6 +79,8 @@ class ModelSpec:
                                          # "text:SOURCE": a Jinja template's text
     deterministic: bool = True           # batch-invariant kernels: the same request gives
                                          # the same tokens whatever shares its batch
+    moe: MoeLayout | None = None         # a mixture of experts: its experts and their bytes
+    model_digest: str = ""               # sha256 (hex) of the file; read for MoE models only
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -121,6 +125,8 @@ class Replica:
 
     stages: tuple[Assignment, ...]
     retiring: bool = False  # takes no new requests; its workers drain it, then unload it
+    experts: ExpertSelection = ()  # an expert shard: the experts it holds per MoE layer
+                                   # (): the model's own experts, all of them
 
     @property
     def head(self) -> Assignment:
@@ -129,6 +135,10 @@ class Replica:
     @property
     def is_split(self) -> bool:
         return len(self.stages) > 1
+
+    @property
+    def is_shard(self) -> bool:
+        return bool(self.experts)
 
     @property
     def worker_ids(self) -> tuple[WorkerId, ...]:
@@ -140,11 +150,21 @@ def whole(worker_id: WorkerId, n_layers: int) -> Replica:
 
 
 @dataclass(frozen=True)
+class ExpertDeal:
+    """How a mixture-of-experts model's experts were dealt to its shards."""
+
+    hot_share: float             # share of each shard's experts that every shard holds
+    calibration_tokens: int = 0  # the ranking's tokens; 0: no calibration, an even deal
+    why: str = ""                # why expert shards and not whole or a layer split
+
+
+@dataclass(frozen=True)
 class Placement:
     model_id: ModelId
     replicas: tuple[Replica, ...]
     required_bytes: int
     unplaced_reason: str = ""
+    expert_deal: ExpertDeal | None = None  # its replicas are expert shards
 
     @property
     def worker_ids(self) -> tuple[WorkerId, ...]:
@@ -204,6 +224,17 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class Resume:
+    """Where an interrupted generation stands, for another replica to carry it on: the
+    tokens the client has (some of each one's text was sent) and how many uniform numbers
+    the request's seeded generator had drawn when the last of them was chosen."""
+
+    token_ids: tuple[int, ...]
+    draws: int = 0
+    migrations: int = 1  # times the request has moved, this one included
+
+
+@dataclass(frozen=True)
 class GenerateRequest:
     request_id: RequestId
     model_id: ModelId
@@ -213,6 +244,7 @@ class GenerateRequest:
     grammar: Grammar | None = None  # the output must match it
     logprobs: int | None = None     # None: no logprobs; n: each token's and its top n
     tools_json: str = ""            # chat: the request's `tools` list as JSON, for the prompt
+    resume: Resume | None = None    # carry on an interrupted generation (a migration)
 
 
 @dataclass(frozen=True)
@@ -249,6 +281,10 @@ class TokenDelta:
     text: str
     tokens: int
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token, when the request asked
+    # The tokens whose text started to be sent with this delta, and the generator's draws
+    # once the last of them was chosen: what a Resume needs (the gateway keeps them).
+    sent_ids: tuple[int, ...] = ()
+    draws: int = 0
 
 
 @dataclass(frozen=True)

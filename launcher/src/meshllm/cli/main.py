@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from meshllm.cli.blackboard_cmd import add_blackboard_parser, run_blackboard
+from meshllm.cli.calibrate_cmd import add_calibrate_parser, run_calibrate
 from meshllm.cli.chat_cmd import add_chat_parser, run_chat
 from meshllm.cli.keys_cmd import add_keys_parser, run_keys
 from meshllm.cli.models_cmd import add_models_parser, run_models
@@ -47,6 +48,7 @@ def parser() -> argparse.ArgumentParser:
     add_blackboard_parser(sub)
     add_keys_parser(sub)
     add_models_parser(sub)
+    add_calibrate_parser(sub)
     for name in ("gateway", "planner", "worker"):
         sub.add_parser(name, help=f"run the {name} service (flags: mesh-llm {name} --help)",
                        add_help=False)
@@ -82,6 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _report_errors("chat", lambda: run_chat(args, process_env()))
     if args.command == "keys":
         return _report_errors("keys", lambda: run_keys(args))
+    if args.command == "calibrate":
+        return _report_errors("calibrate", lambda: run_calibrate(args))
     if args.command == "models":
         return _report_errors("models", lambda: run_models(args, process_env(), sys.stdout))
     return _report_errors(args.command, lambda: run_status(args))

@@ -21,6 +21,7 @@ from meshllm.common.status import (
     ReplicaStatus,
     mesh_status,
 )
+from meshllm.common.status_experts import ExpertStatus
 from meshllm.common.store import EtcdStore
 from meshllm.common.tls import PLAINTEXT, GrpcSecurity, security_from_env
 
@@ -96,6 +97,16 @@ def _replica_lines(i: int, r: ReplicaStatus) -> list[str]:
     return lines
 
 
+def expert_lines(e: ExpertStatus) -> list[str]:
+    copies = "some expert is on no live shard" if not e.coverage else (
+        f"every expert on at least {e.coverage} shard{'s' if e.coverage > 1 else ''}")
+    lines = [f"    expert shards: {len(e.shards)} of {e.expert_count} experts x "
+             f"{e.moe_layers} MoE layers; coverage {e.coverage} ({copies}); {e.ranking}"
+             + (f", hot share {e.hot_share:g}" if e.calibration_tokens else "")]
+    lines.extend(f"      {s.worker_id:<16} {s.summary}" for s in e.shards)
+    return lines
+
+
 def render(status: MeshStatus) -> str:
     lines = [f"NODES ({len(status.nodes)})", *map(_node_line, status.nodes)]
     lines.append(f"MODELS ({len(status.models)})")
@@ -106,6 +117,8 @@ def render(status: MeshStatus) -> str:
             lines.append(demand_line(m.demand))
         for i, r in enumerate(m.replicas, 1):
             lines.extend(_replica_lines(i, r))
+        if m.experts is not None:
+            lines.extend(expert_lines(m.experts))
     lines.extend(_latency_lines(status.nodes))
     return "\n".join(lines)
 

@@ -70,7 +70,8 @@ def start_services(group: ProcessGroup, cfg: UpConfig, etcd: str, ports: PortPic
             "meshllm.worker", "--etcd", etcd, "--listen", f"127.0.0.1:{ports.pick()}",
             "--worker-id", f"worker-{i}", "--worker-memory", str(cfg.worker_memory_bytes),
             "--threads", str(cfg.threads), "--rpc-transport", cfg.rpc_transport,
-            "--cache-dir", str(cfg.data_dir / f"rpc-cache-{i}")))
+            "--cache-dir", str(cfg.data_dir / f"rpc-cache-{i}"),
+            "--data-dir", str(cfg.data_dir)))  # shared: shards are named by their content
     group.start("gateway", service_argv(
         "meshllm.gateway", "--etcd", etcd, "--listen", f"{cfg.host}:{cfg.port}",
         "--blackboard", blackboard), env=gateway_env(cfg, poll))

@@ -22,6 +22,7 @@ from meshllm.common.telemetry.genai import (
     operation_name,
     phase_intervals,
     record_engine_phases,
+    record_migration,
     record_route,
     request_attributes,
     traced_generation,
@@ -55,7 +56,8 @@ __all__ = [
     "TelemetryError", "TraceSettings", "Tracer", "api_call", "api_operation",
     "build_exporter", "build_sampler", "build_telemetry", "client_interceptors",
     "current_trace_id", "finish_attributes", "instrument_asgi", "operation_name",
-    "phase_intervals", "record_engine_phases", "record_route", "request_attributes",
+    "phase_intervals", "record_engine_phases", "record_migration", "record_route",
+    "request_attributes",
     "server_interceptors", "setup_telemetry", "trace_settings", "traced_generation",
     "worker_call",
 ]

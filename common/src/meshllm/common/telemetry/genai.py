@@ -162,6 +162,19 @@ def record_route(tracer: Tracer, model: str, candidates: Sequence[str]) -> None:
     span.end()
 
 
+def record_migration(tracer: Tracer, model: str, to_worker: str, cause: str,
+                     resume_s: float, replayed_tokens: int) -> None:
+    """A stream carried on by another replica after its worker failed, as a span covering
+    the time from the failure to the new replica's first event."""
+    end_ns = time.time_ns()
+    span = tracer.start_span(f"migrate {model}", start_time=end_ns - int(resume_s * 1e9),
+                             attributes={"gen_ai.request.model": model,
+                                         "meshllm.migration.cause": cause,
+                                         "meshllm.migration.to": to_worker,
+                                         "meshllm.migration.replayed_tokens": replayed_tokens})
+    span.end(end_time=end_ns)
+
+
 def current_trace_id() -> str:
     """The id of the trace the current span belongs to, as 32 hex digits; empty when there
     is none or it is not sampled (nothing of it is recorded anywhere to look up)."""

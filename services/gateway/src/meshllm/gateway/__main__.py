@@ -71,9 +71,8 @@ async def serve(config: GatewayConfig, stop: asyncio.Event) -> None:
 
 def mesh_backend(kv: EtcdStore, config: GatewayConfig, tel: telemetry.Telemetry,
                  metrics: GatewayMetrics) -> MeshBackend:
-    return MeshBackend(kv, config.first_token_timeout_s, config.token_timeout_s,
+    return MeshBackend(kv, config.timing,
                        tel.tracer, telemetry.client_interceptors(tel), config.security,
-                       config.cold_start_wait_s,
                        DemandMeter(window_s=config.demand.window_s,
                                    recent_s=config.demand.recent_s),
                        routing_metrics=metrics.routing)

@@ -25,6 +25,7 @@ from meshllm.gateway.responses_api import parse_responses
 from meshllm.gateway.responses_endpoint import response_stream
 from meshllm.gateway.responses_events import ResponseHead, full_response, new_id
 from meshllm.gateway.routing import ready_replicas, serves_embeddings, serving_state
+from meshllm.gateway.sessions import SESSION_HEADER
 from meshllm.gateway.streaming import ChoiceStream
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -57,10 +58,12 @@ class Api:
         return JSONResponse(model_object(self.backend.snapshot, model_id))
 
     async def chat(self, request: Request) -> Response:
-        return await self._complete(parse_chat(parse_json(await request.body())))
+        return await self._complete(parse_chat(parse_json(await request.body()),
+                                               request.headers.get(SESSION_HEADER, "")))
 
     async def completions(self, request: Request) -> Response:
-        return await self._complete(parse_completion(parse_json(await request.body())))
+        return await self._complete(parse_completion(parse_json(await request.body()),
+                                                     request.headers.get(SESSION_HEADER, "")))
 
     def _traced(self, req: ApiRequest) -> Traced:
         def traced(events: AsyncGenerator[GenerateEvent, None]
@@ -70,7 +73,8 @@ class Api:
         return traced
 
     async def responses(self, request: Request) -> Response:
-        req = parse_responses(parse_json(await request.body()))
+        req = parse_responses(parse_json(await request.body()),
+                              request.headers.get(SESSION_HEADER, ""))
         head = ResponseHead(req, new_id("resp"), int(time.time()))
         timer, first, choices = await self._open(req.chat, head.response_id)
         if req.chat.stream:

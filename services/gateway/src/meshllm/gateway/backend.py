@@ -16,9 +16,14 @@ from contextlib import aclosing
 from typing import Any
 
 import grpc
-from meshllm.common import convert, grpc_errors, telemetry
-from meshllm.common.errors import InvalidGenerateRequest, MeshError, Overloaded
-from meshllm.common.grpcutil import KEEPALIVE_CLIENT
+from meshllm.common import grpc_errors, telemetry
+from meshllm.common.errors import (
+    EngineCrashed,
+    EngineUnavailable,
+    InvalidGenerateRequest,
+    MeshError,
+    Overloaded,
+)
 from meshllm.common.meshview import MeshSnapshot, follow_mesh
 from meshllm.common.store import KeyValueStore
 from meshllm.common.tls import PLAINTEXT, GrpcSecurity
@@ -35,10 +40,10 @@ from meshllm.common.types import (
     WorkerId,
     WorkerInfo,
 )
-from meshllm.gateway.affinity import PrefixTable, prefix_keys
-from meshllm.gateway.bans import on_dispatch, on_failure, on_return, on_success
+from meshllm.gateway.affinity import PrefixTable
 from meshllm.gateway.choices import Traced, generate_request, merged
 from meshllm.gateway.cold_start import wait_for_replicas
+from meshllm.gateway.config import StreamTiming
 from meshllm.gateway.demand import DemandMeter
 from meshllm.gateway.failures import (
     NoLiveWorker,
@@ -49,6 +54,13 @@ from meshllm.gateway.failures import (
     WorkerSilent,
 )
 from meshllm.gateway.metrics import RoutingMetrics
+from meshllm.gateway.migration import (
+    REST_S,
+    StreamRun,
+    may_take,
+    migration_allowed,
+    replica_headed_by,
+)
 from meshllm.gateway.openai_api import ApiRequest
 from meshllm.gateway.routing import (
     Decision,
@@ -61,12 +73,10 @@ from meshllm.gateway.routing import (
     serving_state,
     why_unavailable,
 )
-from meshllm.v1 import worker_pb2_grpc
+from meshllm.gateway.sessions import route_keys
+from meshllm.gateway.worker_calls import WorkerCalls
 
 log = logging.getLogger(__name__)
-
-EMBED_SEQS_PER_DECODE = 64  # inputs a worker embeds in one decode at most (sizes timeouts)
-
 
 def _untraced(events: AsyncGenerator[GenerateEvent, None]
               ) -> AsyncGenerator[GenerateEvent, None]:
@@ -74,27 +84,33 @@ def _untraced(events: AsyncGenerator[GenerateEvent, None]
 
 
 class MeshBackend:
-    def __init__(self, kv: KeyValueStore, first_token_timeout_s: float,
-                 token_timeout_s: float, tracer: telemetry.Tracer = telemetry.NO_TRACER,
+    def __init__(self, kv: KeyValueStore, timing: StreamTiming,
+                 tracer: telemetry.Tracer = telemetry.NO_TRACER,
                  interceptors: Sequence[Any] = (), security: GrpcSecurity = PLAINTEXT,
-                 cold_start_wait_s: float = 0.0, demand: DemandMeter | None = None,
+                 demand: DemandMeter | None = None,
                  routing_metrics: RoutingMetrics | None = None) -> None:
         self.snapshot = MeshSnapshot()
         self.demand = demand if demand is not None else DemandMeter()
         self._mesh_changed = asyncio.Event()  # set, then replaced, at every new snapshot
-        self._cold_start_wait_s = cold_start_wait_s  # a request's wait for a first replica
-        self._security = security
         self.synced = asyncio.Event()
-        self.loads: dict[WorkerId, WorkerLoad] = {}  # updated by bans.on_* only
         self.prefixes = PrefixTable()  # which replica last served each prompt prefix
         self.routing_metrics = routing_metrics if routing_metrics is not None else (
             RoutingMetrics())
+        self.calls = WorkerCalls(timing, security, interceptors, self.routing_metrics)
         self._kv = kv
-        self._first_timeout_s = first_token_timeout_s
-        self._token_timeout_s = token_timeout_s
-        self._channels: dict[str, grpc.aio.Channel] = {}
         self._tracer = tracer
-        self._interceptors = list(interceptors)  # they carry the trace context to workers
+
+    @property
+    def timing(self) -> StreamTiming:
+        return self.calls.timing
+
+    @timing.setter
+    def timing(self, timing: StreamTiming) -> None:
+        self.calls.timing = timing
+
+    @property
+    def loads(self) -> dict[WorkerId, WorkerLoad]:
+        return self.calls.loads
 
     async def follow(self) -> None:
         async for snapshot in follow_mesh(self._kv):
@@ -102,18 +118,7 @@ class MeshBackend:
             self.synced.set()
             self._mesh_changed.set()
             self._mesh_changed = asyncio.Event()
-            await self._drop_stale_channels()
-
-    async def _drop_stale_channels(self) -> None:
-        live = {w.address for w in self.snapshot.workers.values()}
-        for address in list(self._channels.keys() - live):
-            await self._channels.pop(address).close()
-
-    def _stub(self, address: str) -> worker_pb2_grpc.ShardWorkerStub:
-        if address not in self._channels:
-            self._channels[address] = self._security.channel(
-                address, options=KEEPALIVE_CLIENT, interceptors=self._interceptors)
-        return worker_pb2_grpc.ShardWorkerStub(self._channels[address])
+            await self.calls.keep_only({w.address for w in snapshot.workers.values()})
 
     def resolve(self, model: str) -> ModelId:
         """A model described or declared (not yet described, it may come up)."""
@@ -137,31 +142,6 @@ class MeshBackend:
             await self._next_change(left)
         return True
 
-    def _load(self, worker: WorkerInfo) -> WorkerLoad:
-        return self.loads.get(worker.worker_id, WorkerLoad())
-
-    def _dispatched(self, worker: WorkerInfo) -> bool:
-        """A call starts on `worker`; whether it is the probe that may end its ban."""
-        state, probe = on_dispatch(self._load(worker), time.monotonic())
-        self.loads[worker.worker_id] = state
-        if probe:
-            log.info("probing worker %s after its ban", worker.worker_id)
-            self.routing_metrics.probed(worker.worker_id)
-        return probe
-
-    def _returned(self, worker: WorkerInfo, probe: bool) -> None:
-        self.loads[worker.worker_id] = on_return(self._load(worker), probe)
-
-    def _answered(self, worker: WorkerInfo) -> None:
-        self.loads[worker.worker_id] = on_success(self._load(worker), time.monotonic())
-
-    def _broke(self, worker: WorkerInfo) -> None:
-        state = on_failure(self._load(worker), time.monotonic())
-        self.loads[worker.worker_id] = state
-        self.routing_metrics.banned(worker.worker_id)
-        log.info("worker %s banned for %.0f s (failure %d in a row)", worker.worker_id,
-                 state.banned_until_s - state.last_failure_at_s, state.strikes)
-
     def _decide(self, key: RequestKey, replicas: Sequence[WorkerInfo]) -> Decision:
         return decide(key, replicas, RouteStats(self.loads, self.prefixes), time.monotonic())
 
@@ -176,7 +156,7 @@ class MeshBackend:
         with self.demand.waiting(model_id) if cold else contextlib.nullcontext():
             replicas = await wait_for_replicas(
                 ready, lambda: serving_state(self.snapshot, model_id)[0], self._next_change,
-                self._cold_start_wait_s)
+                self.timing.cold_start_wait_s)
         if (waited := time.monotonic() - started) > 0.1:
             log.info("a request for %s waited %.1f s for a replica (%s)", model_id, waited,
                      "one came up" if replicas else "none came up")
@@ -225,7 +205,7 @@ class MeshBackend:
     async def generate(self, req: ApiRequest) -> AsyncGenerator[GenerateEvent, None]:
         """One choice of `req` (its first)."""
         model_id = self.resolve(req.model)
-        keys = prefix_keys(model_id, req.text, req.chat, req.tools_json)
+        keys = route_keys(model_id, req.text, req.chat, req.tools_json, req.session)
         async with self._metered(model_id):
             candidates = await self._candidates(model_id, prefixes=keys)
             events = self._attempt(candidates, generate_request(req, model_id, 0), keys)
@@ -244,7 +224,7 @@ class MeshBackend:
                     yield 0, event
             return
         model_id = self.resolve(req.model)
-        keys = prefix_keys(model_id, req.text, req.chat, req.tools_json)
+        keys = route_keys(model_id, req.text, req.chat, req.tools_json, req.session)
         async with self._metered(model_id, req.n):
             candidates = await self._candidates(model_id, prefixes=keys)
             streams = [trace(self._attempt(candidates, generate_request(req, model_id, i),
@@ -256,49 +236,118 @@ class MeshBackend:
     async def _attempt(self, candidates: Sequence[WorkerInfo], request: GenerateRequest,
                        prefixes: tuple[int, ...] = ()) -> AsyncGenerator[GenerateEvent, None]:
         """`request` on the first candidate that takes it; the next when one fails before
-        its first token. The one that takes it holds the prompt's `prefixes` from then."""
+        its first token. Once the stream has begun, a failed worker's stream moves to
+        another replica, which carries it on from the tokens already sent (migration.py),
+        up to max_migrations times. The one that takes it holds the prompt's `prefixes`."""
+        run, queue = StreamRun(request), list(candidates)
         failures: list[str] = []
         busy, silent = 0, []
-        for worker in candidates:
-            started = False
+        while (worker := await self._next_worker(run, queue)) is not None:
+            fresh = True
             try:
-                async with aclosing(self._served(request.model_id,
-                                                 self._call(worker, request))) as events:
+                async with aclosing(self._served(request.model_id, self.calls.generate(
+                        worker, run.next_request()))) as events:
                     async for event in events:
-                        if not started:
-                            started = True
-                            self.prefixes.remember(prefixes, worker.worker_id)
+                        if fresh:
+                            fresh = False
+                            self._took(run, worker, prefixes)
+                        run.saw(event)
                         yield event
                 return
             except grpc.aio.AioRpcError as exc:
-                failure = f"{worker.worker_id}: {exc.code().name} {exc.details()}"
-                busy += self._failed(worker, grpc_errors.error_from_rpc(exc), failure, started)
+                failure, cause = f"{worker.worker_id}: {exc.code().name} {exc.details()}", (
+                    exc.code().name.lower())
+                transient = self._refused(worker, grpc_errors.error_from_rpc(exc))
+                busy += transient == "busy"
             except WorkerSilent as exc:  # a frozen node: like a failed one, until it answers
-                self._broke(worker)
-                if started:
-                    raise
-                failure = str(exc)
+                self.calls.broke(worker)
+                failure, cause, transient = str(exc), "silent", ""
                 silent.append(exc)
             failures.append(failure)
             log.warning("worker %s failed for %s: %s", worker.worker_id, request.model_id,
                         failure)
-        if busy == len(candidates):
-            raise ReplicasBusy(request.model_id, failures)
-        if len(silent) == len(candidates):
-            raise silent[-1]
-        raise ReplicasFailed(request.model_id, failures)
+            self._lost(run, worker, cause, failure, bool(transient))
+        raise self._gave_up(run, failures, busy, silent)
 
-    def _failed(self, worker: WorkerInfo, error: MeshError | None, failure: str,
-                started: bool) -> bool:
+    @staticmethod
+    def _gave_up(run: StreamRun, failures: list[str], busy: int,
+                 silent: list[WorkerSilent]) -> MeshError:
+        if run.started:
+            return StreamBroken(f"no replica could carry the stream on ({'; '.join(failures)})")
+        if busy == len(failures):
+            return ReplicasBusy(run.request.model_id, failures)
+        if len(silent) == len(failures):
+            return silent[-1]
+        return ReplicasFailed(run.request.model_id, failures)
+
+    def _took(self, run: StreamRun, worker: WorkerInfo, prefixes: tuple[int, ...]) -> None:
+        """`worker` answered `run`: it holds the prompt's prefixes now; when it carried the
+        stream on after a failure, the move is counted."""
+        self.prefixes.remember(prefixes, worker.worker_id)
+        resumed_s = run.resumed()
+        if resumed_s is None:
+            return
+        log.info("request %s carried on by %s %.2f s after its worker failed (%s), "
+                 "%d tokens replayed", run.request.request_id, worker.worker_id, resumed_s,
+                 run.cause, len(run.sent_ids))
+        self.routing_metrics.migrated(run.request.model_id, run.cause, resumed_s,
+                                      len(run.sent_ids))
+        telemetry.record_migration(self._tracer, run.request.model_id, worker.worker_id,
+                                   run.cause, resumed_s, len(run.sent_ids))
+
+    def _lost(self, run: StreamRun, worker: WorkerInfo, cause: str, failure: str,
+              transient: bool) -> None:
+        """Marks `worker` failed for `run` (or resting, when it only refused for now: busy,
+        loading, its engine restarting); raises when the stream may not move again."""
+        if transient:
+            run.refused_by(worker.worker_id, cause)
+        else:
+            run.failed_on(worker.worker_id, replica_headed_by(
+                self.snapshot, run.request.model_id, worker.worker_id), cause)
+        if run.started and not migration_allowed(run, self.timing.max_migrations):
+            raise StreamBroken(f"worker {failure} after the stream began "
+                               f"(moved {run.migrations - 1} times already)")
+
+    async def _next_worker(self, run: StreamRun, queue: list[WorkerInfo]) -> WorkerInfo | None:
+        """The next replica to try: the routed order first; then, for a stream that has
+        begun, any ready replica that has not failed it, waiting up to migrate_wait_s for
+        one to come up (a split re-planned around a dead stage takes a while)."""
+        while queue:
+            worker = queue.pop(0)
+            if may_take(run, self.snapshot, worker.worker_id):
+                return worker
+        if not run.started:
+            return None
+        deadline = time.monotonic() + self.timing.migrate_wait_s
+        while True:
+            model_id = run.request.model_id
+            ready = [w for w in ready_replicas(self.snapshot, model_id)
+                     if may_take(run, self.snapshot, w.worker_id)]
+            if ready:
+                return self._decide(RequestKey(model_id), ready).order[0]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            await self._next_change(min(left, REST_S))  # a resting replica may try again
+
+    def _refused(self, worker: WorkerInfo, error: MeshError | None) -> str:
+        """"busy" or "not now" when the worker refused for the moment (a full queue; a
+        model still loading), "" when it failed; raises as `_failed` does."""
+        if self._failed(worker, error):
+            return "busy"
+        if isinstance(error, EngineUnavailable) and not isinstance(error, EngineCrashed):
+            return "not now"
+        return ""
+
+    def _failed(self, worker: WorkerInfo, error: MeshError | None) -> bool:
         """Whether the worker refused as busy. Raises when no other replica may try: the
-        request itself is wrong (each would refuse it), or tokens were already sent."""
+        request itself is wrong (each would refuse it; a resume too: a replica of the same
+        model refusing the tokens another produced is a bug to see, not to route around)."""
         if isinstance(error, InvalidGenerateRequest):
             raise error
         busy = isinstance(error, Overloaded)
         if not busy:  # busy is not broken: no failure mark against the worker
-            self._broke(worker)
-        if started:
-            raise StreamBroken(f"worker {failure} after the stream began")
+            self.calls.broke(worker)
         return busy
 
     async def embed(self, model: str, inputs: tuple[EmbedInput, ...]) -> Embeddings:
@@ -320,12 +369,12 @@ class MeshBackend:
         for worker in candidates:
             try:
                 started = time.monotonic()
-                embeddings = await self._embed_call(worker, request)
+                embeddings = await self.calls.embed(worker, request)
                 self.demand.admitted(model_id, 0.0, time.monotonic() - started)
                 return embeddings
             except grpc.aio.AioRpcError as exc:
                 failure = f"{worker.worker_id}: {exc.code().name} {exc.details()}"
-                busy += self._failed(worker, grpc_errors.error_from_rpc(exc), failure, False)
+                busy += self._failed(worker, grpc_errors.error_from_rpc(exc))
                 failures.append(failure)
                 log.warning("worker %s failed embeddings for %s: %s", worker.worker_id,
                             model_id, failure)
@@ -333,48 +382,5 @@ class MeshBackend:
             raise ReplicasBusy(model_id, failures)
         raise ReplicasFailed(model_id, failures)
 
-    async def _embed_call(self, worker: WorkerInfo, request: EmbedRequest) -> Embeddings:
-        # As long as a first token may take, for every engine decode the inputs may need.
-        timeout_s = self._first_timeout_s * (1 + len(request.inputs) // EMBED_SEQS_PER_DECODE)
-        probe = self._dispatched(worker)
-        try:
-            reply = await self._stub(worker.address).Embed(
-                convert.embed_request_to_pb(request), timeout=timeout_s)
-            self._answered(worker)
-        finally:
-            self._returned(worker, probe)
-        return convert.embeddings_from_pb(reply)
-
-    async def _call(self, worker: WorkerInfo, request: GenerateRequest
-                    ) -> AsyncIterator[GenerateEvent]:
-        call = self._stub(worker.address).Generate(convert.generate_request_to_pb(request))
-        probe, answered = self._dispatched(worker), False
-        timeout = self._first_timeout_s
-        try:
-            while True:
-                try:
-                    message = await asyncio.wait_for(call.read(), timeout)
-                except TimeoutError as exc:
-                    raise WorkerSilent(worker.worker_id, timeout) from exc
-                except asyncio.CancelledError:
-                    # grpc.aio can end a read that wait_for gave up on with CancelledError
-                    # instead of the TimeoutError (a call still waiting for a frozen peer's
-                    # headers); only a cancel of this task itself is the caller leaving.
-                    task = asyncio.current_task()
-                    if task is not None and task.cancelling():
-                        raise
-                    raise WorkerSilent(worker.worker_id, timeout) from None
-                if message is grpc.aio.EOF:
-                    return
-                if not answered:  # its first answer: it is alive (a probe succeeded)
-                    answered = True
-                    self._answered(worker)
-                timeout = self._token_timeout_s
-                yield convert.event_from_pb(message)
-        finally:
-            call.cancel()  # no-op when finished; frees the worker's slot when we stop early
-            self._returned(worker, probe)
-
     async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
+        await self.calls.close()

@@ -18,6 +18,7 @@ from meshllm.common.config import (
     csv_list,
     listen_option,
     non_negative_float,
+    non_negative_int,
     parse_host_port,
     parse_size,
     positive_float,
@@ -49,14 +50,26 @@ class DemandSettings:
 
 
 @dataclass(frozen=True)
+class StreamTiming:
+    """How long the gateway waits on workers, and how it carries a stream past one that
+    fails mid-generation (gateway.migration)."""
+
+    first_token_timeout_s: float = 600.0  # includes queueing behind others on the worker
+    token_timeout_s: float = 60.0         # longest silence between two tokens
+    cold_start_wait_s: float = 0.0        # a request's wait for a model's first replica
+    stall_probe_s: float = 1.0    # silence after which the worker is asked if it lives
+    probe_timeout_s: float = 1.0  # the answer's deadline: none, and the stream moves
+    max_migrations: int = 3       # moves of one request before it ends with an error
+    migrate_wait_s: float = 60.0  # a moving stream's wait for a replica to carry it on
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     etcd_url: str
     host: str                     # of --listen: the HTTP address
     port: int                     # TCP port of --listen
     blackboard_address: str       # host:port of a blackboard node ("" : no blackboard API)
-    first_token_timeout_s: float  # includes queueing behind other requests on the worker
-    token_timeout_s: float        # longest silence between two tokens
-    cold_start_wait_s: float      # a request's wait for a declared model's first replica
+    timing: StreamTiming          # timeouts, the progress watchdog, migrations
     log_level: str                # logging level name
     trace: TraceSettings        # what the OTEL_* variables ask for
     security: GrpcSecurity      # plaintext or mutual TLS towards workers and blackboard
@@ -95,6 +108,14 @@ BASE_OPTIONS = (
     Option("--cold-start-wait-s", "MESHLLM_COLD_START_WAIT_S", non_negative_float, "120",
            "seconds a request for a model with no ready replica waits while one loads "
            "(0: answer 503 at once)"),
+    Option("--stall-probe-s", "MESHLLM_STALL_PROBE_S", positive_float, "1",
+           "seconds without a token after which the worker is asked whether it is alive"),
+    Option("--probe-timeout-s", "MESHLLM_PROBE_TIMEOUT_S", positive_float, "1",
+           "seconds a worker has to answer that question before its streams move"),
+    Option("--max-migrations", "MESHLLM_MAX_MIGRATIONS", non_negative_int, "3",
+           "times one request may move to another replica mid-stream (0: never)"),
+    Option("--migrate-wait-s", "MESHLLM_MIGRATE_WAIT_S", non_negative_float, "60",
+           "seconds a stream whose worker failed waits for a replica to carry it on"),
     LOG_LEVEL_OPTION,
     *TLS_OPTIONS,
 )
@@ -169,8 +190,9 @@ def load_config(argv: Sequence[str], env: Mapping[str, str]) -> GatewayConfig:
         raise ConfigError("--listen / MESHLLM_GATEWAY_LISTEN", str(exc)) from exc
     return GatewayConfig(
         etcd_url=v["etcd"], host=host, port=port, blackboard_address=v["blackboard"],
-        first_token_timeout_s=v["first_token_timeout_s"],
-        token_timeout_s=v["token_timeout_s"], cold_start_wait_s=v["cold_start_wait_s"],
+        timing=StreamTiming(v["first_token_timeout_s"], v["token_timeout_s"],
+                            v["cold_start_wait_s"], v["stall_probe_s"], v["probe_timeout_s"],
+                            v["max_migrations"], v["migrate_wait_s"]),
         log_level=v["log_level"],
         trace=trace_settings("gateway", env), security=security_from(v),
         api_keys=keys, limits=input_limits(v),

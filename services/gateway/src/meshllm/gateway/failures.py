@@ -71,6 +71,6 @@ class WorkerSilent(MeshError):
     reason = "worker_timeout"
 
     def __init__(self, worker_id: str, waited_s: float) -> None:
-        super().__init__(f"worker {worker_id} sent nothing for {waited_s:.0f}s")
+        super().__init__(f"worker {worker_id} sent nothing for {waited_s:.1f} s")
         self.worker_id = worker_id
         self.waited_s = waited_s

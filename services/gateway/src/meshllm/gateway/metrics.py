@@ -72,6 +72,22 @@ class RoutingMetrics:
         self.affinity = Counter("meshllm_gateway_prefix_affinity",
                                 "Requests by prefix-affinity outcome", ["model", "result"],
                                 registry=registry)
+        self.migrations = Counter(
+            "meshllm_gateway_migrations", "Streams carried on by another replica after "
+            "their worker failed, by cause (a gRPC status, or silent)", ["model", "cause"],
+            registry=registry)
+        self.resume_time = Histogram(
+            "meshllm_gateway_migration_resume_seconds", "Time from a worker's failure to "
+            "the first event of the replica that carried its stream on", ["model"],
+            buckets=LATENCY_BUCKETS_S, registry=registry)
+        self.replayed = Counter(
+            "meshllm_gateway_migration_replayed_tokens", "Generated tokens a replica "
+            "prefilled again to carry a stream on", ["model"], registry=registry)
+
+    def migrated(self, model: str, cause: str, resume_s: float, replayed: int) -> None:
+        self.migrations.labels(model, cause).inc()
+        self.resume_time.labels(model).observe(resume_s)
+        self.replayed.labels(model).inc(replayed)
 
     def banned(self, worker: str) -> None:
         self.bans.labels(worker).inc()

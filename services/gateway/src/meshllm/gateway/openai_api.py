@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from meshllm.common.types import ChatMessage, Grammar, SamplingParams
@@ -53,6 +53,7 @@ class ApiRequest:
     tools_json: str = ""                # the tools to render into the prompt (a JSON list)
     tool_names: tuple[str, ...] = ()    # the answer is read for calls to these
     parallel_tool_calls: bool = True
+    session: str = ""                   # X-Session-Id, else `user`: one replica serves it
 
 
 def parse_json(body: bytes) -> Mapping[str, Any]:
@@ -223,18 +224,27 @@ def chat_request(model: str, messages: tuple[ChatMessage, ...], params: Sampling
         parallel_tool_calls=tools.parallel)
 
 
-def parse_chat(data: Mapping[str, Any]) -> ApiRequest:
+def session(data: Mapping[str, Any], header: str = "") -> str:
+    """The request's session: its X-Session-Id header, else its `user` field ("": none)."""
+    user = data.get("user")
+    if user is not None and not isinstance(user, str):
+        raise invalid("user must be a string", "user")
+    return header.strip() or (user or "")
+
+
+def parse_chat(data: Mapping[str, Any], session_header: str = "") -> ApiRequest:
     model, stream, include_usage = _common(data)
     messages = parse_messages(data)
     tools = parse_tools(data)
     chat_tools = ChatTools(tools, parse_tool_choice(data, tools), parallel_tool_calls(data))
     answer = response_format_schema(data.get("response_format"))
-    return chat_request(model, messages, sampling(data), stream, chat_tools, answer,
-                        include_usage, n=_integer(data, "n", 1, MAX_CHOICES) or 1,
-                        logprobs=_chat_logprobs(data))
+    request = chat_request(model, messages, sampling(data), stream, chat_tools, answer,
+                           include_usage, n=_integer(data, "n", 1, MAX_CHOICES) or 1,
+                           logprobs=_chat_logprobs(data))
+    return replace(request, session=session(data, session_header))
 
 
-def parse_completion(data: Mapping[str, Any]) -> ApiRequest:
+def parse_completion(data: Mapping[str, Any], session_header: str = "") -> ApiRequest:
     model, stream, include_usage = _common(data)
     prompt = data.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -246,4 +256,5 @@ def parse_completion(data: Mapping[str, Any]) -> ApiRequest:
     return ApiRequest("completion", model, sampling(data), stream, include_usage, text=prompt,
                       n=_integer(data, "n", 1, MAX_CHOICES) or 1,
                       logprobs=_completion_logprobs(data),
-                      grammar=schema_grammar(schema) if schema is not None else None)
+                      grammar=schema_grammar(schema) if schema is not None else None,
+                      session=session(data, session_header))

@@ -17,7 +17,7 @@ from typing import Any
 from meshllm.common.types import ChatMessage, ToolCall
 from meshllm.gateway.chat_api import function_tool, parallel_tool_calls, parse_tools
 from meshllm.gateway.errors import invalid
-from meshllm.gateway.openai_api import ApiRequest, ChatTools, chat_request, sampling
+from meshllm.gateway.openai_api import ApiRequest, ChatTools, chat_request, sampling, session
 from meshllm.gateway.structured import ANY_OBJECT, FunctionTool, ToolChoice, json_schema_spec
 
 ROLES = ("user", "system", "developer", "assistant")
@@ -231,7 +231,7 @@ def _model_and_stream(data: Mapping[str, Any]) -> tuple[str, bool]:
     return model, stream
 
 
-def parse_responses(data: Mapping[str, Any]) -> ResponsesRequest:
+def parse_responses(data: Mapping[str, Any], session_header: str = "") -> ResponsesRequest:
     model, stream = _model_and_stream(data)
     _refuse_unsupported(data)
     messages = parse_input(data)
@@ -240,8 +240,9 @@ def parse_responses(data: Mapping[str, Any]) -> ResponsesRequest:
     parallel = parallel_tool_calls(data)
     answer, text = parse_text_format(data)
     params = sampling(data, ("max_output_tokens",))
-    chat = chat_request(model, messages, params, stream, ChatTools(tools, choice, parallel),
-                        answer)
+    chat = replace(chat_request(model, messages, params, stream,
+                                ChatTools(tools, choice, parallel), answer),
+                   session=session(data, session_header))
     sent_tools = data.get("tools") or []
     settings = {
         "instructions": data.get("instructions"),

@@ -14,16 +14,24 @@ from meshllm.common.types import LoadState, ModelId, WorkerId, WorkerInfo
 from meshllm.gateway.affinity import longest_match
 from meshllm.gateway.bans import Health, health
 from meshllm.gateway.bans import WorkerLoad as WorkerLoad
+from meshllm.gateway.sessions import rendezvous, session_of
 
 AFFINITY_MAX_EXTRA_LOAD = 2  # a prefix's replica is skipped when busier than the least by more
 
 
 @dataclass(frozen=True)
 class RequestKey:
-    """What routing knows of a request: its model and its prompt's prefix keys."""
+    """What routing knows of a request: its model, its prompt's prefix keys and its
+    session."""
 
     model_id: ModelId
     prefixes: tuple[int, ...] = ()  # affinity.prefix_keys: shortest prefix first
+    session: int = 0                # sessions.session_key (0: none; or carried by
+                                    # prefixes as sessions.RouteKeys)
+
+    @property
+    def session_key(self) -> int:
+        return self.session or session_of(self.prefixes)
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,7 @@ class Affinity(enum.Enum):
     HIT = "hit"    # sent back to the replica that served its prefix
     MISS = "miss"  # no replica serving now is known to hold its prefix
     BUSY = "busy"  # its replica was banned or much busier than the least busy one
+    SESSION = "session"  # a named session: to its replica by rendezvous hash
 
 
 @dataclass(frozen=True)
@@ -78,9 +87,12 @@ def decide(key: RequestKey, replicas: Sequence[WorkerInfo], stats: RouteStats,
     """Replicas in the order to try them: not banned first, then those with a free slot,
     then least busy, ties by id so that equal loads spread deterministically; and first
     of all the replica that served this prompt's longest known prefix, unless it is
-    banned or busier than the least busy by more than AFFINITY_MAX_EXTRA_LOAD."""
+    banned or busier than the least busy by more than AFFINITY_MAX_EXTRA_LOAD. A request
+    of a named session goes by the session instead (`_by_session`)."""
     rank = _rank(key, stats, now_s)
     ranked = tuple(sorted(replicas, key=rank))
+    if key.session_key:
+        return _by_session(key.session_key, ranked, rank)
     target, depth = longest_match(key.prefixes, stats.prefixes)
     chosen = next((w for w in ranked if w.worker_id == target), None)
     if chosen is None:
@@ -91,6 +103,15 @@ def decide(key: RequestKey, replicas: Sequence[WorkerInfo], stats: RouteStats,
         return Decision(ranked, Affinity.BUSY)
     rest = tuple(w for w in ranked if w is not chosen)
     return Decision((chosen, *rest), Affinity.HIT, depth)
+
+
+def _by_session(session: int, ranked: Sequence[WorkerInfo],
+                rank: Callable[[WorkerInfo], tuple[bool, bool, int, str]]) -> Decision:
+    """A named session's replicas in its rendezvous order, banned ones last: it sticks to
+    its replica, and when that one fails or goes, moves to the same next one from every
+    gateway; load does not move it (its KV cache is there)."""
+    ordered = sorted(rendezvous(session, ranked), key=lambda w: rank(w)[0])
+    return Decision(tuple(ordered), Affinity.SESSION)
 
 
 def route(key: RequestKey, replicas: Sequence[WorkerInfo], stats: RouteStats,

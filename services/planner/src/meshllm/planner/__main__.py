@@ -21,7 +21,8 @@ log = logging.getLogger("meshllm.planner")
 
 def settings(config: PlannerConfig) -> PlannerSettings:
     placement = PlacementPolicy(config.engine_overhead_bytes, config.max_replicas,
-                                max_link_rtt_ms=config.max_link_rtt_ms)
+                                max_link_rtt_ms=config.max_link_rtt_ms,
+                                expert_hot_share=config.expert_hot_share)
     policy = RoundPolicy(placement, config.rebalance, config.fill_free_memory)
     return PlannerSettings(tuple(start_declarations(config)), policy, config.debounce_s,
                            config.interval_s)

@@ -6,8 +6,10 @@ A round, in order:
    and retiring replicas that every one of their workers has unloaded (drained).
 2. A first replica for every declared model without one that is wanted: by demand, by
    `min_replicas`, or (with `fill_free_memory`) because memory is free. `place` makes it,
-   whole on one worker or split over the fewest, so a model too big for any worker is
-   still served.
+   whole on one worker, as expert shards (a mixture of experts) or split over the fewest,
+   so a model too big for any worker is still served. A model served by shards gets one
+   more on each worker that joined with room; one dealt evenly is dealt again once its
+   calibration arrives.
 3. `rebalance` over the models served whole: adds where demand per replica is high,
    retires (marks `Replica.retiring`) where a model is over `max_replicas`, and evicts
    replicas of colder or lower-priority models when a hotter one needs their memory. A
@@ -31,7 +33,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from meshllm.common.demand import ModelDemand
+from meshllm.common.moe import ExpertRanking
 from meshllm.common.types import (
+    ExpertDeal,
     LoadState,
     ModelDeclaration,
     ModelId,
@@ -51,6 +55,7 @@ from meshllm.planner.demand import (
     SizedModel,
     WorkerCapacity,
 )
+from meshllm.planner.experts import grow_shards, replica_need, usable_ranking
 from meshllm.planner.place import PlacementPolicy, place, required_bytes, size_slots
 from meshllm.planner.rebalance import rebalance
 from meshllm.planner.split import stage_bytes
@@ -82,6 +87,8 @@ class RoundInputs:
         dataclasses.field(default_factory=dict)        # each replica's phase, entered when
     last_grew_s: Mapping[ModelId, float] = dataclasses.field(default_factory=dict)
     last_shrank_s: Mapping[ModelId, float] = dataclasses.field(default_factory=dict)
+    rankings: Mapping[str, ExpertRanking] = dataclasses.field(default_factory=dict)  # by
+                                                       # model digest (calibrations)
 
 
 @dataclass(frozen=True)
@@ -133,8 +140,10 @@ def held_bytes(placements: Mapping[ModelId, Sequence[Replica]],
         if spec is None:
             continue
         for replica in replicas:
+            shard = replica_need(spec, replica, policy.engine_overhead_bytes)
             for i, stage in enumerate(replica.stages):
-                need = (required_bytes(spec, policy) if not replica.is_split
+                need = (shard if shard is not None
+                        else required_bytes(spec, policy) if not replica.is_split
                         else stage_bytes(spec, stage, i == 0, policy.split))
                 held[stage.worker_id] = held.get(stage.worker_id, 0) + need
     return held
@@ -157,31 +166,72 @@ def _wanted_first(inputs: RoundInputs, model_id: ModelId, policy: RoundPolicy) -
 
 
 def first_replicas(inputs: RoundInputs, placements: dict[ModelId, list[Replica]],
-                   policy: RoundPolicy) -> dict[ModelId, str]:
-    """Place one replica of each wanted model that has none (edits `placements`); the
-    reasons of those that fit nowhere at all, whatever else the mesh held."""
+                   policy: RoundPolicy, deals: dict[ModelId, ExpertDeal] | None = None
+                   ) -> dict[ModelId, str]:
+    """Place one replica of each wanted model that has none, or its expert shards (edits
+    `placements`, and `deals` for shards); the reasons of those that fit nowhere at all,
+    whatever else the mesh held."""
     bare = [spec for model_id, spec in inputs.specs.items()
             if not placements.get(model_id) and _wanted_first(inputs, model_id, policy)]
     if not bare:
         return {}
     room = free_workers(inputs, placements, policy.placement)
     caps = {spec.model_id: 1 for spec in bare}
-    placed = place(bare, room, inputs.published, policy.placement, caps)
+    shard_caps = {m: d.max_replicas for m, d in inputs.declarations.items()}
+    placed = place(bare, room, inputs.published, policy.placement, caps, inputs.rankings,
+                   shard_caps)
     reasons = {}
     for spec in bare:
-        replicas = placed[spec.model_id].replicas
+        replicas, deal = placed[spec.model_id].replicas, placed[spec.model_id].expert_deal
         if replicas:
             placements[spec.model_id] = list(replicas)
+            if deals is not None and deal is not None:
+                deals[spec.model_id] = deal
             continue
         alone = place([spec], list(inputs.workers.values()), None, policy.placement)
         reasons[spec.model_id] = alone[spec.model_id].unplaced_reason
     return reasons
 
 
+def redeal_calibrated(inputs: RoundInputs, placements: dict[ModelId, list[Replica]],
+                      deals: dict[ModelId, ExpertDeal]) -> list[ModelId]:
+    """Models dealt evenly whose calibration has arrived: their shards are dropped (edits
+    `placements` and `deals`) so that this round deals them again by the ranking, on the
+    same workers first. Their shards reload once."""
+    again = []
+    for model_id, deal in list(deals.items()):
+        spec = inputs.specs.get(model_id)
+        if deal.calibration_tokens or spec is None or spec.moe is None:
+            continue
+        if usable_ranking(spec.moe, inputs.rankings.get(spec.model_digest)) is not None:
+            placements[model_id] = []
+            del deals[model_id]
+            again.append(model_id)
+    return again
+
+
+def more_shards(inputs: RoundInputs, placements: dict[ModelId, list[Replica]],
+                policy: PlacementPolicy) -> None:
+    """Models served by expert shards get a shard on each worker that joined with room
+    (edits `placements`), up to their max_replicas."""
+    for model_id, replicas in placements.items():
+        spec = inputs.specs.get(model_id)
+        if spec is None or spec.moe is None or not replicas or not all(
+                r.is_shard for r in replicas):
+            continue
+        free = {w.worker_id: w.memory_budget_bytes
+                for w in free_workers(inputs, placements, policy)}
+        declaration = inputs.declarations.get(model_id)
+        cap = (declaration.max_replicas if declaration else 0) or policy.max_replicas
+        replicas.extend(grow_shards(spec, replicas, free, policy.engine_overhead_bytes,
+                                    inputs.rankings.get(spec.model_digest),
+                                    policy.expert_hot_share, cap))
+
+
 def served_whole(spec: ModelSpec, replicas: Sequence[Replica],
                  workers: Mapping[WorkerId, WorkerInfo], policy: PlacementPolicy) -> bool:
     """Whether rebalancing sizes the model: it is held whole, or would be if placed."""
-    if spec.force_split or any(r.is_split for r in replicas):
+    if spec.force_split or any(r.is_split or r.is_shard for r in replicas):
         return False
     need = required_bytes(spec, policy)
     return any(w.memory_budget_bytes >= need for w in workers.values())
@@ -279,7 +329,11 @@ def next_placements(inputs: RoundInputs, policy: RoundPolicy) -> RoundResult:
     inputs = dataclasses.replace(inputs, specs=specs)
     placements = {m: list(live_replicas(p, inputs.workers))
                   for m, p in inputs.published.items() if m in inputs.specs}
-    reasons = first_replicas(inputs, placements, policy)
+    deals = {m: p.expert_deal for m, p in inputs.published.items()
+             if p.expert_deal is not None and any(r.is_shard for r in placements.get(m, []))}
+    redeal_calibrated(inputs, placements, deals)
+    reasons = first_replicas(inputs, placements, policy, deals)
+    more_shards(inputs, placements, policy.placement)
     models = {m: sized(inputs, spec, policy.placement) for m, spec in inputs.specs.items()
               if served_whole(spec, placements.get(m, []), inputs.workers, policy.placement)
               and m not in reasons}
@@ -291,6 +345,6 @@ def next_placements(inputs: RoundInputs, policy: RoundPolicy) -> RoundResult:
         fill(inputs, placements, models, policy.placement)
     result = {
         m: Placement(m, tuple(sorted(placements.get(m, []), key=lambda r: r.head.worker_id)),
-                     required_bytes(spec, policy.placement), reasons.get(m, ""))
+                     required_bytes(spec, policy.placement), reasons.get(m, ""), deals.get(m))
         for m, spec in inputs.specs.items()}
     return RoundResult(result, moves, current, specs, notes)

@@ -35,6 +35,13 @@ def fraction(text: str) -> float:
     return value
 
 
+def share(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise ValueError(f"must be from 0 up to (not including) 1, got {value}")
+    return value
+
+
 def rebalance_policy(v: Mapping[str, Any]) -> RebalancePolicy:
     """The rebalance knobs; thresholds out of order fail naming the three options."""
     try:
@@ -65,6 +72,8 @@ class PlannerConfig:
     context_length_tokens: int      # context each engine serves, capped at the trained one
     engine_overhead_bytes: int      # memory an engine needs beside weights and KV cache
     max_replicas: int               # 0: as many as fit
+    expert_hot_share: float         # fraction (0..1) of an expert shard's experts that are
+                                    # the most chosen ones, held by every shard
     debounce_s: float               # wait this long for membership to settle before planning
     interval_s: float               # plan a round at least this often (seconds)
     fill_free_memory: bool          # free memory holds replicas until a model needs it
@@ -103,6 +112,9 @@ OPTIONS = (
     Option("--engine-overhead", "MESHLLM_ENGINE_OVERHEAD", parse_size, "96MiB",
            "memory an engine needs beside weights and KV cache"),
     Option("--max-replicas", "MESHLLM_MAX_REPLICAS", int, "0", "replicas per model (0: all fit)"),
+    Option("--expert-hot-share", "MESHLLM_EXPERT_HOT_SHARE", share, "0.5",
+           "fraction (0..1) of each expert shard's experts that are the most chosen ones "
+           "(by calibration), held by every shard of a mixture-of-experts model"),
     Option("--debounce-s", "MESHLLM_PLANNER_DEBOUNCE_S", positive_float, "0.3",
            "seconds to let membership settle before re-planning"),
     Option("--rebalance-interval-s", "MESHLLM_REBALANCE_INTERVAL_S", positive_float, "5",
@@ -202,7 +214,8 @@ def load_config(argv: Sequence[str], env: Mapping[str, str]) -> PlannerConfig:
         deterministic=deterministic_modes(v["deterministic"]),
         chat_templates=chat_templates(v["chat_template"]),
         context_length_tokens=v["context_length"], engine_overhead_bytes=v["engine_overhead"],
-        max_replicas=v["max_replicas"], debounce_s=v["debounce_s"],
+        max_replicas=v["max_replicas"], expert_hot_share=v["expert_hot_share"],
+        debounce_s=v["debounce_s"],
         interval_s=v["rebalance_interval_s"], fill_free_memory=v["fill_free_memory"],
         rebalance=rebalance_policy(v),
         metrics_port=v["metrics_port"], log_level=v["log_level"],

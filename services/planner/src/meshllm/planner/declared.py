@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from meshllm.common import convert, demand, models, store
 from meshllm.common.demand import ModelDemand
 from meshllm.common.errors import InvalidRecord, MeshError
+from meshllm.common.moe import ExpertRanking
 from meshllm.common.types import ModelDeclaration, ModelId, ModelSpec, WorkerInfo
 from meshllm.planner.config import PlannerConfig
 
@@ -46,15 +47,18 @@ class PlanInputs:
     workers: tuple[WorkerInfo, ...]
     declarations: tuple[ModelDeclaration, ...]  # by model id
     demand: Mapping[ModelId, ModelDemand] = field(default_factory=dict)  # over the gateways
+    rankings: Mapping[str, ExpertRanking] = field(default_factory=dict)  # by model digest
 
 
 def parse_inputs(raw: Mapping[str, bytes]) -> PlanInputs:
     """Valid worker, declaration and demand records under the mesh's prefix; an invalid
     one is logged and left out, never trusted."""
-    workers, declarations, gateways = [], [], []
+    workers, declarations, gateways, rankings = [], [], [], []
     for key, value in raw.items():
         try:
-            if key.startswith(store.WORKERS):
+            if key.startswith(store.MOE_RANKINGS):
+                rankings.append(convert.parse_ranking(value))
+            elif key.startswith(store.WORKERS):
                 workers.append(convert.parse_worker(value))
             elif key.startswith(store.DECLARATIONS):
                 declarations.append(convert.parse_declaration(value))
@@ -63,7 +67,8 @@ def parse_inputs(raw: Mapping[str, bytes]) -> PlanInputs:
         except InvalidRecord as exc:
             log.warning("ignoring invalid record %s: %s", key, exc)
     return PlanInputs(tuple(workers), tuple(sorted(declarations, key=lambda d: d.model_id)),
-                      demand.merged(gateways, [d.model_id for d in declarations]))
+                      demand.merged(gateways, [d.model_id for d in declarations]),
+                      {r.model_digest: r for r in rankings})
 
 
 Described = ModelSpec | str  # the spec, or why the model could not be read
@@ -95,6 +100,12 @@ class ModelCatalog:
             return f"cannot read model {declaration.source}: {exc}"
         log.info("model %s: %d layers, %d MB weights, context %d", spec.model_id,
                  spec.n_layers, spec.weights_bytes // 10**6, spec.context_length)
+        if spec.moe is not None:
+            log.info("model %s: a mixture of %d experts (%d used per token) in %d layers; %s",
+                     spec.model_id, spec.moe.expert_count, spec.moe.expert_used_count,
+                     spec.moe.moe_layers, "split by layers, as --split asks" if
+                     spec.force_split else "served whole where one worker holds it, else "
+                     "by expert shards (--split for a layer split)")
         return spec
 
 

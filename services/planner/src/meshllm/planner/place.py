@@ -8,7 +8,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from meshllm.common.config import format_size
-from meshllm.common.types import ModelId, ModelSpec, Placement, Replica, WorkerId, WorkerInfo, whole
+from meshllm.common.moe import ExpertRanking
+from meshllm.common.types import (
+    ExpertDeal,
+    ModelId,
+    ModelSpec,
+    Placement,
+    Replica,
+    WorkerId,
+    WorkerInfo,
+    whole,
+)
+from meshllm.planner.experts import DEFAULT_HOT_SHARE, ShardPlan, plan_shards
 from meshllm.planner.split import SplitPolicy, plan_split, stage_bytes
 
 MiB = 1024 * 1024
@@ -20,6 +31,8 @@ class PlacementPolicy:
     max_replicas: int = 0                  # 0: as many as fit
     stage_overhead_bytes: int = 32 * MiB   # an RPC stage server's buffers
     max_link_rtt_ms: float = 80.0          # never split over a slower link
+    expert_hot_share: float = DEFAULT_HOT_SHARE  # of a shard's experts, the most chosen
+                                                 # (a fraction, 0..1), on every shard
 
     @property
     def split(self) -> SplitPolicy:
@@ -80,9 +93,11 @@ def _explain(model: ModelSpec, policy: PlacementPolicy, workers: Sequence[Worker
     if model.force_split and len(workers) < 2:
         return f"{need} and is set to split, but only one worker is registered"
     largest = max(w.memory_budget_bytes for w in workers)
+    shards = "" if model.moe is None or model.force_split else (
+        f"; {plan_shards(model, free, policy.engine_overhead_bytes)}")
     return (f"{need}, but the largest worker budget is {format_size(largest)} and no split "
             f"over links under {policy.max_link_rtt_ms:g} ms holds it either "
-            f"({format_size(total)} free in all)")
+            f"({format_size(total)} free in all){shards}")
 
 
 def _whole_candidates(need: int, free: Mapping[WorkerId, int], taken: Sequence[WorkerId],
@@ -94,16 +109,44 @@ def _whole_candidates(need: int, free: Mapping[WorkerId, int], taken: Sequence[W
     return sorted(fits, key=lambda w: (w not in held, -free[w], w))
 
 
+def _shards(model: ModelSpec, free: dict[WorkerId, int], previous: Placement | None,
+            policy: PlacementPolicy, ranking: ExpertRanking | None, cap: int
+            ) -> ShardPlan | None:
+    """Expert shards for a MoE model that fits no worker whole (memory taken from `free`)."""
+    if model.moe is None or model.force_split:
+        return None
+    plan = plan_shards(model, free, policy.engine_overhead_bytes, ranking,
+                       policy.expert_hot_share, cap, previous)
+    if isinstance(plan, str):
+        return None
+    for worker, need in plan.bytes_by_worker.items():
+        free[worker] -= need
+    return plan
+
+
+def _shards_only(model: ModelSpec, free: Mapping[WorkerId, int],
+                 policy: PlacementPolicy) -> bool:
+    """A MoE model no worker holds whole: its shards take the room left (they shrink to it;
+    a whole replica cannot), so it places after the others."""
+    return (model.moe is not None and not model.force_split
+            and required_bytes(model, policy) > max(free.values(), default=0))
+
+
 def _place_first(model: ModelSpec, free: dict[WorkerId, int],
                  workers: Mapping[WorkerId, WorkerInfo], previous: Placement | None,
-                 policy: PlacementPolicy) -> Replica | None:
-    """One replica: whole on one worker if possible (unless forced to split), else split."""
+                 policy: PlacementPolicy, ranking: ExpertRanking | None = None, cap: int = 0
+                 ) -> Replica | ShardPlan | None:
+    """One replica: whole on one worker if possible (unless forced to split), else expert
+    shards for a mixture of experts (unless forced to split), else split."""
     need = required_bytes(model, policy)
     if not model.force_split:
         choice = _whole_candidates(need, free, (), previous)
         if choice:
             free[choice[0]] -= need
             return whole(choice[0], model.n_layers)
+    shards = _shards(model, free, previous, policy, ranking, cap)
+    if shards is not None:
+        return shards
     replica = plan_split(model, free, workers, policy.split)
     if replica is not None:
         for i, stage in enumerate(replica.stages):
@@ -164,7 +207,8 @@ def _grow(order: Sequence[ModelSpec], replicas: dict[ModelId, list[Replica]], he
         for model in order:
             taken = replicas[model.model_id]
             cap = caps.get(model.model_id) or policy.max_replicas
-            if not taken or taken[0].is_split or (cap and len(taken) >= cap):
+            if not taken or taken[0].is_split or taken[0].is_shard or (
+                    cap and len(taken) >= cap):
                 continue
             need = required_bytes(model, policy)
             hosts = {r.head.worker_id for r in taken}
@@ -178,28 +222,40 @@ def _grow(order: Sequence[ModelSpec], replicas: dict[ModelId, list[Replica]], he
 def place(models: Sequence[ModelSpec], workers: Sequence[WorkerInfo],
           previous: Mapping[ModelId, Placement] | None = None,
           policy: PlacementPolicy | None = None,
-          max_replicas: Mapping[ModelId, int] | None = None) -> dict[ModelId, Placement]:
-    """Every model first gets one replica, largest models choosing first: whole on one
-    worker, or split over the fewest workers when none holds it. Then models served whole
-    get more replicas round-robin while memory remains, up to the model's `max_replicas`
-    (as declared; 0 or absent: `policy.max_replicas`)."""
+          max_replicas: Mapping[ModelId, int] | None = None,
+          rankings: Mapping[str, ExpertRanking] | None = None,
+          max_shards: Mapping[ModelId, int] | None = None) -> dict[ModelId, Placement]:
+    """Every model first gets one replica, largest models choosing first (a MoE model
+    no worker holds whole last, its shards sized to what is left): whole on one
+    worker, or, when none holds it, expert shards of a mixture of experts (one per worker
+    that holds one, at most `max_replicas`; ranked by `rankings`, by model digest), else
+    split over the fewest workers. Then models served whole get more replicas round-robin
+    while memory remains, up to the model's `max_replicas` (as declared; 0 or absent:
+    `policy.max_replicas`). `max_shards` caps expert shards apart (default: as replicas)."""
     policy = policy or PlacementPolicy()
-    previous = previous or {}
+    previous, caps, rankings = previous or {}, max_replicas or {}, rankings or {}
+    shard_caps = caps if max_shards is None else max_shards
     by_id = {w.worker_id: w for w in workers}
     free: dict[WorkerId, int] = {w.worker_id: w.memory_budget_bytes for w in workers}
     replicas: dict[ModelId, list[Replica]] = {m.model_id: [] for m in models}
     unplaced: dict[ModelId, str] = {}
-    order = sorted(models, key=lambda m: (-required_bytes(m, policy), m.model_id))
+    deals: dict[ModelId, ExpertDeal] = {}  # of the models served by expert shards
+    order = sorted(models, key=lambda m: (_shards_only(m, free, policy),
+                                          -required_bytes(m, policy), m.model_id))
     for model in order:
-        replica = _place_first(model, free, by_id, previous.get(model.model_id), policy)
-        if replica is None:
+        placed = _place_first(model, free, by_id, previous.get(model.model_id), policy,
+                              rankings.get(model.model_digest),
+                              shard_caps.get(model.model_id) or policy.max_replicas)
+        if placed is None:
             unplaced[model.model_id] = _explain(model, policy, workers, free)
+        elif isinstance(placed, ShardPlan):
+            replicas[model.model_id], deals[model.model_id] = list(placed.shards), placed.deal
         else:
-            replicas[model.model_id].append(replica)
-    _grow(order, replicas, FreeHeap(free), previous, policy, max_replicas or {})
+            replicas[model.model_id].append(placed)
+    _grow(order, replicas, FreeHeap(free), previous, policy, caps)
     return {
         m.model_id: Placement(
             m.model_id, tuple(sorted(replicas[m.model_id], key=lambda r: r.head.worker_id)),
-            required_bytes(m, policy), unplaced.get(m.model_id, ""))
+            required_bytes(m, policy), unplaced.get(m.model_id, ""), deals.get(m.model_id))
         for m in models
     }

@@ -159,7 +159,8 @@ class Planner:
             workers={w.worker_id: w for w in inputs.workers}, published=published,
             demand=inputs.demand, now_s=self._clock(), since_s=self._memory.since_s,
             last_grew_s=self._memory.last_grew_s,
-            last_shrank_s=self._memory.last_shrank_s), self._settings.policy)
+            last_shrank_s=self._memory.last_shrank_s, rankings=inputs.rankings),
+            self._settings.policy)
         self._memory.remember(result)
         # The specs as planned (slots sized to the workers): workers run what was budgeted.
         await self._publish_models(list(result.specs.values()), result.slot_notes)
@@ -209,6 +210,8 @@ class Planner:
                                convert.placement_to_pb(placement).SerializeToString())
             hosts = ", ".join(placement.worker_ids) or placement.unplaced_reason
             log.info("placement %s -> %s", model_id, hosts)
+            if placement.expert_deal is not None:
+                log.info("model %s served by %s", model_id, placement.expert_deal.why)
 
 
 async def ticking(source: AsyncIterator[T], interval_s: float) -> AsyncIterator[T]:

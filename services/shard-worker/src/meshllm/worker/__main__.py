@@ -44,7 +44,7 @@ def host_deps(config: WorkerConfig, tel: telemetry.Telemetry) -> HostDeps:
         stage_cache_dir=config.cache_dir, direct_rpc=direct, weight_repack=config.weight_repack,
         restart_backoff_s=config.restart_backoff_s, max_queue=config.max_queue,
         rpc_library=config.rpc_library, log_level=config.log_level,
-        child_env=config.child_env,
+        child_env=config.child_env, data_dir=config.data_dir,
     )
 
 

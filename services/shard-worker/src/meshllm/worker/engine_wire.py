@@ -30,6 +30,7 @@ from meshllm.common.types import (
     Grammar,
     GrammarKind,
     RequestId,
+    Resume,
     SamplingParams,
     TokenLogprob,
     ToolCall,
@@ -79,11 +80,12 @@ class Generate:
     grammar: Grammar | None = None
     logprobs: int | None = None
     tools_json: str = ""
+    resume: Resume | None = None
 
     @classmethod
     def of(cls, request: GenerateRequest) -> Generate:
         return cls(request.request_id, request.text, request.chat, request.sampling,
-                   request.grammar, request.logprobs, request.tools_json)
+                   request.grammar, request.logprobs, request.tools_json, request.resume)
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,8 @@ class Delta:
     text: str
     tokens: int
     logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens whose text this delta sends
+    sent_ids: tuple[int, ...] = ()  # tokens whose text started to be sent with this delta
+    draws: int = 0                  # the seeded generator's draws once the last was chosen
 
 
 @dataclass(frozen=True)
@@ -275,7 +279,9 @@ def _generate(f: Fields) -> Generate:
                     f.optional_list("chat", _chat_message), f.nested("sampling", _sampling),
                     f.optional_nested("grammar", lambda g: Grammar(
                         g.choice("kind", GrammarKind), g.text("source"))),
-                    f.optional_integer("logprobs"), f.text("tools_json"))
+                    f.optional_integer("logprobs"), f.text("tools_json"),
+                    f.optional_nested("resume", lambda r: Resume(
+                        r.integers("token_ids"), r.integer("draws"), r.integer("migrations"))))
 
 
 def _top_logprob(f: Fields) -> TopLogprob:
@@ -289,7 +295,8 @@ def _token_logprob(f: Fields) -> TokenLogprob:
 
 def _delta(f: Fields) -> Delta:
     return Delta(RequestId(f.text("request_id")), f.text("text"), f.integer("tokens"),
-                 f.objects("logprobs", _token_logprob))
+                 f.objects("logprobs", _token_logprob), f.integers("sent_ids"),
+                 f.integer("draws"))
 
 
 def _error(f: Fields) -> WireError:

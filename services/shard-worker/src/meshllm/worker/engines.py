@@ -178,7 +178,8 @@ class ProcessEngine:
                 if isinstance(event, wire.Error):
                     raise event.error.rebuild()
                 if isinstance(event, wire.Delta):
-                    yield TokenDelta(event.text, event.tokens, event.logprobs)
+                    yield TokenDelta(event.text, event.tokens, event.logprobs, event.sent_ids,
+                                     event.draws)
                     continue
                 if isinstance(event, wire.Embedded):
                     raise EngineCrashed("the engine answered a generation with embeddings")

@@ -17,6 +17,7 @@ from meshllm.worker import engine_wire as wire
 from meshllm.worker.engine.batch.numerics import numerics_for
 from meshllm.worker.engines import Engine, EngineSettings
 from meshllm.worker.plans import HostPlan, Role
+from meshllm.worker.shards import ensure_shard
 from meshllm.worker.stage import StageServer, StageSettings
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class HostDeps:
     log_level: str = wire.DEFAULT_LOG_LEVEL     # of the engine processes
     # The whole environment of engine and stage processes: nothing else is inherited.
     child_env: Mapping[str, str] = field(default_factory=dict)
+    # Where expert shards are cut to and kept (under shards/).
+    data_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "mesh-llm")
 
 
 class ModelHost:
@@ -99,12 +102,36 @@ class ModelHost:
     async def _publish(self) -> None:
         await self._on_change()
 
-    def _loading_progress(self, fraction: float) -> None:
+    def _loading_progress(self, fraction: float, phase: str = "loading weights") -> None:
         """Called by the engine as weights load; published without blocking the load."""
-        self.state = replace(self.state, phase="loading weights", progress=fraction)
+        self.state = replace(self.state, phase=phase, progress=fraction)
         task = asyncio.get_running_loop().create_task(self._publish())
         self._publishing.add(task)
         task.add_done_callback(self._publishing.discard)
+
+    async def _expert_shard(self, source: Path) -> Path:
+        """The shard of `source` this plan holds, cut now (progress published) or cached."""
+        loop = asyncio.get_running_loop()
+        shown = [-1.0]
+
+        def progress(fraction: float) -> None:  # in the cutting thread
+            if fraction - shown[0] >= 0.02 or fraction >= 1.0:
+                shown[0] = fraction
+                loop.call_soon_threadsafe(self._loading_progress, fraction,
+                                          "building expert shard")
+
+        await self._set(LoadState.LOADING, self.state.error, phase="building expert shard")
+        shard = await asyncio.to_thread(ensure_shard, source, self._deps.data_dir,
+                                        self.plan.experts, self.spec.model_digest, progress)
+        held = len(self.plan.experts[0])
+        if shard.built:
+            log.info("expert shard of %s (%d experts per layer) cut in %.1fs: %s, %.1f MB, "
+                     "%.1f MB/s", self.spec.model_id, held, shard.seconds, shard.path,
+                     shard.file_bytes / 1e6, shard.file_bytes / 1e6 / max(shard.seconds, 1e-6))
+        else:
+            log.info("expert shard of %s (%d experts per layer) reused: %s",
+                     self.spec.model_id, held, shard.path)
+        return shard.path
 
     async def _speculative(self) -> str:
         """The model's speculative setting, with a draft model resolved to a local file."""
@@ -141,6 +168,8 @@ class ModelHost:
     async def _engine_settings(self) -> EngineSettings:
         await self._set(LoadState.LOADING, self.state.error, phase="assembling model file")
         path: Path = await asyncio.to_thread(models.materialize, self.spec.source)
+        if self.plan.experts:
+            path = await self._expert_shard(path)
         phase = "connecting to stages" if self.plan.peers else "loading weights"
         await self._set(LoadState.LOADING, self.state.error, phase=phase)
         load = wire.Load(

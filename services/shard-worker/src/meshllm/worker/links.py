@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import grpc
 from meshllm.common.tls import PLAINTEXT, GrpcSecurity
@@ -25,6 +25,16 @@ def should_publish(published: Mapping[str, float], measured: Mapping[str, float]
         return True
     return any(abs(measured[p] - published[p]) > max(0.5, 0.25 * published[p])
                for p in measured)
+
+
+def step_round_trip_s(measured_ms: Mapping[str, float], stages: Sequence[str]) -> float:
+    """What one decode step of a split waits on its links: the head talks to each stage in
+    turn (llama.cpp's scheduler is a star), so the round trips to its stages add up. A stage
+    not measured yet counts as the slowest one that is (0 when none is). The engine's draft
+    tuner takes this (BatchConfig.link_rtt_s, engine/batch/draft_tuning.py)."""
+    known = [measured_ms[s] for s in stages if s in measured_ms]
+    fallback = max(known, default=0.0)
+    return sum(measured_ms.get(s, fallback) for s in stages) / 1000
 
 
 class LinkMonitor:

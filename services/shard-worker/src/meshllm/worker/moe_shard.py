@@ -4,7 +4,9 @@ and a subset of its routed experts.
 Every `*_exps` tensor has the expert axis outermost, so each expert is one contiguous byte
 range whatever the quantization: the shard is cut as raw bytes, never dequantized. The
 router (`ffn_gate_inp`, `exp_probs_b`) keeps the rows of the kept experts in the order
-given, so a permutation of all experts computes the same model. The source is read through
+given, so a permutation of all experts computes the same model. Each MoE layer may keep its
+own experts (an ExpertSelection: calibration ranks experts per layer), as long as every
+layer keeps as many, since the file has one expert_count. The source is read through
 a memory map one range at a time and the pages read are dropped again, so memory stays
 near one chunk whatever the model's size. The header is copied byte for byte except the two
 expert counts and the tensor table (the gguf package's reader would parse a 262k-token
@@ -24,16 +26,19 @@ from typing import BinaryIO
 from meshllm.common.errors import ModelSourceError
 from meshllm.common.gguf import GgufHeader, TensorInfo, read_header
 from meshllm.common.moe import (
+    ExpertSelection,
     MoeLayout,
     TensorRole,
     UnsupportedMoeLayout,
+    as_selection,
+    expert_blocks,
     moe_layout,
     shard_metadata,
     tensor_role,
-    validate_experts,
 )
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
+Experts = Sequence[int] | Sequence[Sequence[int]]  # one list for every layer, or one per layer
 
 _CHUNK = 1 << 20  # bytes copied (and then dropped from memory) at a time
 _DROP_ALIGN = 1 << 20  # dropped spans are widened to this (a multiple of the fault-around)
@@ -55,7 +60,7 @@ class Piece:
 @dataclass(frozen=True)
 class ShardWritten:
     path: Path
-    experts: tuple[int, ...]
+    experts: ExpertSelection  # per MoE layer, in the order written
     expert_count: int
     expert_used_count: int
     tensor_bytes: int   # data bytes without alignment padding
@@ -70,15 +75,26 @@ def _stored_bytes(header: GgufHeader, info: TensorInfo) -> int:
     return info.nbytes if info.nbytes is not None else header.tensor_bytes[info.name]
 
 
-def plan_shard(header: GgufHeader, layout: MoeLayout, experts: Sequence[int]) -> list[Piece]:
+def _layer_of(name: str, moe_index: dict[int, int]) -> int:
+    """The MoE layer (index into a selection) that the expert or router tensor `name` is in."""
+    block = int(name.split(".")[1])
+    if block not in moe_index:
+        raise UnsupportedMoeLayout(
+            f"tensor {name} is a router in block {block}, which holds no routed experts")
+    return moe_index[block]
+
+
+def plan_shard(header: GgufHeader, layout: MoeLayout, experts: Experts) -> list[Piece]:
     """The shard's tensors in the source's order, with offsets in the shard's data section."""
-    kept = validate_experts(layout, experts)
+    selection = as_selection(layout, experts)
+    moe_index = {block: i for i, block in enumerate(expert_blocks(header))}
     alignment = header.get_int("general.alignment", 32)
     pieces, offset = [], 0
     for info in header.tensors.values():
         start = header.data_start + info.offset
         dims = info.dims
         if tensor_role(info.name) in (TensorRole.EXPERT, TensorRole.ROUTER):
+            kept = selection[_layer_of(info.name, moe_index)]
             stride = _stored_bytes(header, info) // layout.expert_count
             ranges = tuple((start + e * stride, stride) for e in kept)
             dims = (*info.dims[:-1], len(kept))
@@ -186,9 +202,10 @@ def _source_layout(src: Path) -> tuple[GgufHeader, MoeLayout]:
     return header, layout
 
 
-def write_shard(src: Path, dst: Path, experts: Sequence[int],
+def write_shard(src: Path, dst: Path, experts: Experts,
                 progress: Progress | None = None) -> ShardWritten:
-    """Writes the shard of `src` holding `experts` (in that order) to `dst`, atomically."""
+    """Writes the shard of `src` holding `experts` (in that order; one list for every MoE
+    layer, or one per layer) to `dst`, atomically."""
     header, layout = _source_layout(src)
     pieces = plan_shard(header, layout, experts)
     values = dict(shard_metadata(layout, experts))
@@ -205,6 +222,6 @@ def write_shard(src: Path, dst: Path, experts: Sequence[int],
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    kept = tuple(experts)
-    return ShardWritten(dst, kept, len(kept), values[f"{layout.arch}.expert_used_count"],
+    kept = as_selection(layout, experts)
+    return ShardWritten(dst, kept, len(kept[0]), values[f"{layout.arch}.expert_used_count"],
                         sum(p.nbytes for p in pieces), dst.stat().st_size)

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from meshllm.common.meshview import MeshSnapshot
-from meshllm.common.types import LoadState, ModelId, ModelSpec, Replica, WorkerId
+from meshllm.common.moe import ExpertSelection, shard_bytes
+from meshllm.common.types import LoadState, ModelId, ModelSpec, Placement, Replica, WorkerId
 
 
 class Role(enum.Enum):
@@ -39,6 +40,7 @@ class HostPlan:
     waiting_for: tuple[WorkerId, ...] = ()  # a head's stages that are not serving yet
     retiring: bool = False  # its replica is being retired: drain it, then unload it
     required_bytes: int = 0  # memory the model takes on a worker (Placement.required_bytes)
+    experts: ExpertSelection = ()  # an expert shard: cut one with these experts and load it
 
     @property
     def ready_to_load(self) -> bool:
@@ -64,7 +66,7 @@ def _peer(snapshot: MeshSnapshot, model_id: ModelId, worker_id: WorkerId, start:
 def _plan(snapshot: MeshSnapshot, spec: ModelSpec, replica: Replica, index: int) -> HostPlan:
     me = replica.stages[index]
     if not replica.is_split:
-        return HostPlan(spec, Role.WHOLE, 0, spec.n_layers)
+        return HostPlan(spec, Role.WHOLE, 0, spec.n_layers, experts=replica.experts)
     if index > 0:
         return HostPlan(spec, Role.STAGE, me.layer_start, me.layer_end)
     peers, waiting = [], []
@@ -77,6 +79,14 @@ def _plan(snapshot: MeshSnapshot, spec: ModelSpec, replica: Replica, index: int)
             waiting.append(stage.worker_id)
     return HostPlan(spec, Role.HEAD, me.layer_start, me.layer_end, tuple(peers),
                     tuple(waiting))
+
+
+def _required_bytes(spec: ModelSpec, placement: Placement, replica: Replica) -> int:
+    """What the replica takes here: the placement's figure, less the experts a shard lacks."""
+    if not replica.experts or spec.moe is None:
+        return placement.required_bytes
+    lacking = spec.moe.total_bytes - shard_bytes(spec.moe, len(replica.experts[0]))
+    return max(0, placement.required_bytes - lacking)
 
 
 def _head_holds(snapshot: MeshSnapshot, model_id: ModelId, replica: Replica) -> bool:
@@ -102,9 +112,9 @@ def assigned_plans(snapshot: MeshSnapshot, worker_id: WorkerId) -> dict[ModelId,
                 # A live replica outranks a retiring one of the same model here.
                 if stage.worker_id == worker_id and (
                         model_id not in plans or plans[model_id].retiring):
-                    plans[model_id] = replace(_plan(snapshot, spec, replica, i),
-                                              retiring=replica.retiring,
-                                              required_bytes=placement.required_bytes)
+                    plans[model_id] = replace(
+                        _plan(snapshot, spec, replica, i), retiring=replica.retiring,
+                        required_bytes=_required_bytes(spec, placement, replica))
     return plans
 
 

@@ -23,6 +23,7 @@ from meshllm.common.types import (
     LoadState,
     ModelId,
     ModelState,
+    TokenDelta,
     WorkerId,
     WorkerInfo,
     WorkerStats,
@@ -225,8 +226,11 @@ class Worker:
             measured = self.metrics.observe(request.model_id, host.spec.context_length, events)
             async with contextlib.aclosing(measured):  # closed early: the engine stops now
                 async for event in measured:
-                    if isinstance(event, Finished):
-                        self.generated_tokens += event.usage.completion_tokens
+                    # Tokens are counted as they come: the gateway's watchdog reads the
+                    # count to tell an engine that decodes from one that hangs.
+                    if isinstance(event, TokenDelta):
+                        self.generated_tokens += event.tokens
+                    elif isinstance(event, Finished):
                         self.prompt_tokens += event.usage.prompt_tokens
                     yield event
         finally:

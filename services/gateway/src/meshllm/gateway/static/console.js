@@ -151,8 +151,21 @@ function renderModels(models, workerIds) {
         sparkline(values),
         el("span", { class: "muted" }, model.ready_replicas + " ready"),
         ...waitingBadge(model)),
-      ...(model.replicas || []).map((replica) => placementBar(model, replica, workerIds)));
+      ...(model.replicas || []).map((replica) => placementBar(model, replica, workerIds)),
+      ...expertLines(model));
   }));
+}
+
+// A mixture-of-experts model served by expert shards: which experts each shard holds.
+function expertLines(model) {
+  const e = model.experts;
+  if (!e) return [];
+  const head = el("div", { class: "muted", "data-experts": model.model_id },
+    e.shards.length + " expert shards of " + e.expert_count + " experts · coverage " +
+    e.coverage + " · " + e.ranking);
+  return [head, ...e.shards.map((shard) => el("div", {
+    class: "muted", "data-shard": shard.worker_id,
+  }, shard.worker_id + ": " + shard.summary))];
 }
 
 // Requests waiting now for the model's first replica (a cold start), when there are.

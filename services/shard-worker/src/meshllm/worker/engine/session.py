@@ -41,7 +41,8 @@ class Session:
             tokens, stops = self._engine.prompt_tokens(command.text, command.chat,
                                                        command.tools_json)
             self._engine.submit(rid, tokens, command.sampling, self.on_event, stops=stops,
-                                grammar=command.grammar, logprobs=command.logprobs)
+                                grammar=command.grammar, logprobs=command.logprobs,
+                                resume=command.resume)
         except MeshError as exc:  # too long, invalid, queue full: the request's answer
             with self._lock:
                 self._times.pop(rid, None)
@@ -68,7 +69,8 @@ class Session:
                 times = self._times.get(rid)
                 if times is not None and not times[1]:
                     times[1] = time.time_ns()
-            self._out.send(wire.Delta(rid, event.text, event.tokens, event.logprobs))
+            self._out.send(wire.Delta(rid, event.text, event.tokens, event.logprobs,
+                                      event.sent_ids, event.draws))
             return
         with self._lock:
             started, first = self._times.pop(rid, [0, 0])

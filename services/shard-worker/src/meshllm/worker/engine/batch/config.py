@@ -36,6 +36,9 @@ class BatchConfig:
     spec_mode: SpecMode = SpecMode.NONE
     draft_model_path: str | None = None
     draft_max: int = 4  # most tokens proposed per sequence and step
+    # Round trips of one step to a split's stages (0: whole): drafts grow with it
+    # (draft_tuning.py), up to draft_max.
+    link_rtt_s: float = 0.0
     ngram_max: int = 3  # longest n-gram looked up in the history
     ngram_min: int = 1
     seed: int | None = None  # default seed of requests without one; None: random

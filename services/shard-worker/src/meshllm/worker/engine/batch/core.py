@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 from meshllm.common.errors import InvalidGenerateRequest, MeshError, PromptTooLong
-from meshllm.common.types import ChatMessage, Grammar, SamplingParams
+from meshllm.common.types import ChatMessage, Grammar, Resume, SamplingParams
 from meshllm.worker.engine.batch.backend import Backend, LlamaBackend
 from meshllm.worker.engine.batch.config import BatchConfig, SpecMode
 from meshllm.worker.engine.batch.draft import Drafter, ModelDrafter, NgramDrafter
@@ -32,7 +32,7 @@ from meshllm.worker.engine.batch.errors import (
     engine_error,
 )
 from meshllm.worker.engine.batch.events import EngineStats, Event, Failed, Finished, OnEvent
-from meshllm.worker.engine.batch.grammar import GrammarCompiler
+from meshllm.worker.engine.batch.grammar import GrammarCompiler, replay_grammar
 from meshllm.worker.engine.batch.load_options import LoadOptions
 from meshllm.worker.engine.batch.logprobs import MAX_TOP_LOGPROBS
 from meshllm.worker.engine.batch.prefix import FreeSlot, place
@@ -112,18 +112,20 @@ class BatchEngine:
 
     def submit(self, request_id: str, prompt_tokens: Sequence[int], sampling: SamplingParams,
                on_event: OnEvent, *, stops: Sequence[str] = (), grammar: Grammar | None = None,
-               logprobs: int | None = None) -> None:
+               logprobs: int | None = None, resume: Resume | None = None) -> None:
         """Queues a request; raises QueueFull past the bound, PromptTooLong, or
         InvalidGenerateRequest (also for a grammar that is invalid or unsupported: it is
-        compiled here, on the caller's thread, not on the engine's). Events arrive on the
-        engine thread."""
-        sub = self._submission(request_id, prompt_tokens, sampling, on_event, stops)
+        compiled here, on the caller's thread, not on the engine's). `resume`: carry on
+        where another replica stopped. Events arrive on the engine thread."""
+        sub = self._submission(request_id, prompt_tokens, sampling, on_event, stops, resume)
         if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidGenerateRequest(
                 f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}", "logprobs")
         if grammar is not None or logprobs is not None:
             sub = dataclasses.replace(sub, logprobs=logprobs, grammar=None if grammar is None
                                       else self.grammars.compile(grammar))
+        if sub.grammar is not None and resume is not None:
+            replay_grammar(sub.grammar, resume.token_ids)
         with self._cond:
             if self._stopping:
                 raise EngineStopped("the engine is shutting down")
@@ -137,8 +139,11 @@ class BatchEngine:
             self._cond.notify_all()
 
     def _submission(self, request_id: str, prompt: Sequence[int], sampling: SamplingParams,
-                    on_event: OnEvent, stops: Sequence[str]) -> Submission:
+                    on_event: OnEvent, stops: Sequence[str],
+                    resume: Resume | None = None) -> Submission:
         n_ctx = self.config.n_ctx_slot
+        resumed = resume.token_ids if resume is not None else ()
+        prompt = (*prompt, *resumed)
         if not prompt:
             raise InvalidGenerateRequest("the prompt has no tokens")
         if len(prompt) >= n_ctx:
@@ -150,11 +155,16 @@ class BatchEngine:
             raise InvalidGenerateRequest(
                 f"logit_bias names a token id outside the vocabulary (0..{vocab - 1})",
                 "logit_bias")
-        budget = n_ctx - len(prompt)
-        limit = min(sampling.max_tokens or budget, budget)
+        budget = n_ctx - len(prompt)  # max_tokens counts the resumed tokens too
+        limit = min(max(0, sampling.max_tokens - len(resumed)) if sampling.max_tokens
+                    else budget, budget)
+        if resume is not None and limit == 0:
+            raise InvalidGenerateRequest("the resumed tokens already reach max_tokens",
+                                         "resume")
         spec = SamplerSpec.from_params(sampling, default_seed=self.config.seed)
         return Submission(request_id, tuple(prompt), spec, (*sampling.stop, *stops), limit,
-                          on_event)
+                          on_event, resumed=len(resumed),
+                          draws=resume.draws if resume is not None else 0)
 
     def submit_embed(self, request_id: str, inputs: Sequence[str | Sequence[int]],
                      on_done: OnEmbedded) -> None:
@@ -186,7 +196,8 @@ class BatchEngine:
             for sub in self._queue:
                 if sub.request_id == request_id:
                     self._queue.remove(sub)
-                    self._dropped.append(Finished(request_id, "cancelled", len(sub.prompt), 0, 0))
+                    self._dropped.append(Finished(request_id, "cancelled",
+                                                  len(sub.prompt) - sub.resumed, 0, 0))
                     break
             else:
                 self._cancelled.add(request_id)

@@ -23,6 +23,10 @@ class Delta:
     # When asked: the logprobs of the tokens whose text this delta sends, in order (text held
     # back for a possible stop string holds its tokens' logprobs until it is sent).
     logprobs: tuple[TokenLogprob, ...] = ()
+    # The tokens whose text started to be sent with this delta (its text, or an earlier
+    # delta's held text now released) and the generator's draws once the last was chosen.
+    sent_ids: tuple[int, ...] = ()
+    draws: int = 0
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -83,6 +83,16 @@ class GrammarState:
             self.consumed -= n
             if self.stopped_at is not None and self.stopped_at > self.consumed:
                 self.stopped_at = None
+
+
+def replay_grammar(state: GrammarState, tokens: Sequence[int]) -> None:
+    """Moves a fresh grammar past the tokens another replica generated under it (a migrated
+    request); tokens it would not have allowed mean the resume does not belong to it."""
+    for token in tokens:
+        if not state.allows(token):
+            raise InvalidGenerateRequest(
+                "the resumed tokens do not follow the request's grammar", "resume")
+        state.consume(token)
 
 
 def _grammar_text(grammar: Grammar) -> str:

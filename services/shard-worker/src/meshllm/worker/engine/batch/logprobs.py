@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -17,6 +18,7 @@ from meshllm.worker.engine.batch.grammar import Mask
 from meshllm.worker.engine.batch.sampling import Logits, SamplerSpec, adjust
 
 MAX_TOP_LOGPROBS = 20
+T = TypeVar("T")
 
 
 def token_text(data: bytes) -> str:
@@ -54,22 +56,22 @@ def logprob_entry(logits: Logits, spec: SamplerSpec, history: Sequence[int],
     return TokenLogprob(token_text(data), data, float(x[token]) - lse, top)
 
 
-class LogprobRelease:
-    """Hands out tokens' logprobs as their text is sent: text held back (a possible stop
-    string) holds its tokens' logprobs too, in order. A token goes once some of its text
-    has gone (a token with no text of its own goes with the text after it); tokens whose
-    text a stop string swallowed are dropped with it."""
+class TextRelease(Generic[T]):
+    """Hands out what belongs to tokens (their logprobs, their ids) as their text is sent:
+    text held back (a possible stop string) holds its tokens' items too, in order. A token
+    goes once some of its text has gone (a token with no text of its own goes with the text
+    after it); tokens whose text a stop string swallowed are dropped with it."""
 
     def __init__(self) -> None:
-        self._held: list[tuple[int, TokenLogprob]] = []  # (offset of the token's text, entry)
+        self._held: list[tuple[int, T]] = []  # (offset of the token's text, item)
         self._fed = 0      # characters of text produced
         self._released = 0  # characters of it sent
 
-    def add(self, entry: TokenLogprob, text_chars: int) -> None:
-        self._held.append((self._fed, entry))
+    def add(self, item: T, text_chars: int) -> None:
+        self._held.append((self._fed, item))
         self._fed += text_chars
 
-    def release(self, sent_chars: int) -> tuple[TokenLogprob, ...]:
+    def release(self, sent_chars: int) -> tuple[T, ...]:
         self._released += sent_chars
         n = next((i for i, (start, _) in enumerate(self._held) if start >= self._released),
                  len(self._held))
@@ -77,7 +79,7 @@ class LogprobRelease:
         del self._held[:n]
         return out
 
-    def flush(self) -> tuple[TokenLogprob, ...]:
+    def flush(self) -> tuple[T, ...]:
         out = tuple(e for _, e in self._held)
         self._held.clear()
         return out

@@ -25,7 +25,6 @@ from meshllm.worker.engine.batch.sampling import (
     distribution,
     draw,
     greedy_choice,
-    sample,
 )
 from meshllm.worker.engine.batch.speculative import Verdict, accept_greedy, accept_sampled
 
@@ -50,9 +49,21 @@ class Picker:
         self.spec = spec
         self.grammar = grammar
         self.logprobs = logprobs
-        self.rng = np.random.Generator(np.random.PCG64(spec.seed))
+        self._bits = np.random.PCG64(spec.seed)
+        self._rng = np.random.Generator(self._bits)
+        self.draws = 0  # uniform numbers drawn: a migrated request skips as many
         self._piece = piece
         self.entries: list[TokenLogprob] = []  # of the tokens picked, until taken
+
+    def skip_draws(self, draws: int) -> None:
+        """Puts the generator where another picker for this request left it after `draws`
+        numbers (one 64-bit step of PCG64 each), as if it had drawn them."""
+        self._bits.advance(draws)
+        self.draws += draws
+
+    def uniform(self) -> float:
+        self.draws += 1
+        return float(self._rng.random())
 
     @property
     def plain(self) -> bool:
@@ -65,11 +76,12 @@ class Picker:
     def pick(self, row: Logits, history: Sequence[int]) -> int:
         """The token at this position; the grammar moves past it."""
         spec, g, hist = self.spec, self.grammar, history
-        token = sample(row, spec, hist, self.rng)
+        token = (greedy_choice(row, spec, hist) if spec.greedy
+                 else draw(distribution(row, spec, hist), self.uniform()))
         mask: Mask | None = None
         if g is not None and not g.allows(token):
             mask = g.mask()
-            token = draw(allowed_dist(row, spec, hist, mask), float(self.rng.random()))
+            token = draw(allowed_dist(row, spec, hist, mask), self.uniform())
         self._record(row, hist, mask, token)
         return token
 
@@ -98,7 +110,7 @@ class Picker:
                                                                     [*history, *draft[:j]]))
             return accept_sampled(draft, lambda j: distribution(rows[j], spec,
                                                                 [*history, *draft[:j]]),
-                                  lambda j: None, lambda: float(self.rng.random()))
+                                  lambda j: None, self.uniform)
         if spec.greedy:
             # Each choice is the next token of the verdict: picking consumes it.
             return accept_greedy(draft, lambda j: self.pick(rows[j], [*history, *draft[:j]]))
@@ -118,7 +130,7 @@ class Picker:
             return distribution(rows[j], spec, h) if m is None else allowed_dist(
                 rows[j], spec, h, m)
 
-        verdict = accept_sampled(draft, target, lambda j: None, lambda: float(self.rng.random()))
+        verdict = accept_sampled(draft, target, lambda j: None, self.uniform)
         if self.logprobs is not None:
             for j, token in enumerate(verdict.tokens):
                 self.entries.append(logprob_entry(rows[j], spec, [*hist, *draft[:j]],

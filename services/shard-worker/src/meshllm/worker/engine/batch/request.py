@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from meshllm.common.types import TokenLogprob
 from meshllm.worker.engine.batch.events import Delta, Event, Finished, OnEvent
 from meshllm.worker.engine.batch.grammar import GrammarState
-from meshllm.worker.engine.batch.logprobs import LogprobRelease
+from meshllm.worker.engine.batch.logprobs import TextRelease
 from meshllm.worker.engine.batch.picker import Picker
 from meshllm.worker.engine.batch.sampling import SamplerSpec
 from meshllm.worker.engine.batch.stops import StopMatcher
@@ -25,6 +25,13 @@ class Submission:
     on_event: OnEvent
     grammar: GrammarState | None = None  # compiled at submit, advanced by the engine thread
     logprobs: int | None = None  # None: no logprobs; n: each token's and its n most likely
+    # A migrated request: the prompt ends with the `resumed` tokens another replica
+    # generated (the grammar has consumed them), and its generator had made `draws` draws.
+    resumed: int = 0
+    draws: int = 0
+
+# Stands for the logprobs of tokens a migrated request replays: the client has them already.
+_REPLAYED = TokenLogprob("", b"", 0.0)
 
 
 class Active:
@@ -44,7 +51,26 @@ class Active:
         self._stop_hit = False
         # A token may end inside a UTF-8 sequence: decode incrementally.
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._logprobs = LogprobRelease() if sub.logprobs is not None else None
+        self._logprobs: TextRelease[TokenLogprob] | None = (
+            TextRelease() if sub.logprobs is not None else None)
+        self._sent: TextRelease[tuple[int, int]] = TextRelease()  # (token, draws by then)
+        if sub.resumed:
+            self._replay(sub.prompt[len(sub.prompt) - sub.resumed:])
+
+    def _replay(self, tokens: Sequence[int]) -> None:
+        """Brings the text state (UTF-8 decoder, stop matcher, held logprobs) to where the
+        first replica left it: the same pieces fed in the same order hold back the same text,
+        which this replica sends when it comes, as the first would have."""
+        self.picker.skip_draws(self.sub.draws)
+        for token in tokens:
+            piece = self._decoder.decode(self._piece(token))
+            if self._logprobs is not None:
+                self._logprobs.add(_REPLAYED, len(piece))
+            self._sent.add((token, self.sub.draws), len(piece))
+            piece, _ = self._matcher.feed(piece)
+            if self._logprobs is not None:
+                self._logprobs.release(len(piece))
+            self._sent.release(len(piece))
 
     @property
     def prompt_left(self) -> int:
@@ -63,6 +89,7 @@ class Active:
         `entries`: the tokens' logprobs, when the request asked for them."""
         text, start = "", len(self.generated)
         sent: list[TokenLogprob] = []
+        ids: list[tuple[int, int]] = []
         for k, token in enumerate(tokens):
             if self._is_eog(token):
                 self.reason = "stop"
@@ -71,25 +98,34 @@ class Active:
             piece = self._decoder.decode(self._piece(token))
             if self._logprobs is not None:
                 self._logprobs.add(entries[k], len(piece))
+            self._sent.add((token, self.picker.draws), len(piece))
             piece, stopped = self._matcher.feed(piece)
             text += piece
             if self._logprobs is not None:
                 sent += self._logprobs.release(len(piece))
+            ids += self._sent.release(len(piece))
             if self._ends(stopped):
                 break
         taken = tuple(self.generated[start:])
         if taken or text:
-            out.append(Delta(self.sub.request_id, text, len(taken), taken, tuple(sent)))
+            out.append(self._delta(text, taken, sent, ids))
         return len(taken)
+
+    def _delta(self, text: str, taken: Sequence[int], logprobs: Sequence[TokenLogprob],
+               sent: Sequence[tuple[int, int]]) -> Delta:
+        return Delta(self.sub.request_id, text, len(taken), tuple(taken), tuple(logprobs),
+                     tuple(t for t, _ in sent), sent[-1][1] if sent else 0)
 
     def _ends(self, stopped: bool) -> bool:
         """Whether the token just appended ends the request (setting the reason)."""
         grammar = self.sub.grammar
         if stopped:
             self.reason, self._stop_hit = "stop", True
+            self._sent.drop()
             if self._logprobs is not None:
                 self._logprobs.drop()  # the stop string's tokens go with its text
-        elif grammar is not None and grammar.stopped_at == len(self.generated):
+        elif grammar is not None and grammar.stopped_at == self.sub.resumed + len(
+                self.generated):
             self.reason = "stop"  # the grammar is complete: nothing but its end may follow
         elif self.remaining <= 0:
             self.reason = "length"
@@ -101,7 +137,10 @@ class Active:
         tail = "" if self._stop_hit else (
             self._matcher.flush() + self._decoder.decode(b"", final=True))
         held = self._logprobs.flush() if self._logprobs is not None else ()
-        if tail or held:
-            out.append(Delta(self.sub.request_id, tail, 0, (), held))
-        out.append(Finished(self.sub.request_id, reason, len(self.sub.prompt), self.reused,
-                            len(self.generated)))
+        ids = () if self._stop_hit else self._sent.flush()
+        if tail or held or ids:
+            out.append(self._delta(tail, (), held, ids))
+        resumed = self.sub.resumed
+        prompt = len(self.sub.prompt) - resumed
+        out.append(Finished(self.sub.request_id, reason, prompt, min(self.reused, prompt),
+                            resumed + len(self.generated)))

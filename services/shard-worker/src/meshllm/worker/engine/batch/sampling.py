@@ -128,9 +128,3 @@ def draw(dist: Dist, u: float) -> int:
     i = int(np.searchsorted(cdf, u * cdf[-1], side="right"))
     return int(dist.ids[min(i, dist.ids.size - 1)])
 
-
-def sample(logits: Logits, spec: SamplerSpec, history: Sequence[int],
-           rng: np.random.Generator) -> int:
-    if spec.greedy:
-        return greedy_choice(logits, spec, history)
-    return draw(distribution(logits, spec, history), float(rng.random()))

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from meshllm.worker.engine.batch.backend import Backend
 from meshllm.worker.engine.batch.config import BatchConfig
 from meshllm.worker.engine.batch.draft import Drafter
+from meshllm.worker.engine.batch.draft_tuning import DraftTuner
 from meshllm.worker.engine.batch.errors import engine_error
 from meshllm.worker.engine.batch.events import Event, Failed
 from meshllm.worker.engine.batch.request import Active
@@ -20,6 +22,7 @@ from meshllm.worker.engine.batch.scheduler import (
     plan_step,
 )
 from meshllm.worker.engine.batch.speculative import Verdict
+from meshllm.worker.engine.batch.ubatch import gap_fillers
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,8 @@ class StepRunner:
         self.freed_at: list[int] = [0] * config.n_slots
         self._b, self._drafter, self._c = backend, drafter, counters
         self._admissions = 0
+        self._tuner = DraftTuner(config.link_rtt_s, config.draft_max)
+        self._rejected = 0  # drafts cut short by a rejected token, for the tuner
 
     def next_admission(self) -> int:
         self._admissions += 1
@@ -84,24 +89,38 @@ class StepRunner:
                          self.config.n_batch, self.config.prefill_chunk)
         if plan.empty:
             return False
-        batch = self._build(plan, drafts)
+        fillers = self._fillers(plan, drafts)
+        batch = self._build(plan, drafts, fillers)
+        started, accepted, rejected = time.perf_counter(), self._c.accepted, self._rejected
         try:
             rows = self._b.decode(batch.tokens, batch.positions, batch.seqs, batch.outputs)
         except Exception as exc:
             self.fail_all(exc, out)
+            for i in fillers:
+                self.trim(i, 0)
             return True
+        for i in fillers:  # placeholders leave the slot's cache as it was
+            self.trim(i, len(self.cached[i]) - fillers[i])
         self._c.steps += 1
+        wall_s = time.perf_counter() - started
         self._consume(plan, drafts, rows, out)
+        if self._drafter is not None and not plan.prefill:
+            self._tuner.observe(wall_s, len(batch.tokens), self._c.accepted - accepted,
+                                self._rejected - rejected)
         return True
 
     def _drafts(self) -> dict[int, list[int]]:
         if self._drafter is None:
             return {}
         wants: dict[int, tuple[list[int], int]] = {}
+        length = self._tuner.length(sum(a is not None for a in self.slots))
         for i, a in enumerate(self.slots):
             if a is None or a.prompt_left or not a.generated:
                 continue
-            k = draft_budget(self.config.draft_max, a.remaining,
+            # A sampled request's draws follow its drafts: only greedy ones, whose output no
+            # draft changes, get the tuned length, so seeded output stays reproducible.
+            k = draft_budget(length if a.sub.spec.greedy else self.config.draft_max,
+                             a.remaining,
                              self.config.n_ctx_slot - len(self.cached[i]))
             if k > 0:
                 wants[i] = (a.history(), k)
@@ -109,9 +128,21 @@ class StepRunner:
             return {}
         return {i: d[: wants[i][1]] for i, d in self._drafter.propose(wants).items() if d}
 
-    def _build(self, plan: StepPlan, drafts: dict[int, list[int]]) -> Batch:
+    def _fillers(self, plan: StepPlan, drafts: dict[int, list[int]]) -> dict[int, int]:
+        """Placeholder rows in idle slots that join the decodes into one ubatch (ubatch.py)."""
+        rows = {i: 1 + len(drafts.get(i, ())) for i in plan.decode}
+        room = self.config.n_ctx_slot - max(rows.values(), default=0)
+        idle = [i for i, a in enumerate(self.slots) if a is None and len(self.cached[i]) < room]
+        return gap_fillers(rows, idle, sum(rows.values()))
+
+    def _build(self, plan: StepPlan, drafts: dict[int, list[int]],
+               fillers: dict[int, int]) -> Batch:
         batch = Batch()
-        for i in plan.decode:
+        for i in sorted((*plan.decode, *fillers)):  # ascending ids: one ubatch (ubatch.py)
+            if i in fillers:
+                batch.add(i, [0] * fillers[i], len(self.cached[i]), [False] * fillers[i])
+                self.cached[i] += [0] * fillers[i]
+                continue
             a = self._active(i)
             inputs = [a.generated[-1], *drafts.get(i, ())]
             batch.add(i, inputs, len(self.cached[i]), [True] * len(inputs))
@@ -145,6 +176,7 @@ class StepRunner:
         verdict = self._verify(a, draft, rows)
         if verdict.accepted < len(draft):
             self.trim(i, base + 1 + verdict.accepted)
+            self._rejected += 1
         self._c.seq_steps += 1
         self._c.drafted += len(draft)
         self._c.accepted += verdict.accepted

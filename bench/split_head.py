@@ -1,0 +1,102 @@
+"""A split model's head (or the model whole) with batching and speculation, driven over stdin.
+
+Loads gemma3-270m with its last layers on the given ggml RPC servers as the engine process
+does, says "loaded", then for each JSON line {"prompts": [...], "max_tokens": N} runs
+those prompts as concurrent greedy requests (an optional "link_rtt_ms" first tells the
+draft tuner the stages' round trip) and prints a JSON line: the token ids of each,
+time to first token and elapsed time of each, and the engine's step and draft counters
+over the run. Used by bench/split_latency.py and tests/integration/test_split_speculative.py.
+
+    split_head.py ENDPOINTS LAYERS [--speculative none|ngram] [--draft-max 4]
+        [--threads 2] [--slots 8] [--link-rtt-ms 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from meshllm.common.models import materialize
+from meshllm.common.types import SamplingParams
+from meshllm.native import rpc
+from meshllm.worker.engine.batch import BatchConfig, BatchEngine, Delta, Event, Failed, LoadOptions
+from meshllm.worker.engine.batch.config import SpecMode
+
+
+def load(args: argparse.Namespace) -> BatchEngine:
+    rpc.ensure_backends()
+    endpoints = [e for e in args.endpoints.split(",") if e]
+    options = LoadOptions(repack=False)
+    if endpoints:  # without stages: the same model whole, as the baseline
+        rpc.add_rpc_servers(endpoints)
+        options = LoadOptions.split_head([int(x) for x in args.layers.split(",")],
+                                         repack=False)
+    return BatchEngine(BatchConfig(
+        model_path=str(materialize("gemma3-270m")), n_ctx=args.slots * 512,
+        n_slots=args.slots, n_threads=args.threads, prefix_reuse=False, load=options,
+        spec_mode=SpecMode(args.speculative), draft_max=args.draft_max,
+        link_rtt_s=args.link_rtt_ms / 1000))
+
+
+def run(engine: BatchEngine, job: dict[str, Any], run_id: int) -> dict[str, Any]:
+    prompts: list[str] = job["prompts"]
+    tokens: list[list[int]] = [[] for _ in prompts]
+    first = [0.0] * len(prompts)
+    last = [0.0] * len(prompts)
+    failed: list[Failed] = []
+
+    def sink(i: int) -> Any:
+        def on_event(event: Event) -> None:
+            if isinstance(event, Delta) and event.token_ids:
+                now = time.perf_counter()
+                first[i] = first[i] or now
+                last[i] = now
+                tokens[i].extend(event.token_ids)
+            elif isinstance(event, Failed):
+                failed.append(event)
+        return on_event
+
+    if "link_rtt_ms" in job:  # the link changed, as a worker's link monitor would see it
+        engine._runner._tuner.rtt_s = job["link_rtt_ms"] / 1000  # a bench-only reach
+    before = engine.stats()
+    started = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        engine.submit(f"run{run_id}-{i}", engine.tokenize(prompt),
+                      SamplingParams(max_tokens=job["max_tokens"], temperature=0.0), sink(i))
+    while engine.step():
+        pass
+    if failed:
+        raise failed[0].error
+    after = engine.stats()
+    return {"tokens": tokens, "ttft_s": [f - started for f in first],
+            "elapsed_s": max(last) - started,
+            "steps": after.steps - before.steps,
+            "drafted": after.drafted_tokens - before.drafted_tokens,
+            "accepted": after.accepted_tokens - before.accepted_tokens}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("endpoints", help="comma-separated RPC servers; empty: whole model")
+    parser.add_argument("layers", help="comma-separated layer counts, one per server")
+    parser.add_argument("--speculative", default="none", choices=("none", "ngram"))
+    parser.add_argument("--draft-max", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--slots", type=int, default=8)
+    parser.add_argument("--link-rtt-ms", type=float, default=0.0)
+    args = parser.parse_args()
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # as in the engine process: whatever llama.cpp prints stays off `out`
+    engine = load(args)
+    print("loaded", file=out, flush=True)
+    for run_id, line in enumerate(sys.stdin):
+        print(json.dumps(run(engine, json.loads(line), run_id)), file=out, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Decisions for split models: the draft length from the link and the step (draft_tuning),
+and the placeholder rows that keep a step's decodes in one ubatch (ubatch)."""
+
+from __future__ import annotations
+
+import pytest
+from meshllm.worker.engine.batch.draft_tuning import DraftTuner, draft_length
+from meshllm.worker.engine.batch.ubatch import count_ubatches, gap_fillers, padded_drafts
+from meshllm.worker.links import step_round_trip_s
+
+STEP = 0.023  # gemma3-270m, one sequence, 2 threads, here
+
+
+@pytest.mark.parametrize(("rtt_s", "acceptance", "seqs", "expected"), [
+    (0.0, 0.5, 1, 2),      # loopback: a short draft pays for its rows
+    (0.02, 0.5, 1, 2),
+    (0.1, 0.5, 1, 4),      # a slow link: longer drafts
+    (0.0, 0.9, 1, 7),      # drafts that are nearly always right: long even on loopback
+    (0.05, 0.9, 1, 8),     # capped at k_max
+    (0.1, 0.2, 1, 2),      # a poor drafter still pays a little on a slow link
+    (0.0, 0.0, 1, 0),      # never accepted: never worth a row
+    (0.1, 0.0, 1, 0),
+    (0.0, 0.5, 8, 0),      # eight streams on loopback: rows cost more than they bring
+    (0.05, 0.7, 8, 2),
+    (0.1, 0.9, 8, 6),
+    (0.0, 1.0, 1, 8),      # always accepted
+])
+def test_draft_length(rtt_s: float, acceptance: float, seqs: int, expected: int) -> None:
+    assert draft_length(rtt_s, STEP, acceptance, seqs=seqs) == expected
+
+
+@pytest.mark.parametrize("acceptance", [0.3, 0.5, 0.7, 0.9])
+def test_draft_length_grows_with_the_round_trip(acceptance: float) -> None:
+    lengths = [draft_length(r / 1000, STEP, acceptance) for r in (0, 5, 20, 50, 100, 200)]
+    assert lengths == sorted(lengths) and lengths[-1] > lengths[0]
+
+
+def test_draft_length_respects_k_max_and_odd_inputs() -> None:
+    assert draft_length(1.0, STEP, 0.99, k_max=3) == 3
+    assert draft_length(-1.0, 0.0, 1.5, k_max=2) == 2  # clamped, never raises
+    assert draft_length(0.0, STEP, 0.9, k_max=0) == 0
+
+
+def test_tuner_starts_long_on_a_slow_link_and_follows_acceptance() -> None:
+    slow = DraftTuner(rtt_s=0.1, k_max=8)
+    assert slow.length(1) == 8  # nothing measured yet: the round trip alone says long
+    assert DraftTuner(rtt_s=0.0, k_max=8).length(1) == 2
+    for _ in range(30):  # every draft rejected at once: acceptance falls towards 0
+        slow.observe(wall_s=0.1 + STEP * (1 + 4 / 6), rows=5, accepted=0, rejected=1)
+    assert slow.step_s == pytest.approx(STEP, rel=0.01)
+    assert slow.acceptance < 0.01
+    lengths = [slow.length(1) for _ in range(16)]  # drafting does not pay: a probe in 8
+    assert lengths.count(1) == 2 and lengths.count(0) == 14
+    for _ in range(30):  # then every draft kept
+        slow.observe(wall_s=0.1 + STEP * (1 + 4 / 6), rows=5, accepted=4, rejected=0)
+    assert slow.length(1) == 8
+
+
+@pytest.mark.parametrize(("rows", "idle", "max_rows", "expected"), [
+    ({0: 1, 1: 1, 6: 1, 7: 1}, [2, 3, 4, 5], 4, {2: 1, 3: 1, 4: 1, 5: 1}),
+    ({0: 1, 2: 1}, [1, 3], 2, {1: 1}),
+    ({0: 3, 2: 3}, [1], 6, {1: 3}),           # drafts: the placeholder matches their rows
+    ({0: 1, 1: 1, 2: 1}, [3], 3, {}),         # already one run
+    ({0: 1, 7: 1}, list(range(1, 7)), 2, {}),  # six placeholders for two rows: not worth it
+    ({0: 1, 2: 1}, [3], 2, {}),               # slot 1 prefills: its chunk splits anyway
+    ({0: 1, 2: 3}, [1], 4, {}),               # unequal drafts split the batch anyway
+    ({4: 1}, [0, 1, 2, 3], 1, {}),
+    ({}, [0, 1], 0, {}),
+])
+def test_gap_fillers(rows: dict[int, int], idle: list[int], max_rows: int,
+                     expected: dict[int, int]) -> None:
+    assert gap_fillers(rows, idle, max_rows) == expected
+
+
+@pytest.mark.parametrize(("rows", "expected"), [
+    ([1] * 8, 1),
+    ([4, 1, 3, 1, 1, 5, 2, 1], 5),  # drafts of 3, 0, 2, 0, 0, 4, 1, 0
+    ([3, 3, 3], 1),
+    ([1, 2], 2),
+    ([2, 1], 2),
+    ([1, 0, 1], 2),                 # an empty slot between (no filler): two runs
+    ([], 0),
+])
+def test_count_ubatches(rows: list[int], expected: int) -> None:
+    assert count_ubatches(rows) == expected
+
+
+ROW, PASS = 0.004, 0.023
+
+
+@pytest.mark.parametrize(("lengths", "caps", "ubatch_s", "expected"), [
+    # one stream drafts 3, three have nothing: padding 9 rows saves one ubatch
+    ({0: 3, 1: 0, 2: 0, 3: 0}, {0: 8, 1: 8, 2: 8, 3: 8}, PASS, {0: 3, 1: 0, 2: 0, 3: 0}),
+    ({0: 3, 1: 0, 2: 0, 3: 0}, {0: 8, 1: 8, 2: 8, 3: 8}, PASS + 0.05,
+     {0: 3, 1: 3, 2: 3, 3: 3}),     # on a slow link the rows are worth it
+    ({0: 3, 1: 2}, {0: 8, 1: 8}, PASS, {0: 3, 1: 3}),  # one row saves a pass
+    ({0: 3, 1: 2}, {0: 8}, PASS, {0: 3, 1: 2}),        # slot 1 samples: never padded
+    ({0: 3, 1: 1}, {0: 8, 1: 2}, PASS, {0: 3, 1: 1}),  # its cap keeps it short: no saving
+    ({0: 2, 1: 2}, {0: 8, 1: 8}, PASS, {0: 2, 1: 2}),  # already equal
+    ({}, {}, PASS, {}),
+])
+def test_padded_drafts(lengths: dict[int, int], caps: dict[int, int], ubatch_s: float,
+                       expected: dict[int, int]) -> None:
+    assert padded_drafts(lengths, caps, ROW, ubatch_s) == expected
+
+
+@pytest.mark.parametrize(("measured", "stages", "expected"), [
+    ({"w2": 20.0}, ["w2"], 0.020),
+    ({"w2": 20.0, "w3": 5.0}, ["w2", "w3"], 0.025),  # the head is a star: they add up
+    ({"w2": 20.0, "w3": 5.0}, ["w3"], 0.005),
+    ({"w2": 20.0}, ["w2", "w9"], 0.040),            # unmeasured: as the slowest known
+    ({}, ["w2"], 0.0),
+    ({"w2": 20.0}, [], 0.0),                       # a whole model
+])
+def test_step_round_trip(measured: dict[str, float], stages: list[str], expected: float) -> None:
+    assert step_round_trip_s(measured, stages) == pytest.approx(expected)
