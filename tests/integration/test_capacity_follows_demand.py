@@ -28,6 +28,8 @@ FAST_REBALANCE = (  # the defaults wait minutes on purpose (hysteresis); a test 
     "--min-window-s", "5", "--min-requests", "4")
 FAST_DEMAND = ("--demand-window-s", "20", "--demand-recent-s", "5",
                "--demand-publish-s", "1")
+SLOTS = 8  # the planner's default; a replica is hot when its slots are over 80% busy
+HOT_STREAMS = SLOTS + 2  # every slot busy, and a queue behind them
 
 
 def ready(mesh: LocalMesh, model: str) -> int:
@@ -81,7 +83,8 @@ async def load_until_moved(mesh: LocalMesh) -> tuple[float, list[str], list[str]
     moved = asyncio.Event()
     hot: list[str] = []
     idle: list[str] = []
-    tasks = [asyncio.create_task(keep_busy(client, HOT, moved, hot)) for _ in range(4)]
+    tasks = [asyncio.create_task(keep_busy(client, HOT, moved, hot))
+             for _ in range(HOT_STREAMS)]
     tasks.append(asyncio.create_task(keep_busy(client, IDLE, moved, idle, 8, 2.0)))
     started = time.monotonic()
     try:
