@@ -28,7 +28,7 @@ FAST_REBALANCE = (  # the defaults wait minutes on purpose (hysteresis); a test 
     "--min-window-s", "5", "--min-requests", "4")
 FAST_DEMAND = ("--demand-window-s", "20", "--demand-recent-s", "5",
                "--demand-publish-s", "1")
-SLOTS = 8  # the planner's default; a replica is hot when its slots are over 80% busy
+SLOTS = 8  # set, not left to the default: how many streams make a replica hot follows it
 HOT_STREAMS = SLOTS + 2  # every slot busy, and a queue behind them
 
 
@@ -44,7 +44,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
     # One replica (about 480 MiB at 1,024 tokens and 8 slots) fits each worker, two do not.
     options = MeshOptions(workers=3, worker_memory="700MiB", models=(HOT, str(idle_file)),
                           context_length=1024, expect_replicas=1,
-                          planner_args=FAST_REBALANCE, gateway_args=FAST_DEMAND)
+                          planner_args=(*FAST_REBALANCE, "--slots", str(SLOTS)),
+                          gateway_args=FAST_DEMAND)
     local = LocalMesh(root, options)
     try:
         local.start()
