@@ -1,5 +1,6 @@
 """Streams that survive a dead node, with real processes, each fault many times (20 unless
-MESHLLM_FAULT_REPS says otherwise): a worker SIGKILLed mid-stream, a worker frozen
+MESHLLM_FAULT_REPS says otherwise): a worker SIGKILLed mid-stream, a stage of a split
+SIGKILLed (the split re-planned onto a spare worker), a worker frozen
 (SIGSTOP: its sockets stay open), the link between gateway and worker cut without a reset
 (a user-space proxy that stops forwarding), and an engine that crashes under its worker.
 Every stream must finish, with exactly the tokens of an undisturbed run (greedy and seeded),
@@ -159,6 +160,42 @@ def test_sigstop_of_the_serving_worker(tmp_path: Path) -> None:
 
         repeat(mesh, "SIGSTOP of a worker", lambda v: mesh.procs[v].kill(signal.SIGSTOP),
                recover)
+
+
+def split_stages(mesh: LocalMesh) -> list[str]:
+    model = next(m for m in mesh.status()["models"] if m["model_id"] == MODEL)
+    return [s["worker_id"] for s in model["replicas"][0]["stages"]]
+
+
+def test_sigkill_of_a_split_stage(tmp_path: Path) -> None:
+    """Three workers of 400 MiB: the model (with 4 slots) needs two, the third is spare.
+    The stage after the head is killed; the gateway reports the split's workers, the
+    planner finds the dead one unanswering and re-plans onto the spare at once (not when
+    the 4 s lease runs out), and the stream carries on on the new split. The killed worker
+    is restarted as the next spare."""
+    options = MeshOptions(workers=3, worker_memory="400MiB", expect_replicas=1,
+                          planner_args=("--slots", "4"), gateway_args=GATEWAY_ARGS)
+    with started(LocalMesh(tmp_path, options)) as mesh:
+        killed: list[str] = []
+
+        def kill_stage(_head: str) -> None:
+            stages = split_stages(mesh)
+            assert len(stages) == 2, f"not a two-stage split: {stages}"
+            killed.append(stages[-1])
+            mesh.procs[stages[-1]].kill(signal.SIGKILL)
+
+        def recover(_head: str) -> None:
+            victim = killed[-1]
+            mesh.procs[victim].stop()
+            # Its old record first goes with its lease: until then "in the status" would
+            # not tell the restarted process from the dead one.
+            wait_for(lambda: victim not in mesh.worker_ids_in_status(), 30, "lease expiry")
+            mesh.start_worker(victim)
+            wait_for(lambda: victim in mesh.worker_ids_in_status(), 60, "re-registration")
+            wait_for(lambda: mesh.ready_replicas() == 1 and victim not in split_stages(mesh),
+                     120, "the re-planned split ready")
+
+        repeat(mesh, "SIGKILL of a split's stage", kill_stage, recover)
 
 
 def test_network_cut_between_gateway_and_worker(tmp_path: Path) -> None:

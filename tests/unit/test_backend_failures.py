@@ -67,6 +67,7 @@ class Script:
     silent: bool = False
     refuse_first: MeshError | None = None  # the first call only: refused with this
     hang: bool = False  # after its tokens: no more, while GetStats says it is decoding
+    hang_once: bool = False  # hang on the first call only (slow steps after a re-plan)
 
 
 class ScriptedWorker(worker_pb2_grpc.ShardWorkerServicer):
@@ -88,7 +89,8 @@ class ScriptedWorker(worker_pb2_grpc.ShardWorkerServicer):
             await grpc_errors.abort(context, self.script.error)
         if self.script.no_reason:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset")
-        if self.script.silent or self.script.hang:
+        if self.script.silent or (self.script.hang and not (
+                self.script.hang_once and self.calls > 1)):
             await asyncio.sleep(30)
         yield convert.event_to_pb(Finished("stop", Usage(2, self.script.tokens)))
 
@@ -220,6 +222,18 @@ async def test_a_worker_that_answers_but_makes_no_tokens_loses_its_stream() -> N
     assert [type(e).__name__ for e in seen] == ["TokenDelta"] * 3 + ["Finished"]
     moved = backend.routing_metrics.migrations.labels("m", "silent")._value.get()
     assert moved == 1  # found silent by the watchdog (the token timeout would be 30 s)
+
+
+async def test_a_lone_replica_that_answered_while_stuck_gets_its_stream_back() -> None:
+    """A lone split whose first steps after a re-plan were slow: it answered the probes,
+    so it is alive; with no other replica it is asked again (after a rest) instead of the
+    stream waiting for another and failing."""
+    async with mesh(Script(tokens=1, hang=True, hang_once=True)) as (backend, workers):
+        backend.timing = replace(backend.timing, token_timeout_s=30, stall_probe_s=0.05,
+                                 migrate_wait_s=5)
+        seen = await _events(backend)
+        assert workers[0].calls == 2 and workers[0].requests[1].resume == Resume((100,), 1, 1)
+    assert [type(e).__name__ for e in seen] == ["TokenDelta"] * 2 + ["Finished"]
 
 
 async def test_a_stream_moves_at_most_max_migrations_times() -> None:

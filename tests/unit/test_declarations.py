@@ -18,6 +18,7 @@ from meshllm.planner.assign import RoundPolicy
 from meshllm.planner.declared import ModelCatalog, parse_inputs
 from meshllm.planner.place import MiB, PlacementPolicy
 from meshllm.planner.service import PlacementBoard, Planner, PlannerSettings
+from meshllm.planner.suspects import SuspectPolicy, SuspectProbes
 from meshllm.v1 import mesh_pb2
 
 from tests.support.memory_kv import MemoryKv
@@ -96,6 +97,10 @@ async def test_catalog_describes_each_declaration_once_and_forgets_removed_ones(
     assert calls == ["a", "b", "b"]  # removed, then declared again: read again
 
 
+async def never_checked(worker: WorkerInfo) -> bool:
+    raise AssertionError(f"{worker.worker_id} was checked though nobody reported it")
+
+
 def kv_with(declarations: list[ModelDeclaration]) -> MemoryKv:
     return MemoryKv({store.DECLARATIONS + d.model_id:
                      convert.declaration_to_pb(d).SerializeToString() for d in declarations})
@@ -114,6 +119,7 @@ async def test_a_start_declares_its_models_and_undeclares_an_earlier_starts_othe
     new = ModelDeclaration(ModelId("new"), "new.gguf", at_start=True)
     settings = PlannerSettings((again, new), RoundPolicy(PlacementPolicy(0)), 0.0, 5.0)
     planner = Planner(cast(store.KeyValueStore, kv), settings,
-                      ModelCatalog(lambda d: spec(d.model_id)), PlacementBoard())
+                      ModelCatalog(lambda d: spec(d.model_id)), PlacementBoard(),
+                      SuspectProbes(never_checked, SuspectPolicy(1.0, 2.0)))
     await planner.declare_at_start()
     assert declared(kv) == {kept, run_time, new}  # the stored settings of `kept` stay

@@ -61,6 +61,19 @@ async def check_health(address: str, service: str = "", timeout_s: float = 3.0,
         return bool(reply.status == SERVING)
 
 
+async def answers_health(address: str, timeout_s: float,
+                         security: GrpcSecurity = PLAINTEXT) -> bool:
+    """Whether the process at `address` is alive: it answers a health check, SERVING or
+    not (a worker with nothing loaded, or reloading, says NOT_SERVING and lives)."""
+    async with security.channel(address) as channel:
+        try:
+            await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
+        except grpc.aio.AioRpcError:
+            return False
+        return True
+
+
 def probe_main() -> int:
     """`python -m meshllm.common.grpcutil ADDRESS`: exit 0 when the service is SERVING.
 

@@ -27,6 +27,7 @@ PLACEMENTS = ROOT + "placements/"
 DECLARATIONS = ROOT + "declarations/"
 DEMAND = ROOT + "demand/"  # one leased record per gateway (common.demand.GatewayDemand)
 MOE_RANKINGS = ROOT + "moe-rankings/"  # <model digest>: an ExpertRanking (calibration)
+SUSPECTS = ROOT + "suspects/"  # <worker id>: a SuspectReport under its reporter's lease
 
 
 class StoreUnavailable(MeshError):

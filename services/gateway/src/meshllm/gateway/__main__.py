@@ -24,6 +24,7 @@ from meshllm.gateway.gate import Gate, front_door, gate_routes
 from meshllm.gateway.metrics import GatewayMetrics
 from meshllm.gateway.models_api import ModelsApi, models_routes
 from meshllm.gateway.status_stream import StatusStream
+from meshllm.gateway.suspects import SuspectReporter
 from starlette.routing import BaseRoute
 
 log = logging.getLogger("meshllm.gateway")
@@ -75,7 +76,8 @@ def mesh_backend(kv: EtcdStore, config: GatewayConfig, tel: telemetry.Telemetry,
                        tel.tracer, telemetry.client_interceptors(tel), config.security,
                        DemandMeter(window_s=config.demand.window_s,
                                    recent_s=config.demand.recent_s),
-                       routing_metrics=metrics.routing)
+                       routing_metrics=metrics.routing,
+                       suspects=SuspectReporter(kv, config.demand.gateway_id))
 
 
 def extra_routes(kv: EtcdStore, backend: MeshBackend, metrics: GatewayMetrics,

@@ -74,6 +74,7 @@ from meshllm.gateway.routing import (
     why_unavailable,
 )
 from meshllm.gateway.sessions import route_keys
+from meshllm.gateway.suspects import SuspectReporter, to_report
 from meshllm.gateway.worker_calls import WorkerCalls
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,8 @@ class MeshBackend:
                  tracer: telemetry.Tracer = telemetry.NO_TRACER,
                  interceptors: Sequence[Any] = (), security: GrpcSecurity = PLAINTEXT,
                  demand: DemandMeter | None = None,
-                 routing_metrics: RoutingMetrics | None = None) -> None:
+                 routing_metrics: RoutingMetrics | None = None,
+                 suspects: SuspectReporter | None = None) -> None:
         self.snapshot = MeshSnapshot()
         self.demand = demand if demand is not None else DemandMeter()
         self._mesh_changed = asyncio.Event()  # set, then replaced, at every new snapshot
@@ -99,6 +101,7 @@ class MeshBackend:
         self.calls = WorkerCalls(timing, security, interceptors, self.routing_metrics)
         self._kv = kv
         self._tracer = tracer
+        self._suspects = suspects  # None: the planner learns of dead stages from leases
 
     @property
     def timing(self) -> StreamTiming:
@@ -258,15 +261,15 @@ class MeshBackend:
                 failure, cause = f"{worker.worker_id}: {exc.code().name} {exc.details()}", (
                     exc.code().name.lower())
                 transient = self._refused(worker, grpc_errors.error_from_rpc(exc))
-                busy += transient == "busy"
+                busy, answering = busy + (transient == "busy"), False
             except WorkerSilent as exc:  # a frozen node: like a failed one, until it answers
                 self.calls.broke(worker)
-                failure, cause, transient = str(exc), "silent", ""
+                failure, cause, transient, answering = str(exc), "silent", "", exc.answering
                 silent.append(exc)
             failures.append(failure)
             log.warning("worker %s failed for %s: %s", worker.worker_id, request.model_id,
                         failure)
-            self._lost(run, worker, cause, failure, bool(transient))
+            self._lost(run, worker, cause, failure, bool(transient), answering)
         raise self._gave_up(run, failures, busy, silent)
 
     @staticmethod
@@ -296,14 +299,17 @@ class MeshBackend:
                                    run.cause, resumed_s, len(run.sent_ids))
 
     def _lost(self, run: StreamRun, worker: WorkerInfo, cause: str, failure: str,
-              transient: bool) -> None:
+              transient: bool, answering: bool = False) -> None:
         """Marks `worker` failed for `run` (or resting, when it only refused for now: busy,
         loading, its engine restarting); raises when the stream may not move again."""
         if transient:
             run.refused_by(worker.worker_id, cause)
         else:
-            run.failed_on(worker.worker_id, replica_headed_by(
-                self.snapshot, run.request.model_id, worker.worker_id), cause)
+            replica = replica_headed_by(self.snapshot, run.request.model_id, worker.worker_id)
+            run.failed_on(worker.worker_id, replica, cause, answering)
+            if replica is not None and self._suspects is not None:
+                self._suspects.report(to_report(replica, self.snapshot.workers),
+                                      f"{run.request.model_id}: {failure}")
         if run.started and not migration_allowed(run, self.timing.max_migrations):
             raise StreamBroken(f"worker {failure} after the stream began "
                                f"(moved {run.migrations - 1} times already)")
@@ -321,10 +327,13 @@ class MeshBackend:
         deadline = time.monotonic() + self.timing.migrate_wait_s
         while True:
             model_id = run.request.model_id
-            ready = [w for w in ready_replicas(self.snapshot, model_id)
-                     if may_take(run, self.snapshot, w.worker_id)]
+            live = ready_replicas(self.snapshot, model_id)
+            ready = ([w for w in live if may_take(run, self.snapshot, w.worker_id)]
+                     or [w for w in live if run.may_retry(w.worker_id)])
             if ready:
-                return self._decide(RequestKey(model_id), ready).order[0]
+                chosen = self._decide(RequestKey(model_id), ready).order[0]
+                run.answering.discard(chosen.worker_id)
+                return chosen
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
@@ -383,4 +392,6 @@ class MeshBackend:
         raise ReplicasFailed(model_id, failures)
 
     async def close(self) -> None:
+        if self._suspects is not None:
+            await self._suspects.close()
         await self.calls.close()

@@ -70,7 +70,9 @@ class WorkerSilent(MeshError):
 
     reason = "worker_timeout"
 
-    def __init__(self, worker_id: str, waited_s: float) -> None:
-        super().__init__(f"worker {worker_id} sent nothing for {waited_s:.1f} s")
+    def __init__(self, worker_id: str, waited_s: float, answering: bool = False) -> None:
+        super().__init__(f"worker {worker_id} sent nothing for {waited_s:.1f} s"
+                         + (" (it answers, but makes no tokens)" if answering else ""))
         self.worker_id = worker_id
         self.waited_s = waited_s
+        self.answering = answering  # alive by its probes: slow or stuck, not gone

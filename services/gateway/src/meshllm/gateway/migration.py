@@ -71,9 +71,23 @@ class StreamRun:
     # again after REST_S (monotonic time they may).
     resting: dict[WorkerId, float] = field(default_factory=dict)
 
-    def failed_on(self, worker_id: WorkerId, replica: Replica | None, cause: str) -> None:
+    # Replicas that failed it while they still answered the watchdog (slow or stuck, not
+    # gone): asked again, after REST_S, when no other replica may take the stream.
+    answering: set[WorkerId] = field(default_factory=set)
+
+    def failed_on(self, worker_id: WorkerId, replica: Replica | None, cause: str,
+                  answering: bool = False) -> None:
         self.failed[worker_id] = replica
+        if answering:
+            self.answering.add(worker_id)
+            self.resting[worker_id] = time.monotonic() + REST_S
         self._interrupted(cause)
+
+    def may_retry(self, worker_id: WorkerId) -> bool:
+        """Whether a replica that failed this request while alive may have it back, as a
+        last resort (a lone split whose first steps after a re-plan were slow)."""
+        return (worker_id in self.answering
+                and self.resting.get(worker_id, 0.0) <= time.monotonic())
 
     def refused_by(self, worker_id: WorkerId, cause: str) -> None:
         self.resting[worker_id] = time.monotonic() + REST_S

@@ -137,7 +137,8 @@ class WorkerCalls:
                     raise WorkerSilent(worker.worker_id, timeout_s)
                 stats = await self._probe(worker)
                 if stats is None or (decoding and watch.stuck(stats)):
-                    raise WorkerSilent(worker.worker_id, time.monotonic() - started)
+                    raise WorkerSilent(worker.worker_id, time.monotonic() - started,
+                                       answering=stats is not None)
         finally:
             if not read.done():
                 read.cancel()

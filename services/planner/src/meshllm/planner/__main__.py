@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from meshllm.common import grpcutil, lifecycle, telemetry
 from meshllm.common.store import EtcdStore
+from meshllm.common.types import WorkerInfo
 from meshllm.planner.assign import RoundPolicy
 from meshllm.planner.config import PlannerConfig, load_config
 from meshllm.planner.declared import ModelCatalog, describer, start_declarations
 from meshllm.planner.place import PlacementPolicy
 from meshllm.planner.service import PlacementBoard, Planner, PlannerServicer, PlannerSettings
+from meshllm.planner.suspects import SuspectProbes
 from meshllm.v1 import planner_pb2_grpc
 
 log = logging.getLogger("meshllm.planner")
@@ -28,6 +30,13 @@ def settings(config: PlannerConfig) -> PlannerSettings:
                            config.interval_s)
 
 
+def health_check(config: PlannerConfig) -> Callable[[WorkerInfo], Awaitable[bool]]:
+    async def check(worker: WorkerInfo) -> bool:
+        return await grpcutil.answers_health(worker.address, config.suspects.probe_timeout_s,
+                                             config.security)
+    return check
+
+
 async def serve(config: PlannerConfig, stop: asyncio.Event) -> None:
     kv = EtcdStore(config.etcd_url, config.security)
     await lifecycle.unless_stopped(stop, kv.connect())
@@ -38,7 +47,8 @@ async def serve(config: PlannerConfig, stop: asyncio.Event) -> None:
     planner_pb2_grpc.add_PlannerServicer_to_server(PlannerServicer(board), server)
     await server.start()
     lifecycle.start_metrics(config.metrics_port)
-    planner = Planner(kv, settings(config), ModelCatalog(describer(config)), board)
+    planner = Planner(kv, settings(config), ModelCatalog(describer(config)), board,
+                      SuspectProbes(health_check(config), config.suspects))
     # On a failure (an etcd write while etcd restarts) the planner starts over: it declares
     # the --models again if absent, reads the placements back and re-plans from a fresh
     # snapshot (the models already described are not read again).

@@ -26,6 +26,7 @@ from meshllm.common.telemetry import TraceSettings, trace_settings
 from meshllm.common.tls import TLS_OPTIONS, GrpcSecurity, security_from
 from meshllm.common.types import CHAT_TEMPLATE_NAMES
 from meshllm.planner.demand import RebalancePolicy
+from meshllm.planner.suspects import SuspectPolicy
 
 
 def fraction(text: str) -> float:
@@ -76,6 +77,7 @@ class PlannerConfig:
                                     # the most chosen ones, held by every shard
     debounce_s: float               # wait this long for membership to settle before planning
     interval_s: float               # plan a round at least this often (seconds)
+    suspects: SuspectPolicy         # probing workers reported unreachable (planner/suspects.py)
     fill_free_memory: bool          # free memory holds replicas until a model needs it
     rebalance: RebalancePolicy      # when capacity follows demand (see rebalance.py)
     metrics_port: int               # TCP port of the Prometheus endpoint; 0: off
@@ -117,6 +119,11 @@ OPTIONS = (
            "(by calibration), held by every shard of a mixture-of-experts model"),
     Option("--debounce-s", "MESHLLM_PLANNER_DEBOUNCE_S", positive_float, "0.3",
            "seconds to let membership settle before re-planning"),
+    Option("--suspect-probe-timeout-s", "MESHLLM_SUSPECT_PROBE_TIMEOUT_S", positive_float, "1",
+           "seconds a worker reported unreachable has to answer a health check before "
+           "the planner plans around it"),
+    Option("--suspect-reprobe-s", "MESHLLM_SUSPECT_REPROBE_S", positive_float, "2",
+           "seconds between health checks of a worker still reported unreachable"),
     Option("--rebalance-interval-s", "MESHLLM_REBALANCE_INTERVAL_S", positive_float, "5",
            "seconds between planning rounds when nothing changes"),
     Option("--fill-free-memory", "MESHLLM_FILL_FREE_MEMORY", on_off, "on",
@@ -216,6 +223,7 @@ def load_config(argv: Sequence[str], env: Mapping[str, str]) -> PlannerConfig:
         context_length_tokens=v["context_length"], engine_overhead_bytes=v["engine_overhead"],
         max_replicas=v["max_replicas"], expert_hot_share=v["expert_hot_share"],
         debounce_s=v["debounce_s"],
+        suspects=SuspectPolicy(v["suspect_probe_timeout_s"], v["suspect_reprobe_s"]),
         interval_s=v["rebalance_interval_s"], fill_free_memory=v["fill_free_memory"],
         rebalance=rebalance_policy(v),
         metrics_port=v["metrics_port"], log_level=v["log_level"],

@@ -13,7 +13,8 @@ from meshllm.common import convert, demand, models, store
 from meshllm.common.demand import ModelDemand
 from meshllm.common.errors import InvalidRecord, MeshError
 from meshllm.common.moe import ExpertRanking
-from meshllm.common.types import ModelDeclaration, ModelId, ModelSpec, WorkerInfo
+from meshllm.common.suspects import SuspectReport, parse_suspect
+from meshllm.common.types import ModelDeclaration, ModelId, ModelSpec, WorkerId, WorkerInfo
 from meshllm.planner.config import PlannerConfig
 
 log = logging.getLogger(__name__)
@@ -48,15 +49,18 @@ class PlanInputs:
     declarations: tuple[ModelDeclaration, ...]  # by model id
     demand: Mapping[ModelId, ModelDemand] = field(default_factory=dict)  # over the gateways
     rankings: Mapping[str, ExpertRanking] = field(default_factory=dict)  # by model digest
+    suspects: Mapping[WorkerId, SuspectReport] = field(default_factory=dict)  # by worker id
 
 
 def parse_inputs(raw: Mapping[str, bytes]) -> PlanInputs:
     """Valid worker, declaration and demand records under the mesh's prefix; an invalid
     one is logged and left out, never trusted."""
-    workers, declarations, gateways, rankings = [], [], [], []
+    workers, declarations, gateways, rankings, suspects = [], [], [], [], []
     for key, value in raw.items():
         try:
-            if key.startswith(store.MOE_RANKINGS):
+            if key.startswith(store.SUSPECTS):
+                suspects.append(parse_suspect(value))
+            elif key.startswith(store.MOE_RANKINGS):
                 rankings.append(convert.parse_ranking(value))
             elif key.startswith(store.WORKERS):
                 workers.append(convert.parse_worker(value))
@@ -68,7 +72,8 @@ def parse_inputs(raw: Mapping[str, bytes]) -> PlanInputs:
             log.warning("ignoring invalid record %s: %s", key, exc)
     return PlanInputs(tuple(workers), tuple(sorted(declarations, key=lambda d: d.model_id)),
                       demand.merged(gateways, [d.model_id for d in declarations]),
-                      {r.model_digest: r for r in rankings})
+                      {r.model_digest: r for r in rankings},
+                      {r.worker_id: r for r in suspects})
 
 
 Described = ModelSpec | str  # the spec, or why the model could not be read

@@ -17,6 +17,7 @@ from meshllm.common.types import ModelDeclaration, ModelId, ModelSpec, Placement
 from meshllm.planner.assign import RoundInputs, RoundPolicy, RoundResult, next_placements
 from meshllm.planner.declared import ModelCatalog, PlanInputs, parse_inputs, specs_of
 from meshllm.planner.demand import Moves, ReplicaPhase
+from meshllm.planner.suspects import SuspectProbes
 from meshllm.v1 import planner_pb2, planner_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -107,9 +108,10 @@ class Planner:
     declarations, the demand) and at least every `interval_s`."""
 
     def __init__(self, kv: store.KeyValueStore, settings: PlannerSettings,
-                 catalog: ModelCatalog, board: PlacementBoard,
+                 catalog: ModelCatalog, board: PlacementBoard, suspects: SuspectProbes,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._kv = kv
+        self._suspects = suspects
         self._settings = settings
         self._catalog = catalog
         self._board = board
@@ -143,8 +145,10 @@ class Planner:
         async for raw in ticking(store.mirror_prefix(self._kv, store.ROOT),
                                  self._settings.interval_s):
             inputs = parse_inputs(raw)
+            # A gateway reports a split's workers one key at a time: the pause lets all of
+            # them arrive before the round that checks them.
             membership = ({w.worker_id: w.memory_budget_bytes for w in inputs.workers},
-                          inputs.declarations)
+                          inputs.declarations, frozenset(inputs.suspects.items()))
             if membership != settled:
                 settled = membership
                 await asyncio.sleep(self._settings.debounce_s)
@@ -153,10 +157,13 @@ class Planner:
     async def _round(self, inputs: PlanInputs, published: dict[ModelId, Placement]
                      ) -> dict[ModelId, Placement]:
         described = await self._catalog.describe(inputs.declarations)
+        # Left out after the debounce's membership check: a dead stage is planned around
+        # at once, not after the pause that lets a burst of registrations settle.
+        workers = await self._suspects.reachable(inputs.workers, inputs.suspects)
         result = next_placements(RoundInputs(
             specs={s.model_id: s for s in specs_of(described)},
             declarations={d.model_id: d for d in inputs.declarations},
-            workers={w.worker_id: w for w in inputs.workers}, published=published,
+            workers={w.worker_id: w for w in workers}, published=published,
             demand=inputs.demand, now_s=self._clock(), since_s=self._memory.since_s,
             last_grew_s=self._memory.last_grew_s,
             last_shrank_s=self._memory.last_shrank_s, rankings=inputs.rankings),

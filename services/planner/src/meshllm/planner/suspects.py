@@ -1,0 +1,101 @@
+"""Workers reported unreachable: probed, and planned around while they do not answer.
+
+A worker's etcd lease outlives it by up to its TTL; a split whose stage died would wait
+that long before the planner moved the stage. A gateway whose stream through a split
+failed reports the split's workers (common/suspects.py). A report is a hint, never a
+verdict: the planner checks each reported worker's gRPC health itself and leaves out of
+its plans only those that do not answer, for as long as they do not and the report lives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from meshllm.common.suspects import SuspectReport
+from meshllm.common.types import WorkerId, WorkerInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SuspectPolicy:
+    probe_timeout_s: float  # a health check unanswered this long counts as failed
+    reprobe_s: float        # a worker still reported is checked again after this long
+
+
+@dataclass(frozen=True)
+class Probe:
+    alive: bool
+    at_s: float  # monotonic time of the check
+
+
+Instance = tuple[WorkerId, float]  # a worker id and its start: a restart is a new instance
+
+
+def instance(worker: WorkerInfo) -> Instance:
+    return worker.worker_id, worker.started_at_unix_s
+
+
+def suspected(reports: Mapping[WorkerId, SuspectReport], workers: Sequence[WorkerInfo]
+              ) -> list[WorkerInfo]:
+    """The workers a report names, as the instance it names (a report made before the
+    worker restarted is about a process that is gone)."""
+    return [w for w in workers if (r := reports.get(w.worker_id)) is not None
+            and abs(r.started_at_unix_s - w.started_at_unix_s) < 1e-3]
+
+
+def due(workers: Sequence[WorkerInfo], probes: Mapping[Instance, Probe], now_s: float,
+        policy: SuspectPolicy) -> list[WorkerInfo]:
+    """The suspected workers to check now: never checked, or last checked `reprobe_s` ago."""
+    return [w for w in workers if (p := probes.get(instance(w))) is None
+            or now_s - p.at_s >= policy.reprobe_s]
+
+
+def unreachable(workers: Sequence[WorkerInfo], probes: Mapping[Instance, Probe]
+                ) -> frozenset[WorkerId]:
+    """The suspected workers whose last check failed."""
+    return frozenset(w.worker_id for w in workers
+                     if (p := probes.get(instance(w))) is not None and not p.alive)
+
+
+class SuspectProbes:
+    """The planner's checks of reported workers, kept between rounds."""
+
+    def __init__(self, check: Callable[[WorkerInfo], Awaitable[bool]], policy: SuspectPolicy,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._check = check
+        self._policy = policy
+        self._clock = clock
+        self._probes: dict[Instance, Probe] = {}
+        self._left_out: frozenset[WorkerId] = frozenset()
+
+    async def reachable(self, workers: Sequence[WorkerInfo],
+                        reports: Mapping[WorkerId, SuspectReport]) -> tuple[WorkerInfo, ...]:
+        """`workers` less those reported that fail their health check."""
+        named = suspected(reports, workers)
+        to_check = due(named, self._probes, self._clock(), self._policy)
+        answers = await asyncio.gather(*(self._check(w) for w in to_check))
+        now = self._clock()
+        for worker, alive in zip(to_check, answers, strict=True):
+            self._probes[instance(worker)] = Probe(alive, now)
+        live = {instance(w) for w in named}
+        self._probes = {k: p for k, p in self._probes.items() if k in live}
+        left_out = unreachable(named, self._probes)
+        self._log_changes(left_out, reports)
+        return tuple(w for w in workers if w.worker_id not in left_out)
+
+    def _log_changes(self, left_out: frozenset[WorkerId],
+                     reports: Mapping[WorkerId, SuspectReport]) -> None:
+        for worker_id in sorted(left_out - self._left_out):
+            report = reports[worker_id]
+            log.warning("worker %s left out of the plans: reported by %s (%s) and it did "
+                        "not answer a health check", worker_id, report.reporter,
+                        report.reason)
+        for worker_id in sorted(self._left_out - left_out):
+            log.info("worker %s planned with again: it answers, or it is gone", worker_id)
+        self._left_out = left_out
+
