@@ -18,8 +18,9 @@ from meshllm.planner.assign import RoundPolicy
 from meshllm.planner.declared import ModelCatalog, parse_inputs
 from meshllm.planner.place import MiB, PlacementPolicy
 from meshllm.planner.service import PlacementBoard, Planner, PlannerSettings
-from meshllm.planner.suspects import SuspectPolicy, SuspectProbes
+from meshllm.planner.suspects import SuspectMetrics, SuspectPolicy, SuspectProbes
 from meshllm.v1 import mesh_pb2
+from prometheus_client import CollectorRegistry
 
 from tests.support.memory_kv import MemoryKv
 
@@ -120,6 +121,7 @@ async def test_a_start_declares_its_models_and_undeclares_an_earlier_starts_othe
     settings = PlannerSettings((again, new), RoundPolicy(PlacementPolicy(0)), 0.0, 5.0)
     planner = Planner(cast(store.KeyValueStore, kv), settings,
                       ModelCatalog(lambda d: spec(d.model_id)), PlacementBoard(),
-                      SuspectProbes(never_checked, SuspectPolicy(1.0, 2.0)))
+                      SuspectProbes(never_checked, SuspectPolicy(1.0, 2.0),
+                                    SuspectMetrics(CollectorRegistry())))
     await planner.declare_at_start()
     assert declared(kv) == {kept, run_time, new}  # the stored settings of `kept` stay

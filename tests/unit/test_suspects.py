@@ -11,6 +11,7 @@ from meshllm.common.types import WorkerId, WorkerInfo
 from meshllm.planner.declared import parse_inputs
 from meshllm.planner.suspects import (
     Probe,
+    SuspectMetrics,
     SuspectPolicy,
     SuspectProbes,
     due,
@@ -18,6 +19,7 @@ from meshllm.planner.suspects import (
     unreachable,
 )
 from meshllm.v1 import mesh_pb2
+from prometheus_client import CollectorRegistry
 
 POLICY = SuspectPolicy(probe_timeout_s=1.0, reprobe_s=2.0)
 
@@ -98,11 +100,13 @@ class Checks:
 async def test_the_planner_plans_around_a_reported_worker_that_does_not_answer() -> None:
     now = [0.0]
     checks = Checks({"dead": False, "alive": True})
-    probes = SuspectProbes(checks, POLICY, clock=lambda: now[0])
+    metrics = SuspectMetrics(CollectorRegistry())
+    probes = SuspectProbes(checks, POLICY, metrics, clock=lambda: now[0])
     workers = [worker("dead"), worker("alive"), worker("unreported")]
     reports = {WorkerId("dead"): report("dead"), WorkerId("alive"): report("alive")}
     kept = await probes.reachable(workers, reports)
     assert [w.worker_id for w in kept] == ["alive", "unreported"]
+    assert metrics.left_out._value.get() == 1
     now[0] = 1.0  # within reprobe_s: the last answers stand, nobody is asked
     assert await probes.reachable(workers, reports) == kept
     assert checks.asked == ["dead", "alive"]
@@ -111,3 +115,5 @@ async def test_the_planner_plans_around_a_reported_worker_that_does_not_answer()
     restarted = [worker("dead", started=200.0), *workers[1:]]  # a new process, same id
     checks.answers["dead"] = False
     assert len(await probes.reachable(restarted, reports)) == 3
+    assert metrics.checks.labels("no answer")._value.get() == 1
+    assert metrics.checks.labels("answered")._value.get() == 3  # alive twice, dead once

@@ -15,7 +15,7 @@ from meshllm.planner.config import PlannerConfig, load_config
 from meshllm.planner.declared import ModelCatalog, describer, start_declarations
 from meshllm.planner.place import PlacementPolicy
 from meshllm.planner.service import PlacementBoard, Planner, PlannerServicer, PlannerSettings
-from meshllm.planner.suspects import SuspectProbes
+from meshllm.planner.suspects import SuspectMetrics, SuspectProbes
 from meshllm.v1 import planner_pb2_grpc
 
 log = logging.getLogger("meshllm.planner")
@@ -48,7 +48,7 @@ async def serve(config: PlannerConfig, stop: asyncio.Event) -> None:
     await server.start()
     lifecycle.start_metrics(config.metrics_port)
     planner = Planner(kv, settings(config), ModelCatalog(describer(config)), board,
-                      SuspectProbes(health_check(config), config.suspects))
+                      SuspectProbes(health_check(config), config.suspects, SuspectMetrics()))
     # On a failure (an etcd write while etcd restarts) the planner starts over: it declares
     # the --models again if absent, reads the placements back and re-plans from a fresh
     # snapshot (the models already described are not read again).

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from meshllm.common.suspects import SuspectReport
 from meshllm.common.types import WorkerId, WorkerInfo
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +63,25 @@ def unreachable(workers: Sequence[WorkerInfo], probes: Mapping[Instance, Probe]
                      if (p := probes.get(instance(w))) is not None and not p.alive)
 
 
+class SuspectMetrics:
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.checks = Counter("meshllm_planner_suspect_checks",
+                              "Health checks of workers reported unreachable, by result",
+                              ["result"], registry=registry)
+        self.left_out = Gauge("meshllm_planner_workers_left_out",
+                              "Workers planned around now: reported and not answering",
+                              registry=registry)
+
+
 class SuspectProbes:
     """The planner's checks of reported workers, kept between rounds."""
 
     def __init__(self, check: Callable[[WorkerInfo], Awaitable[bool]], policy: SuspectPolicy,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 metrics: SuspectMetrics, clock: Callable[[], float] = time.monotonic
+                 ) -> None:
         self._check = check
         self._policy = policy
+        self._metrics = metrics
         self._clock = clock
         self._probes: dict[Instance, Probe] = {}
         self._left_out: frozenset[WorkerId] = frozenset()
@@ -82,10 +95,12 @@ class SuspectProbes:
         now = self._clock()
         for worker, alive in zip(to_check, answers, strict=True):
             self._probes[instance(worker)] = Probe(alive, now)
+            self._metrics.checks.labels("answered" if alive else "no answer").inc()
         live = {instance(w) for w in named}
         self._probes = {k: p for k, p in self._probes.items() if k in live}
         left_out = unreachable(named, self._probes)
         self._log_changes(left_out, reports)
+        self._metrics.left_out.set(len(left_out))
         return tuple(w for w in workers if w.worker_id not in left_out)
 
     def _log_changes(self, left_out: frozenset[WorkerId],
