@@ -145,10 +145,10 @@ class Planner:
         async for raw in ticking(store.mirror_prefix(self._kv, store.ROOT),
                                  self._settings.interval_s):
             inputs = parse_inputs(raw)
-            # A gateway reports a split's workers one key at a time: the pause lets all of
-            # them arrive before the round that checks them.
+            # Reports of unreachable workers are not membership: each is checked on its
+            # own, so the round that re-plans around a dead stage starts without a pause.
             membership = ({w.worker_id: w.memory_budget_bytes for w in inputs.workers},
-                          inputs.declarations, frozenset(inputs.suspects.items()))
+                          inputs.declarations)
             if membership != settled:
                 settled = membership
                 await asyncio.sleep(self._settings.debounce_s)
