@@ -167,22 +167,22 @@ def split_stages(mesh: LocalMesh) -> list[str]:
     return [s["worker_id"] for s in model["replicas"][0]["stages"]]
 
 
+SPLIT = MeshOptions(workers=3, worker_memory="400MiB", expect_replicas=1,
+                    planner_args=("--slots", "4"), gateway_args=GATEWAY_ARGS)
+
+
 def test_sigkill_of_a_split_stage(tmp_path: Path) -> None:
     """Three workers of 400 MiB: the model (with 4 slots) needs two, the third is spare.
     The stage after the head is killed; the gateway reports the split's workers, the
     planner finds the dead one unanswering and re-plans onto the spare at once (not when
     the 4 s lease runs out), and the stream carries on on the new split. The killed worker
     is restarted as the next spare."""
-    options = MeshOptions(workers=3, worker_memory="400MiB", expect_replicas=1,
-                          planner_args=("--slots", "4"), gateway_args=GATEWAY_ARGS)
-    with started(LocalMesh(tmp_path, options)) as mesh:
+    with started(LocalMesh(tmp_path, SPLIT)) as mesh:
         killed: list[str] = []
 
         def kill_stage(_head: str) -> None:
-            stages = split_stages(mesh)
-            assert len(stages) == 2, f"not a two-stage split: {stages}"
-            killed.append(stages[-1])
-            mesh.procs[stages[-1]].kill(signal.SIGKILL)
+            killed.append(last_stage(mesh))
+            mesh.procs[killed[-1]].kill(signal.SIGKILL)
 
         def recover(_head: str) -> None:
             victim = killed[-1]
@@ -192,11 +192,39 @@ def test_sigkill_of_a_split_stage(tmp_path: Path) -> None:
             wait_for(lambda: victim not in mesh.worker_ids_in_status(), 30, "lease expiry")
             mesh.start_worker(victim)
             wait_for(lambda: victim in mesh.worker_ids_in_status(), 60, "re-registration")
-            wait_for(lambda: mesh.ready_replicas() == 1 and victim not in split_stages(mesh),
-                     120, "the re-planned split ready")
+            replanned_without(mesh, victim)
 
         repeat(mesh, "SIGKILL of a split's stage", kill_stage, recover)
 
+
+def test_sigstop_of_a_split_stage(tmp_path: Path) -> None:
+    """A frozen stage: the head's engine waits on it for ever and nothing breaks. The
+    watchdog finds the head answering but making no tokens, the gateway reports the
+    split, the planner's health check of the frozen stage goes unanswered and the split
+    is re-planned onto the spare; the head's stuck engine is replaced."""
+    with started(LocalMesh(tmp_path, SPLIT)) as mesh:
+        frozen: list[str] = []
+
+        def freeze_stage(_head: str) -> None:
+            frozen.append(last_stage(mesh))
+            mesh.procs[frozen[-1]].kill(signal.SIGSTOP)
+
+        def recover(_head: str) -> None:
+            mesh.procs[frozen[-1]].kill(signal.SIGCONT)
+            replanned_without(mesh, frozen[-1])
+
+        repeat(mesh, "SIGSTOP of a split's stage", freeze_stage, recover, reps=min(REPS, 5))
+
+
+def last_stage(mesh: LocalMesh) -> str:
+    stages = split_stages(mesh)
+    assert len(stages) == 2, f"not a two-stage split: {stages}"
+    return stages[-1]
+
+
+def replanned_without(mesh: LocalMesh, victim: str) -> None:
+    wait_for(lambda: mesh.ready_replicas() == 1 and victim not in split_stages(mesh),
+             120, "the re-planned split ready")
 
 def test_network_cut_between_gateway_and_worker(tmp_path: Path) -> None:
     """Each worker is reached through a proxy that can stop forwarding without a reset."""

@@ -324,7 +324,9 @@ class MeshBackend:
                 return worker
         if not run.started:
             return None
-        deadline = time.monotonic() + self.timing.migrate_wait_s
+        # From the failure being recovered from: refusals (not counted as moves) cannot
+        # keep a stream waiting longer than this between them.
+        deadline = (run.failed_at_s or time.monotonic()) + self.timing.migrate_wait_s
         while True:
             model_id = run.request.model_id
             live = ready_replicas(self.snapshot, model_id)

@@ -90,12 +90,14 @@ class StreamRun:
                 and self.resting.get(worker_id, 0.0) <= time.monotonic())
 
     def refused_by(self, worker_id: WorkerId, cause: str) -> None:
+        """A replica would not take it for now (busy, loading, not placed there any more):
+        not a move, so not counted against max_migrations; migrate_wait_s bounds these."""
         self.resting[worker_id] = time.monotonic() + REST_S
-        self._interrupted(cause)
+        self._interrupted(cause, moved=False)
 
-    def _interrupted(self, cause: str) -> None:
+    def _interrupted(self, cause: str, moved: bool = True) -> None:
         if self.started:
-            self.migrations += 1
+            self.migrations += moved
             if self.failed_at_s is None:  # the client has waited since the first failure
                 self.failed_at_s, self.cause = time.monotonic(), cause
 
