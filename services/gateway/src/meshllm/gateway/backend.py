@@ -58,7 +58,6 @@ from meshllm.gateway.migration import (
     REST_S,
     StreamRun,
     may_take,
-    migration_allowed,
     replica_headed_by,
 )
 from meshllm.gateway.openai_api import ApiRequest
@@ -310,7 +309,7 @@ class MeshBackend:
             if replica is not None and self._suspects is not None:
                 self._suspects.report(to_report(replica, self.snapshot.workers),
                                       f"{run.request.model_id}: {failure}")
-        if run.started and not migration_allowed(run, self.timing.max_migrations):
+        if run.started and run.migrations > self.timing.max_migrations:
             raise StreamBroken(f"worker {failure} after the stream began "
                                f"(moved {run.migrations - 1} times already)")
 

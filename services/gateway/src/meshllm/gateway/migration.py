@@ -119,8 +119,3 @@ class StreamRun:
 
 def may_take(run: StreamRun, snapshot: MeshSnapshot, worker_id: WorkerId) -> bool:
     return run.may_take(worker_id, replica_headed_by(snapshot, run.request.model_id, worker_id))
-
-
-def migration_allowed(run: StreamRun, max_migrations: int) -> bool:
-    return run.migrations <= max_migrations
-
