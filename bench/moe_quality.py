@@ -13,16 +13,22 @@ for shards holding 25, 50 and 75% of the experts:
               its default prompts): the best a shard of that size can do
   rotations   the shards of a deal blind to use (experts spread evenly, every rotation),
               averaged
-  planner     the planner's own deal over 3 shards (planner.experts.deal: the hot share of
-              the ranking on every shard, the rest dealt out), with the ranking (calibrated)
-              and without it (even), averaged over the 3 shards
+  planner     the planner's own deal (planner.experts.deal at the default hot share) over
+              the fewest shards, three or more, that can hold every expert twice (the
+              coverage rule: 3 shards of 4 of 8 cannot, and plan_shards refuses them), with
+              the ranking (calibrated) and without it (even), averaged over its shards
 
 The baseline, measured in the same run, is the full model against a shard holding every
 expert in another order (KL 0 and agreement 1 when the surgery is exact); the ratios printed
-are rotations KL / top-k KL and the planner's even KL / calibrated KL. Also: calibration
-time against a plain evaluation of the same tokens (the eval callback's overhead).
+are rotations KL / top-k KL and the planner's even KL / calibrated KL. A second table deals
+shard sets the planner accepts (2 to 6 shards) at each hot share of --hot-shares, printing
+the mean and the worst shard's KL and the mean agreement: the hot share is capped by the
+coverage rule, so past that cap it changes nothing. Shards with the same experts are
+evaluated once. Also: calibration time against a plain evaluation of the same tokens (the
+eval callback's overhead).
 
     .venv/bin/python bench/moe_quality.py [--skew 1.0] [--tokens 160] [--dir /tmp/moe-bench]
+        [--hot-shares 0,0.25,0.5,0.75,1]
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +49,12 @@ sys.path.insert(0, str(ROOT))
 
 from meshllm.common.gguf import read_header  # noqa: E402
 from meshllm.common.moe import ExpertRanking, MoeLayout, moe_layout  # noqa: E402
-from meshllm.planner.experts import DEFAULT_HOT_SHARE, deal  # noqa: E402
+from meshllm.planner.experts import (  # noqa: E402
+    DEFAULT_HOT_SHARE,
+    copies_wanted,
+    deal,
+    hot_count,
+)
 from meshllm.worker.moe_calibrate import DEFAULT_PROMPTS, calibrate  # noqa: E402
 from meshllm.worker.moe_probe import ProbedModel  # noqa: E402
 from meshllm.worker.moe_shard import write_shard  # noqa: E402
@@ -57,6 +69,9 @@ TEXT = (
     "- Are you coming tonight?\n- Only if the train is on time. It was 40 minutes late "
     "yesterday, and 25 on Monday.\n- Then take the 6:15 bus instead."
 )
+# (experts per shard, shards) the coverage rule accepts with 8 experts: tight ones (2 of 4,
+# 4 of 4: no room for a hot set) and looser ones
+SWEEP = ((4, 2), (4, 4), (4, 6), (6, 2), (6, 3), (6, 4))
 Selection = tuple[tuple[int, ...], ...]
 
 
@@ -80,6 +95,32 @@ def compare(full: np.ndarray, path: Path, tokens: Sequence[int]) -> tuple[float,
     return float(np.mean(kls)), agree / len(tokens)
 
 
+@dataclass(frozen=True)
+class Judge:
+    """Cuts and scores shards against the full model's logits, each selection once."""
+
+    model: Path
+    full: np.ndarray
+    tokens: Sequence[int]
+    tmp: Path
+    seen: dict[Selection, tuple[float, float]] = field(default_factory=dict)
+
+    def one(self, selection: Selection) -> tuple[float, float]:
+        key = tuple(tuple(sorted(layer)) for layer in selection)
+        if key not in self.seen:
+            path = self.tmp / "shard.gguf"
+            write_shard(self.model, path, key)
+            self.seen[key] = compare(self.full, path, self.tokens)
+            path.unlink()
+        return self.seen[key]
+
+    def shards(self, deals: Sequence[Selection]) -> tuple[float, float, float]:
+        """(mean KL, worst shard's KL, mean agreement) over `deals`."""
+        results = [self.one(selection) for selection in deals]
+        return (statistics.mean(r[0] for r in results), max(r[0] for r in results),
+                statistics.mean(r[1] for r in results))
+
+
 def even_deals(n_expert: int, k: int, layers: int) -> list[Selection]:
     """Every rotation of k experts spread evenly over n_expert, the same in every layer."""
     base = [round(i * n_expert / k) for i in range(k)]
@@ -92,20 +133,13 @@ def calibrated_deal(ranking: ExpertRanking, k: int) -> Selection:
                  for layer in range(len(ranking.counts)))
 
 
-def planner_deals(layout: MoeLayout, k: int, ranking: ExpertRanking | None
-                  ) -> list[Selection]:
-    return deal(layout, [k, k, k], ranking, DEFAULT_HOT_SHARE)
-
-
-def shard_quality(model: Path, full: np.ndarray, tokens: Sequence[int], tmp: Path,
-                  deals: Sequence[Selection]) -> tuple[float, float]:
-    results = []
-    for i, selection in enumerate(deals):
-        path = tmp / f"shard-{i}.gguf"
-        write_shard(model, path, selection)
-        results.append(compare(full, path, tokens))
-        path.unlink()
-    return statistics.mean(r[0] for r in results), statistics.mean(r[1] for r in results)
+def fewest_shards(expert_count: int, k: int) -> int:
+    """The fewest shards, three or more, of k experts each that hold every expert as often
+    as the planner wants."""
+    n = 3
+    while n * k < copies_wanted(n) * expert_count:
+        n += 1
+    return n
 
 
 def calibration_cost(model: Path) -> tuple[ExpertRanking, float]:
@@ -126,6 +160,8 @@ def main() -> None:
     parser.add_argument("--skew", type=float, default=1.0)
     parser.add_argument("--tokens", type=int, default=160)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/moe-bench"))
+    parser.add_argument("--hot-shares", default="0,0.25,0.5,0.75,1",
+                        help="comma-separated hot shares for the planner's sweep")
     args = parser.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
     spec = MoeSpec(n_expert_used=2, router_skew=args.skew)
@@ -139,30 +175,54 @@ def main() -> None:
     with ProbedModel(model, n_ctx=args.tokens + 8) as probe:
         tokens = probe.tokenize(TEXT)[:args.tokens]
         full = probe.evaluate(tokens)
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        permuted = tuple(tuple(reversed(range(spec.n_expert))) for _ in range(spec.n_layer))
-        kl0, agree0 = shard_quality(model, full, tokens, Path(tmp), [permuted])
-        print(f"{len(tokens)} positions; baseline (all experts, reversed): KL {kl0:.2e}, "
-              f"agreement {agree0:.3f}")
-        table(model, full, tokens, Path(tmp), ranking, spec)
-
-
-def table(model: Path, full: np.ndarray, tokens: Sequence[int], tmp: Path,
-          ranking: ExpertRanking, spec: MoeSpec) -> None:
     layout = moe_layout(read_header(model))
     assert layout is not None
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        judge = Judge(model, full, tokens, Path(tmp))
+        permuted = tuple(tuple(reversed(range(spec.n_expert))) for _ in range(spec.n_layer))
+        kl0, _, agree0 = judge.shards([permuted])
+        print(f"{len(tokens)} positions; baseline (all experts, reversed): KL {kl0:.2e}, "
+              f"agreement {agree0:.3f}")
+        table(judge, layout, ranking)
+        sweep(judge, layout, ranking, [float(s) for s in args.hot_shares.split(",")])
+
+
+def table(judge: Judge, layout: MoeLayout, ranking: ExpertRanking) -> None:
+    n_expert = layout.expert_count
     print(f"{'experts':>14} | {'top-k KL':>8} {'agree':>5} | {'rotations':>9} {'agree':>5} "
-          f"{'ratio':>6} | {'planner: calibrated':>19} {'agree':>5} {'even':>7} {'agree':>5} "
-          f"{'ratio':>6}")
+          f"{'ratio':>6} | {'planner: shards':>15} {'calibrated':>10} {'agree':>5} "
+          f"{'even':>7} {'agree':>5} {'ratio':>6}")
     for share in (0.25, 0.5, 0.75):
-        k = round(spec.n_expert * share)
-        top = shard_quality(model, full, tokens, tmp, [calibrated_deal(ranking, k)])
-        rot = shard_quality(model, full, tokens, tmp, even_deals(spec.n_expert, k, spec.n_layer))
-        cal = shard_quality(model, full, tokens, tmp, planner_deals(layout, k, ranking))
-        even = shard_quality(model, full, tokens, tmp, planner_deals(layout, k, None))
-        print(f"{k:>4} of {spec.n_expert} ({share:.0%}) | {top[0]:8.3f} {top[1]:5.2f} | "
-              f"{rot[0]:9.3f} {rot[1]:5.2f} {rot[0] / top[0]:6.1f} | {cal[0]:19.3f} "
-              f"{cal[1]:5.2f} {even[0]:7.3f} {even[1]:5.2f} {even[0] / cal[0]:6.1f}", flush=True)
+        k = round(n_expert * share)
+        n = fewest_shards(n_expert, k)
+        top = judge.shards([calibrated_deal(ranking, k)])
+        rot = judge.shards(even_deals(n_expert, k, layout.moe_layers))
+        cal = judge.shards(deal(layout, [k] * n, ranking, DEFAULT_HOT_SHARE))
+        even = judge.shards(deal(layout, [k] * n, None, DEFAULT_HOT_SHARE))
+        print(f"{k:>4} of {n_expert} ({share:.0%}) | {top[0]:8.3f} {top[2]:5.2f} | "
+              f"{rot[0]:9.3f} {rot[2]:5.2f} {rot[0] / top[0]:6.1f} | {n:>15} {cal[0]:10.3f} "
+              f"{cal[2]:5.2f} {even[0]:7.3f} {even[2]:5.2f} {even[0] / cal[0]:6.1f}",
+              flush=True)
+
+
+def sweep(judge: Judge, layout: MoeLayout, ranking: ExpertRanking,
+          hot_shares: Sequence[float]) -> None:
+    """The planner's calibrated deal per hot share: mean KL / worst shard's KL, agreement;
+    `hot` is the hot experts the coverage rule leaves room for at that share."""
+    print(f"planner's deal per hot share (mean KL / worst shard KL, mean agreement; default "
+          f"{DEFAULT_HOT_SHARE:g}); top-k and even deal beside it")
+    print(f"{'shards':>12} | {'top-k':>5} | " + " | ".join(
+        f"{'hot share ' + format(h, 'g'):>22}" for h in hot_shares) + f" | {'even':>17}")
+    for k, n in SWEEP:
+        top = judge.shards([calibrated_deal(ranking, k)])
+        cells = []
+        for share in hot_shares:
+            hot = hot_count([k] * n, share, True, layout.expert_count)
+            kl, worst, agree = judge.shards(deal(layout, [k] * n, ranking, share))
+            cells.append(f"hot {hot} {kl:5.2f}/{worst:5.2f} {agree:4.2f}")
+        kl, worst, agree = judge.shards(deal(layout, [k] * n, None, 0.0))
+        print(f"{n} x {k} of {layout.expert_count} | {top[0]:5.2f} | " + " | ".join(cells)
+              + f" | {kl:5.2f}/{worst:5.2f} {agree:4.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,10 @@ from meshllm.common.types import (
 from meshllm.planner.assign import RoundInputs, RoundPolicy, next_placements
 from meshllm.planner.declared import parse_inputs
 from meshllm.planner.experts import (
+    DEFAULT_HOT_SHARE,
     ShardPlan,
     coverage,
+    deal,
     deal_layer,
     experts_room,
     grow_shards,
@@ -103,6 +105,60 @@ def test_deal_layer(order: list[int], sizes: list[int], hot: int, copies: int,
     assert all(e in d for e in order[:hot] for d in dealt)
 
 
+BALANCED = [
+    # (description, sizes, hot, copies, routing counts, load carried, expected per shard)
+    ("the shard that held the most routing lacks the heaviest cold expert",
+     [6, 6, 6], 2, 2, [80, 70, 60, 50, 40, 30, 20, 10], [0, 0, 500],
+     [(0, 1, 2, 3, 5, 7), (0, 1, 2, 4, 5, 6), (0, 1, 3, 4, 6, 7)]),
+    ("no load carried: the routing held within the layer balances it",
+     [6, 6, 6], 2, 2, [80, 70, 60, 50, 40, 30, 20, 10], [0, 0, 0],
+     [(0, 1, 2, 3, 6, 7), (0, 1, 2, 4, 5, 7), (0, 1, 3, 4, 5, 6)]),
+    ("room comes first: the larger shard takes the heaviest though it held more, "
+     "until the rooms are equal",
+     [7, 2], 1, 1, [80, 70, 60, 50, 40, 30, 20, 10], [900, 0],
+     [(0, 1, 2, 3, 4, 5, 7), (0, 6)]),
+]
+
+
+@pytest.mark.parametrize(("sizes", "hot", "copies", "counts", "load", "expected"),
+                         [c[1:] for c in BALANCED], ids=[c[0] for c in BALANCED])
+def test_deal_layer_balances_the_routing_held(sizes: list[int], hot: int, copies: int,
+                                              counts: list[int], load: list[int],
+                                              expected: list[tuple[int, ...]]) -> None:
+    dealt = deal_layer(list(range(E)), sizes, hot, copies, counts, load)
+    assert dealt == expected
+    assert min(sum(e in d for d in dealt) for e in range(E)) >= copies
+
+
+def test_no_shard_lacks_the_heaviest_cold_expert_of_every_layer() -> None:
+    """Each expert chosen twice as often as the next: one shard lacking the heaviest cold
+    expert of every layer would lack far more routing than the others."""
+    steep = ExpertRanking(SPEC.model_digest, tuple(
+        tuple(1 << (E - order.index(e)) for e in range(E)) for order in
+        (SKEWED.layer_order(layer) for layer in range(LAYERS))), 4096, 1.0)
+    assert [steep.layer_order(layer) for layer in range(LAYERS)] == \
+        [SKEWED.layer_order(layer) for layer in range(LAYERS)]
+    dealt = deal(LAYOUT, [6, 6, 6], steep, 1.0)  # two hot beside two copies of the rest
+    lacking = [{i for i, s in enumerate(dealt) if steep.layer_order(layer)[2] not in s[layer]}
+               for layer in range(LAYERS)]
+    assert all(len(shards) == 1 for shards in lacking)  # two copies of three
+    per_shard = [sum(i in shards for shards in lacking) for i in range(3)]
+    assert max(per_shard) == 2 and min(per_shard) == 1  # four layers over three shards
+
+
+INFEASIBLE = [
+    ("three shards of four cannot hold eight experts twice", [4, 4, 4]),
+    ("two shards of three cannot hold eight experts once", [3, 3]),
+    ("one shard is no deal", [8]),
+]
+
+
+@pytest.mark.parametrize("sizes", [c[1] for c in INFEASIBLE], ids=[c[0] for c in INFEASIBLE])
+def test_deal_refuses_sizes_short_of_the_coverage(sizes: list[int]) -> None:
+    with pytest.raises(ValueError, match="cannot hold every expert"):
+        deal(LAYOUT, sizes, SKEWED, DEFAULT_HOT_SHARE)
+
+
 PLANS = [
     # (description, budgets in experts, ranking, hot share, shards, least copies, hot share
     #  applied)
@@ -114,6 +170,9 @@ PLANS = [
     ("hot share 0 with a ranking: no hot set", [5, 5], SKEWED, 0.0, 2, 1, 0.0),
     ("uneven budgets", [7, 3], SKEWED, 0.5, 2, 1, 0.3333),
     ("a worker without room for one expert gets no shard", [5, 5, 0], None, 0.5, 2, 1, 0.0),
+    ("four shards of six, hot share 0.5: three hot", [6, 6, 6, 6], SKEWED, 0.5, 4, 2, 0.5),
+    ("four shards of six, default share: as many hot as two copies leave room for",
+     [6, 6, 6, 6], SKEWED, DEFAULT_HOT_SHARE, 4, 2, 0.6667),
 ]
 
 

@@ -9,7 +9,7 @@ A round, in order:
    whole on one worker, as expert shards (a mixture of experts) or split over the fewest,
    so a model too big for any worker is still served. A model served by shards gets one
    more on each worker that joined with room; one dealt evenly is dealt again once its
-   calibration arrives.
+   calibration arrives, and one dealt by a ranking once that ranking changes.
 3. `rebalance` over the models served whole: adds where demand per replica is high,
    retires (marks `Replica.retiring`) where a model is over `max_replicas`, and evicts
    replicas of colder or lower-priority models when a hotter one needs their memory. A
@@ -55,7 +55,7 @@ from meshllm.planner.demand import (
     SizedModel,
     WorkerCapacity,
 )
-from meshllm.planner.experts import grow_shards, replica_need, usable_ranking
+from meshllm.planner.experts import grow_shards, ranking_moved, replica_need
 from meshllm.planner.place import PlacementPolicy, place, required_bytes, size_slots
 from meshllm.planner.rebalance import rebalance
 from meshllm.planner.split import stage_bytes
@@ -195,15 +195,17 @@ def first_replicas(inputs: RoundInputs, placements: dict[ModelId, list[Replica]]
 
 def redeal_calibrated(inputs: RoundInputs, placements: dict[ModelId, list[Replica]],
                       deals: dict[ModelId, ExpertDeal]) -> list[ModelId]:
-    """Models dealt evenly whose calibration has arrived: their shards are dropped (edits
-    `placements` and `deals`) so that this round deals them again by the ranking, on the
-    same workers first. Their shards reload once."""
+    """Models dealt evenly whose calibration has arrived, or dealt by a ranking that has
+    changed since (experts.ranking_moved): their shards are dropped (edits `placements` and
+    `deals`) so that this round deals them again by the ranking, on the same workers first.
+    Their shards reload once per ranking."""
     again = []
     for model_id, deal in list(deals.items()):
         spec = inputs.specs.get(model_id)
-        if deal.calibration_tokens or spec is None or spec.moe is None:
+        if spec is None or spec.moe is None:
             continue
-        if usable_ranking(spec.moe, inputs.rankings.get(spec.model_digest)) is not None:
+        shards = [r.experts for r in placements.get(model_id, []) if r.is_shard]
+        if ranking_moved(spec.moe, shards, deal, inputs.rankings.get(spec.model_digest)):
             placements[model_id] = []
             del deals[model_id]
             again.append(model_id)

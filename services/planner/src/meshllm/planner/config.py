@@ -37,9 +37,10 @@ def fraction(text: str) -> float:
 
 
 def share(text: str) -> float:
+    """0..1, both included: 1 (the default hot share) asks for as many as there is room for."""
     value = float(text)
-    if not 0 <= value < 1:
-        raise ValueError(f"must be from 0 up to (not including) 1, got {value}")
+    if not 0 <= value <= 1:
+        raise ValueError(f"must be from 0 to 1, got {value}")
     return value
 
 
@@ -114,9 +115,10 @@ OPTIONS = (
     Option("--engine-overhead", "MESHLLM_ENGINE_OVERHEAD", parse_size, "96MiB",
            "memory an engine needs beside weights and KV cache"),
     Option("--max-replicas", "MESHLLM_MAX_REPLICAS", int, "0", "replicas per model (0: all fit)"),
-    Option("--expert-hot-share", "MESHLLM_EXPERT_HOT_SHARE", share, "0.5",
+    Option("--expert-hot-share", "MESHLLM_EXPERT_HOT_SHARE", share, "1",
            "fraction (0..1) of each expert shard's experts that are the most chosen ones "
-           "(by calibration), held by every shard of a mixture-of-experts model"),
+           "(by calibration), held by every shard of a mixture-of-experts model, as far as "
+           "keeping every expert on 1 shard (2 from 3 shards) leaves room"),
     Option("--debounce-s", "MESHLLM_PLANNER_DEBOUNCE_S", positive_float, "0.3",
            "seconds to let membership settle before re-planning"),
     Option("--suspect-probe-timeout-s", "MESHLLM_SUSPECT_PROBE_TIMEOUT_S", positive_float, "1",

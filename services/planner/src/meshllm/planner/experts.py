@@ -6,8 +6,10 @@ cuts it from the full file), served on its own like a replica, so nodes exchange
 per token where a layer split passes activations every token.
 
 The deal, per MoE layer: the most chosen experts (the hot share of the smallest shard's
-experts, by the calibration ranking) go on every shard; the others are dealt out so that
-each lives on at least one shard, two when there are three or more; a shard with room to
+experts, by the calibration ranking, as many as the coverage leaves room for) go on every
+shard; the others are dealt out so that each lives on at least one shard, two when there
+are three or more, the heaviest of them to the shards holding the least routing so far
+(so that no shard lacks the heaviest cold expert of every layer); a shard with room to
 spare fills it with the experts held fewest times. Without a ranking nothing is known to be
 hot, and every expert is dealt evenly. A shard holds as many experts as its worker's budget
 allows beside the trunk, its KV cache and the engine: each expert a shard lacks is one its
@@ -30,7 +32,10 @@ from meshllm.common.types import (
     WorkerId,
 )
 
-DEFAULT_HOT_SHARE = 0.5
+# All of the smallest shard's experts, as far as the coverage rule leaves room: a session
+# is served by one shard, so a shard's quality is its own experts, and copies of the cold
+# ones beyond the rule buy nothing per token (bench/moe_quality.py: never worse than 0.5).
+DEFAULT_HOT_SHARE = 1.0
 
 
 @dataclass(frozen=True)
@@ -95,33 +100,41 @@ def hot_count(sizes: Sequence[int], hot_share: float, ranked: bool, expert_count
     return min(wanted, spare // (len(sizes) - copies)) if len(sizes) > copies else wanted
 
 
-def _spread(order: Sequence[int], held: list[set[int]], room: list[int],
-            copies: int) -> dict[int, int]:
-    """Deals each expert of `order` to `copies` shards, those with the most room first;
-    returns how many shards hold each."""
+def _spread(order: Sequence[int], held: list[set[int]], room: list[int], copies: int,
+            load: list[int], counts: Sequence[int]) -> dict[int, int]:
+    """Deals each expert of `order` to `copies` shards, those with the most room first (so
+    that every later expert still finds `copies` shards), then those holding the least
+    routing so far (`load`, edited), so that no shard lacks the heaviest cold experts of
+    every layer; returns how many shards hold each."""
     count = {e: 0 for e in order}
     for expert in order:
         for _ in range(copies):
             open_ = [i for i in range(len(held)) if room[i] > 0 and expert not in held[i]]
             if not open_:
                 break
-            best = max(open_, key=lambda i: (room[i], -i))
+            best = max(open_, key=lambda i: (room[i], -load[i], -i))
             held[best].add(expert)
             room[best] -= 1
+            load[best] += counts[expert]
             count[expert] += 1
     return count
 
 
-def deal_layer(order: Sequence[int], sizes: Sequence[int], hot: int, copies: int
+def deal_layer(order: Sequence[int], sizes: Sequence[int], hot: int, copies: int,
+               counts: Sequence[int] | None = None, load: Sequence[int] | None = None
                ) -> list[tuple[int, ...]]:
     """One MoE layer's experts for each shard (sorted): `order` most chosen first, shard i
-    holding sizes[i]; the first `hot` on every shard, each other on `copies` shards, spare
-    room filled with the experts held fewest times, best ranked first."""
+    holding sizes[i]; the first `hot` on every shard, each other on `copies` shards (at
+    equal room to the shards with the least `load`: the routing `counts` held in earlier
+    layers, and in this one as it is dealt), spare room filled with the experts held fewest
+    times, best ranked first."""
     rank = {e: i for i, e in enumerate(order)}
+    weight = list(counts) if counts is not None else [0] * (max(order, default=-1) + 1)
     cold = list(order[hot:])
     held = [set(order[:hot]) for _ in sizes]
     room = [size - hot for size in sizes]
-    count = _spread(cold, held, room, copies)
+    carried = list(load) if load is not None else [0] * len(sizes)
+    count = _spread(cold, held, room, copies, carried, weight)
     for i in range(len(held)):
         lacking = sorted((e for e in cold if e not in held[i]),
                          key=lambda e: (count[e], rank[e]))
@@ -134,12 +147,26 @@ def deal_layer(order: Sequence[int], sizes: Sequence[int], hot: int, copies: int
 
 def deal(layout: MoeLayout, sizes: Sequence[int], ranking: ExpertRanking | None,
          hot_share: float) -> list[ExpertSelection]:
-    """Each shard's experts per MoE layer (shard i holds sizes[i] per layer)."""
+    """Each shard's experts per MoE layer (shard i holds sizes[i] per layer). Layer by
+    layer, the routing each shard holds is carried on, so that the shard that lacks one
+    layer's heaviest cold expert is not the one that lacks the next layer's too. Raises
+    ValueError where `sizes` cannot hold the coverage wanted (plan_shards refuses those)."""
+    if len(sizes) < 2 or _slots_short(sizes, 0, layout.expert_count):
+        raise ValueError(f"shards of {list(sizes)} of {layout.expert_count} experts cannot "
+                         f"hold every expert {copies_wanted(len(sizes))} time(s)")
     hot = hot_count(sizes, hot_share, ranking is not None, layout.expert_count)
     copies = min(copies_wanted(len(sizes)), len(sizes))
     even = tuple(range(layout.expert_count))
-    layers = [deal_layer(ranking.layer_order(layer) if ranking else even, sizes, hot, copies)
-              for layer in range(layout.moe_layers)]
+    load = [0] * len(sizes)
+    layers = []
+    for layer in range(layout.moe_layers):
+        counts = ranking.counts[layer] if ranking else None
+        dealt = deal_layer(ranking.layer_order(layer) if ranking else even, sizes, hot,
+                           copies, counts, load)
+        if counts is not None:
+            load = [held + sum(counts[e] for e in d) for held, d in zip(load, dealt,
+                                                                           strict=True)]
+        layers.append(dealt)
     return [tuple(layer[i] for layer in layers) for i in range(len(sizes))]
 
 
@@ -158,6 +185,28 @@ def usable_ranking(layout: MoeLayout, ranking: ExpertRanking | None) -> ExpertRa
             len(ranking.counts) != layout.moe_layers or ranking.tokens <= 0:
         return None
     return ranking
+
+
+def ranking_moved(layout: MoeLayout, selections: Sequence[ExpertSelection],
+                  dealt: ExpertDeal, ranking: ExpertRanking | None) -> bool:
+    """Whether shards holding `selections`, dealt as `dealt`, are to be dealt again by
+    `ranking`: an even deal once a usable ranking exists; a calibrated one once the ranking
+    counted other tokens (another calibration), or the same tokens but fewer than half the
+    shards hold its hot experts in every layer. Stable: the shards a ranking dealt hold its
+    hot set, and most added beside them later do too (a newcomer takes the experts short of
+    copies first, so not every one), so the same ranking does not deal them again; a
+    ranking gone or unusable leaves the shards as they are. The deal records no digest of
+    its ranking, only the tokens, hence the hot-set test."""
+    ranked = usable_ranking(layout, ranking)
+    if ranked is None or not selections:
+        return False
+    if not dealt.calibration_tokens or dealt.calibration_tokens != ranked.tokens:
+        return True
+    hot = round(dealt.hot_share * min(len(s[0]) for s in selections))
+    tops = [set(ranked.layer_order(layer)[:hot]) for layer in range(layout.moe_layers)]
+    holding = sum(all(top <= set(s[layer]) for layer, top in enumerate(tops))
+                  for s in selections)
+    return 2 * holding < len(selections)
 
 
 def _slots_short(sizes: Sequence[int], hot: int, expert_count: int) -> int:
