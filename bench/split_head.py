@@ -8,7 +8,7 @@ time to first token and elapsed time of each, and the engine's step and draft co
 over the run. Used by bench/split_latency.py and tests/integration/test_split_speculative.py.
 
     split_head.py ENDPOINTS LAYERS [--speculative none|ngram] [--draft-max 4]
-        [--threads 2] [--slots 8] [--link-rtt-ms 0]
+        [--threads 2] [--slots 8] [--link-rtt-ms 0] [--pad-drafts off|on]
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def load(args: argparse.Namespace) -> BatchEngine:
         model_path=str(materialize("gemma3-270m")), n_ctx=args.slots * 512,
         n_slots=args.slots, n_threads=args.threads, prefix_reuse=False, load=options,
         spec_mode=SpecMode(args.speculative), draft_max=args.draft_max,
-        link_rtt_s=args.link_rtt_ms / 1000))
+        link_rtt_s=args.link_rtt_ms / 1000, pad_drafts=args.pad_drafts == "on"))
 
 
 def run(engine: BatchEngine, job: dict[str, Any], run_id: int) -> dict[str, Any]:
@@ -60,8 +60,8 @@ def run(engine: BatchEngine, job: dict[str, Any], run_id: int) -> dict[str, Any]
                 failed.append(event)
         return on_event
 
-    if "link_rtt_ms" in job:  # the link changed, as a worker's link monitor would see it
-        engine._runner._tuner.rtt_s = job["link_rtt_ms"] / 1000  # a bench-only reach
+    if "link_rtt_ms" in job:  # the link changed: what a worker sends its engine (SetLinkRtt)
+        engine.set_link_rtt(job["link_rtt_ms"] / 1000)
     before = engine.stats()
     started = time.perf_counter()
     for i, prompt in enumerate(prompts):
@@ -88,6 +88,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--link-rtt-ms", type=float, default=0.0)
+    parser.add_argument("--pad-drafts", choices=("on", "off"), default="off")
     args = parser.parse_args()
     out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # as in the engine process: whatever llama.cpp prints stays off `out`

@@ -10,7 +10,11 @@ follow it, engine/batch/draft_tuning.py). Workloads: 1 and 8 greedy streams, on 
 that repeats its context (the n-gram drafter's case) and on one that does not.
 
     .venv/bin/python bench/split_latency.py [--stages 2|3|both] [--delays 0,5,20,50]
-        [--tokens 32] [--rounds 1]
+        [--tokens 32] [--rounds 1] [--pad-drafts off|on|both]
+
+The n-gram head pads drafts as the engine does by default (off); `--pad-drafts both` adds
+a third split head, n-gram with padded drafts ("ngram-pad"), interleaved with the others,
+to measure what padding buys.
 
 Targets (issue 20): at 20 ms per hop, 8 streams keep 0.8 of their 0 ms throughput and
 one stream on the repetitive prompt keeps 0.6.
@@ -49,7 +53,15 @@ class Cell:
     accepted: float  # drafted tokens kept per step
 
 
-Key = tuple[str, int, int, str]  # (head: solo | none | ngram, delay ms, streams, prompt)
+Key = tuple[str, int, int, str]  # (head: solo | a variant, delay ms, streams, prompt)
+
+
+def variants(pad_drafts: str) -> dict[str, tuple[str, bool]]:
+    """The split heads to run: name -> (speculative mode, drafts padded)."""
+    heads = {"none": ("none", False), "ngram": ("ngram", pad_drafts == "on")}
+    if pad_drafts == "both":
+        heads["ngram-pad"] = ("ngram", True)
+    return heads
 WORKLOADS = [(s, p) for s in (1, 8) for p in ("repeats", "fresh")]
 
 
@@ -70,7 +82,7 @@ def one_round(heads: dict[str, HeadProcess], proxies: dict[str, list[DelayProxy]
         runs.setdefault(("solo", 0, streams, prompt), []).append(
             heads["solo"].run(prompts, args.tokens))
         for delay in delays:
-            for spec in ("none", "ngram"):
+            for spec in variants(args.pad_drafts):
                 for p in proxies[spec]:
                     p.delay_s = delay / 2000  # half the round trip each way
                 runs.setdefault((spec, delay, streams, prompt), []).append(
@@ -84,14 +96,14 @@ def measure(stages: int, delays: list[int], args: argparse.Namespace, root: Path
     try:
         heads["solo"] = HeadProcess([], [], speculative="none",
                                     draft_max=8, threads=args.threads)
-        for spec in ("none", "ngram"):
+        for spec, (mode, pad) in variants(args.pad_drafts).items():
             mine = [start_stage(root / f"{stages}-{spec}-{i}", args.threads)
                     for i in range(stages - 1)]
             servers += mine
             proxies[spec] = [DelayProxy(("127.0.0.1", port)) for _, port in mine]
             heads[spec] = HeadProcess([f"127.0.0.1:{p.port}" for p in proxies[spec]],
-                                      LAYERS[stages], speculative=spec, draft_max=8,
-                                      threads=args.threads)
+                                      LAYERS[stages], speculative=mode, draft_max=8,
+                                      threads=args.threads, pad_drafts=pad)
         for head in heads.values():
             head.run(PROMPTS["fresh"][:8], 4)  # warm: graphs, caches
         runs: dict[Key, list[dict[str, Any]]] = {}
@@ -106,16 +118,16 @@ def measure(stages: int, delays: list[int], args: argparse.Namespace, root: Path
             proc.kill()
 
 
-def report(stages: int, cells: dict[Key, Cell], delays: list[int]) -> None:
+def report(stages: int, cells: dict[Key, Cell], delays: list[int], pad_drafts: str) -> None:
     print(f"\n{stages}-stage split: aggregate tok/s (ratio to the split at 0 ms without"
           " speculation, ratio to solo without speculation), median TTFT ms; per added round"
           " trip per hop")
-    print(f"  {'spec':<6}{'streams':>8} {'prompt':<8}" + "".join(
+    print(f"  {'spec':<12}{'streams':>8} {'prompt':<8}" + "".join(
         f"{f'+{d} ms':>27}" for d in delays))
     for s, p in WORKLOADS:
         solo = cells[("solo", 0, s, p)]
-        print(f"  {'solo':<6}{s:>8} {p:<8}{solo.tok_s:>9.1f}{'':>11}{solo.ttft_s * 1000:6.0f}")
-    for spec in ("none", "ngram"):
+        print(f"  {'solo':<12}{s:>8} {p:<8}{solo.tok_s:>9.1f}{'':>11}{solo.ttft_s * 1000:6.0f}")
+    for spec in variants(pad_drafts):
         for s, p in WORKLOADS:
             base = cells[("none", 0, s, p)].tok_s
             whole = cells[("solo", 0, s, p)].tok_s
@@ -124,7 +136,7 @@ def report(stages: int, cells: dict[Key, Cell], delays: list[int]) -> None:
                 c = cells[(spec, d, s, p)]
                 row.append(f"{c.tok_s:6.1f} ({c.tok_s / base:4.2f},{c.tok_s / whole:4.2f})"
                            f" {c.ttft_s * 1000:6.0f}")
-            print(f"  {spec:<6}{s:>8} {p:<8}" + "".join(f"{x:>27}" for x in row))
+            print(f"  {spec:<12}{s:>8} {p:<8}" + "".join(f"{x:>27}" for x in row))
     kept = ", ".join(
         f"+{d}: {statistics.mean(cells[('ngram', d, s, p)].accepted for s, p in WORKLOADS):.2f}"
         for d in delays)
@@ -144,6 +156,9 @@ def main() -> int:
     parser.add_argument("--delays", default="0,5,20,50")
     parser.add_argument("--tokens", type=int, default=24)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--pad-drafts", choices=("off", "on", "both"), default="off",
+                        help="pad the n-gram head's greedy drafts to fewer ubatches; both: "
+                        "a third head with padding, to compare")
     parser.add_argument("--threads", type=int, default=1,
                         help="per process (head, each stage); 2 on a quiet 2-core machine")
     args = parser.parse_args()
@@ -156,7 +171,7 @@ def main() -> int:
           "deterministic kernels; stages on loopback behind a delay proxy", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for stages in stage_counts:
-            report(stages, measure(stages, delays, args, Path(tmp)), delays)
+            report(stages, measure(stages, delays, args, Path(tmp)), delays, args.pad_drafts)
     return 0
 
 

@@ -54,6 +54,8 @@ COMMANDS: list[wire.Command] = [
     wire.Load(Path("/m.gguf"), 512, 1, chat_template="name:chatml"),
     wire.Load(Path("/m.gguf"), 512, 1, chat_template="text:{{ messages[0].content }}\n✓"),
     wire.Load(Path("/m.gguf"), 512, 1, deterministic=False),
+    wire.Load(Path("/m.gguf"), 512, 1, rpc_endpoints=("h:1",), stage_layers=(9,),
+              link_rtt_s=0.0215),
     wire.Generate(R, "Once upon a time", None, SAMPLING),
     wire.Generate(R, None, (ChatMessage("system", "be brief"), ChatMessage("user", "héllo ✓")),
                   SamplingParams()),
@@ -65,6 +67,8 @@ COMMANDS: list[wire.Command] = [
     wire.Cancel(R),
     wire.Embed(R, ("héllo ✓",)),
     wire.Embed(R, ("a", "", (2, 651, 1000), ())),
+    wire.SetLinkRtt(0.042),
+    wire.SetLinkRtt(0.0),
 ]
 
 EVENTS: list[wire.Event] = [
@@ -82,6 +86,7 @@ EVENTS: list[wire.Event] = [
     wire.Embedded(R, (), 0),
     wire.Error(R, wire.WireError.of(InvalidGenerateRequest("token id 9 >= vocab", "input"))),
     wire.Stats(wire.EngineStats(1, 2, 16, 4, 100, 90, 120, 300, 40, 50, 30)),
+    wire.Stats(wire.EngineStats(1, 0, 16, 4, 10, 9, 12, 30, 4, 5, 3, link_rtt_us=21_500)),
     wire.Stats(wire.EngineStats()),
 ]
 
@@ -207,6 +212,8 @@ MALFORMED_COMMANDS = {
     "embed input neither text nor tokens": _line(op="embed", request_id="r", inputs=[1]),
     "embed tokens not integers": _line(op="embed", request_id="r", inputs=[[1, "2"]]),
     "embed tokens with a bool": _line(op="embed", request_id="r", inputs=[[True]]),
+    "link round trip not a number": _line(op="link_rtt", rtt_s="20ms"),
+    "link round trip missing": _line(op="link_rtt"),
     "list of the wrong items": _line(**_good_generate(sampling={
         **json.loads(json.dumps(SamplingParams().__dict__)), "stop": [1]})),
 }

@@ -69,6 +69,7 @@ class Load:
     rpc_library: str = DEFAULT_RPC_LIBRARY
     chat_template: str = ""              # ModelSpec.chat_template: "" | name:NAME | text:SOURCE
     deterministic: bool = True           # ModelSpec.deterministic: batch-invariant kernels
+    link_rtt_s: float = 0.0              # a step's round trips to the stages (links.py)
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,15 @@ class Embed:
         return cls(request.request_id, request.inputs)
 
 
-Command = Load | Generate | Cancel | Embed
+@dataclass(frozen=True)
+class SetLinkRtt:
+    """A split's links changed: the round trips one step now waits (links.py
+    step_round_trip_s), for the draft tuner; sent any time after Loaded."""
+
+    rtt_s: float
+
+
+Command = Load | Generate | Cancel | Embed | SetLinkRtt
 
 
 # --- events: engine -> worker -------------------------------------------------------
@@ -149,6 +158,7 @@ class EngineStats:
     prompt_tokens_cached: int = 0
     drafted_tokens: int = 0
     accepted_tokens: int = 0
+    link_rtt_us: int = 0  # the round trip of a step that the draft tuner assumes now
 
     @property
     def tokens_per_step(self) -> float:
@@ -219,7 +229,7 @@ Event = Progress | Loaded | LoadFailed | Delta | Finished | Embedded | Error | S
 
 _TAGS: dict[type, tuple[str, str]] = {
     Load: ("op", "load"), Generate: ("op", "generate"), Cancel: ("op", "cancel"),
-    Embed: ("op", "embed"), Embedded: ("ev", "embedded"),
+    Embed: ("op", "embed"), SetLinkRtt: ("op", "link_rtt"), Embedded: ("ev", "embedded"),
     Progress: ("ev", "progress"), Loaded: ("ev", "loaded"), LoadFailed: ("ev", "load_failed"),
     Delta: ("ev", "delta"), Finished: ("ev", "finished"), Error: ("ev", "error"),
     Stats: ("ev", "stats"),
@@ -254,7 +264,7 @@ def _load(f: Fields) -> Load:
                 f.integer("threads"), f.texts("rpc_endpoints"), f.integers("stage_layers"),
                 f.flag("weight_repack"), f.integer("slots"), f.integer("max_queue"),
                 f.text("speculative"), f.text("rpc_library"), f.text("chat_template"),
-                f.flag("deterministic"))
+                f.flag("deterministic"), f.number("link_rtt_s"))
 
 
 def _sampling(f: Fields) -> SamplingParams:
@@ -322,6 +332,7 @@ _COMMANDS: dict[str, Callable[[Fields], Command]] = {
     "load": _load, "generate": _generate,
     "cancel": lambda f: Cancel(RequestId(f.text("request_id"))),
     "embed": lambda f: Embed(RequestId(f.text("request_id")), f.texts_or_token_lists("inputs")),
+    "link_rtt": lambda f: SetLinkRtt(f.number("rtt_s")),
 }
 _EVENTS: dict[str, Callable[[Fields], Event]] = {
     "progress": lambda f: Progress(f.number("fraction")),

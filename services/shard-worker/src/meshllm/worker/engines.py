@@ -134,6 +134,11 @@ class ProcessEngine:
             raise self._load_failed("engine process exited" if event is None
                                     else f"unexpected {type(event).__name__} event")
 
+    def set_link_rtt(self, rtt_s: float) -> None:
+        """The split's step round trip changed (links.py): the engine's draft tuner takes it
+        from its next step on; raises EngineCrashed when the engine is gone."""
+        self._send(wire.SetLinkRtt(rtt_s))
+
     def _send(self, command: wire.Command) -> None:
         if self._proc is None or self._proc.returncode is not None:
             raise EngineCrashed("the engine process is not running")

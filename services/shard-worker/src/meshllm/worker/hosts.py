@@ -8,7 +8,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from meshllm.common import models
 from meshllm.common.errors import EngineUnavailable, MeshError
@@ -16,6 +16,7 @@ from meshllm.common.types import LoadState, ModelState
 from meshllm.worker import engine_wire as wire
 from meshllm.worker.engine.batch.numerics import numerics_for
 from meshllm.worker.engines import Engine, EngineSettings
+from meshllm.worker.links import step_round_trip_s
 from meshllm.worker.plans import HostPlan, Role
 from meshllm.worker.shards import ensure_shard
 from meshllm.worker.stage import StageServer, StageSettings
@@ -28,6 +29,13 @@ MAX_LOAD_ATTEMPTS = 3
 class Runner(Protocol):
     async def wait_exited(self) -> int: ...
     async def stop(self) -> None: ...
+
+
+@runtime_checkable
+class LinkTuned(Protocol):
+    """An engine that takes a split's round trip while it runs (ProcessEngine)."""
+
+    def set_link_rtt(self, rtt_s: float) -> None: ...
 
 
 class Tunnel(Protocol):
@@ -59,7 +67,8 @@ class HostDeps:
 
 class ModelHost:
     def __init__(self, plan: HostPlan, deps: HostDeps,
-                 on_change: Callable[[], Awaitable[None]]) -> None:
+                 on_change: Callable[[], Awaitable[None]],
+                 links_ms: Callable[[], Mapping[str, float]] = dict) -> None:
         self.plan = plan
         self.spec = plan.spec
         self.state = ModelState(plan.spec.model_id, LoadState.LOADING)
@@ -72,6 +81,8 @@ class ModelHost:
         self._task: asyncio.Task[None] | None = None
         self._tunnels: list[Tunnel] = []
         self._publishing: set[asyncio.Task[None]] = set()
+        self._links_ms = links_ms  # this worker's measured round trips (LinkMonitor)
+        self._link_rtt_s = 0.0  # what the engine was last given
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"host-{self.spec.model_id}")
@@ -98,6 +109,26 @@ class ModelHost:
         self.state = ModelState(self.spec.model_id, state, error, restarts, port, phase,
                                 progress)
         await self._on_change()
+
+    def link_rtt_s(self) -> float:
+        """What one step of this model waits on its links: 0 unless a split's head."""
+        if self.plan.role is not Role.HEAD:
+            return 0.0
+        return step_round_trip_s(self._links_ms(), [p.worker_id for p in self.plan.peers])
+
+    def follow_links(self) -> None:
+        """The links were measured again: a running head's engine takes the new round trip
+        at once (a control message on its pipe, no reload), for its draft tuner."""
+        rtt_s = self.link_rtt_s()
+        if rtt_s == self._link_rtt_s or not isinstance(self.engine, LinkTuned):
+            return
+        try:
+            self.engine.set_link_rtt(rtt_s)
+        except EngineUnavailable:  # the engine died: the next one loads with the new value
+            return
+        self._link_rtt_s = rtt_s
+        log.info("%s: a step's round trip to its stages is now %.1f ms", self.spec.model_id,
+                 rtt_s * 1000)
 
     async def _publish(self) -> None:
         await self._on_change()
@@ -171,6 +202,7 @@ class ModelHost:
         if self.plan.experts:
             path = await self._expert_shard(path)
         phase = "connecting to stages" if self.plan.peers else "loading weights"
+        self._link_rtt_s = self.link_rtt_s()
         await self._set(LoadState.LOADING, self.state.error, phase=phase)
         load = wire.Load(
             path, self.spec.context_length, self._deps.threads,
@@ -179,7 +211,7 @@ class ModelHost:
             weight_repack=self._deps.weight_repack, slots=self.spec.slots,
             max_queue=self._deps.max_queue, speculative=await self._speculative(),
             rpc_library=self._deps.rpc_library, chat_template=self.spec.chat_template,
-            deterministic=self.spec.deterministic)
+            deterministic=self.spec.deterministic, link_rtt_s=self._link_rtt_s)
         return EngineSettings(load, self._compute_env(), on_progress=self._loading_progress,
                               log_level=self._deps.log_level)
 

@@ -72,6 +72,8 @@ class Worker:
         )
 
     async def publish(self) -> None:
+        for host in self.hosts.values():  # the links may have changed: heads' engines follow
+            host.follow_links()
         record = self.record()
         self._published = record.models
         self.metrics.observe_states(list(record.models))
@@ -89,7 +91,8 @@ class Worker:
         for model_id, plan in wanted.items():
             # A retiring replica this worker does not hold (it restarted, say) stays unloaded.
             if model_id not in self.hosts and not plan.retiring:
-                self.hosts[model_id] = ModelHost(plan, self._deps, self.publish)
+                self.hosts[model_id] = ModelHost(plan, self._deps, self.publish,
+                                                 lambda: self.links.published)
                 changed = True
         changed |= self._start_waiting()
         if changed:

@@ -29,7 +29,7 @@ def batch_config(load: Load, on_progress: Callable[[float], None] | None = None
         n_slots=load.slots, n_threads=load.threads, max_queue=load.max_queue,
         spec_mode=SpecMode(mode), draft_model_path=draft or None,
         chat_template=load.chat_template, deterministic=load.deterministic,
-        load=load_options(load, on_progress),
+        link_rtt_s=load.link_rtt_s, load=load_options(load, on_progress),
     )
 
 

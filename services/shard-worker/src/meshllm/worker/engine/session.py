@@ -30,6 +30,8 @@ class Session:
             self._engine.cancel(command.request_id)
         elif isinstance(command, wire.Embed):
             self.embed(command)
+        elif isinstance(command, wire.SetLinkRtt):
+            self._engine.set_link_rtt(command.rtt_s)
         else:
             raise wire.MalformedEngineMessage("a second load command: the model is loaded")
 

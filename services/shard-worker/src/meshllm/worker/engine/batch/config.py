@@ -39,6 +39,9 @@ class BatchConfig:
     # Round trips of one step to a split's stages (0: whole): drafts grow with it
     # (draft_tuning.py), up to draft_max.
     link_rtt_s: float = 0.0
+    # Greedy drafts padded towards the longest when that saves ubatches (ubatch.py). Off:
+    # correct, but measured slower on loopback and even at +20 ms (docs/split-latency.md).
+    pad_drafts: bool = False
     ngram_max: int = 3  # longest n-gram looked up in the history
     ngram_min: int = 1
     seed: int | None = None  # default seed of requests without one; None: random

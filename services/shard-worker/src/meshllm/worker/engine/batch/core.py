@@ -18,6 +18,7 @@ from meshllm.common.types import ChatMessage, Grammar, Resume, SamplingParams
 from meshllm.worker.engine.batch.backend import Backend, LlamaBackend
 from meshllm.worker.engine.batch.config import BatchConfig, SpecMode
 from meshllm.worker.engine.batch.draft import Drafter, ModelDrafter, NgramDrafter
+from meshllm.worker.engine.batch.draft_tuning import usable_rtt_s
 from meshllm.worker.engine.batch.embed import (
     Embedder,
     EmbedJob,
@@ -74,6 +75,7 @@ class BatchEngine:
         self._sinks: dict[str, OnEvent] = {}  # every queued or running request
         self._cancelled: set[str] = set()
         self._dropped: list[Event] = []  # events for requests that never reached a slot
+        self._link_rtt_s: float | None = None  # a new round trip, for the next step
         self._running = 0
         self._stopping = False
         self._embeds: deque[EmbedJob] = deque()
@@ -204,13 +206,27 @@ class BatchEngine:
             self._cond.notify_all()
             return True
 
+    def set_link_rtt(self, rtt_s: float) -> None:
+        """The split's links changed: the draft tuner takes `rtt_s` (a step's round trips
+        to the stages) from the next step on; any thread."""
+        with self._cond:
+            self._link_rtt_s = usable_rtt_s(rtt_s)
+
+    @property
+    def link_rtt_s(self) -> float:
+        """The round trip the draft tuner uses (or will from the next step)."""
+        with self._cond:
+            pending = self._link_rtt_s
+        return self._runner.link_rtt_s if pending is None else pending
+
     def stats(self) -> EngineStats:
         c = self._counters
         with self._cond:
             running, queued = self._running, len(self._queue)
         return EngineStats(running, queued, self.config.max_queue, self.config.n_slots,
                            c.steps, c.seq_steps, c.generated, c.prompt_processed,
-                           c.prompt_cached, c.drafted, c.accepted)
+                           c.prompt_cached, c.drafted, c.accepted,
+                           round(self.link_rtt_s * 1e6))
 
     # --- engine thread -------------------------------------------------------------
 
@@ -220,6 +236,9 @@ class BatchEngine:
             subs = self._take_admissible()
             cancelled, self._cancelled = self._cancelled, set()
             events, self._dropped = self._dropped, []
+            rtt_s, self._link_rtt_s = self._link_rtt_s, None
+        if rtt_s is not None:  # the runner and its tuner belong to this thread
+            self._runner.link_rtt_s = rtt_s
         for sub in subs:
             self._admit(sub)
         did = self._runner.run(cancelled, events) or bool(subs)

@@ -14,6 +14,7 @@ sixth of a one-token step of gemma3-270m (bench/split_profile.py: 23 ms for one 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 ROW_SHARE = 1 / 6  # one more row in a step, as a share of a one-token step's compute
@@ -35,6 +36,12 @@ def draft_length(rtt_s: float, step_s: float, acceptance: float, *, seqs: int = 
         if rate > best_rate * (1 + 1e-9):
             best, best_rate = k, rate
     return best
+
+
+def usable_rtt_s(rtt_s: float) -> float:
+    """A round trip the tuner can use: what is not a finite, non-negative number of
+    seconds (a link not measured, a bad message) counts as no wait."""
+    return rtt_s if math.isfinite(rtt_s) and rtt_s > 0 else 0.0
 
 
 @dataclass

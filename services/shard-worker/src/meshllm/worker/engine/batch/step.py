@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from meshllm.worker.engine.batch.backend import Backend
 from meshllm.worker.engine.batch.config import BatchConfig
 from meshllm.worker.engine.batch.draft import Drafter
-from meshllm.worker.engine.batch.draft_tuning import DraftTuner
+from meshllm.worker.engine.batch.draft_tuning import ROW_SHARE, DraftTuner, usable_rtt_s
 from meshllm.worker.engine.batch.errors import engine_error
 from meshllm.worker.engine.batch.events import Event, Failed
 from meshllm.worker.engine.batch.request import Active
@@ -22,9 +22,13 @@ from meshllm.worker.engine.batch.scheduler import (
     plan_step,
 )
 from meshllm.worker.engine.batch.speculative import Verdict
-from meshllm.worker.engine.batch.ubatch import gap_fillers
+from meshllm.worker.engine.batch.ubatch import gap_fillers, padded_drafts
 
 log = logging.getLogger(__name__)
+
+# What pads a draft (ubatch.padded_drafts): any token is a guess that greedy verification
+# keeps only where the target picks it itself, so its value never changes output.
+PAD_TOKEN = 0
 
 
 @dataclass
@@ -63,8 +67,17 @@ class StepRunner:
         self.freed_at: list[int] = [0] * config.n_slots
         self._b, self._drafter, self._c = backend, drafter, counters
         self._admissions = 0
-        self._tuner = DraftTuner(config.link_rtt_s, config.draft_max)
+        self._tuner = DraftTuner(usable_rtt_s(config.link_rtt_s), config.draft_max)
         self._rejected = 0  # drafts cut short by a rejected token, for the tuner
+        self._padding: dict[int, int] = {}  # slot -> filler tokens at its draft's end
+
+    @property
+    def link_rtt_s(self) -> float:
+        return self._tuner.rtt_s
+
+    @link_rtt_s.setter
+    def link_rtt_s(self, rtt_s: float) -> None:
+        self._tuner.rtt_s = rtt_s
 
     def next_admission(self) -> int:
         self._admissions += 1
@@ -110,23 +123,44 @@ class StepRunner:
         return True
 
     def _drafts(self) -> dict[int, list[int]]:
+        self._padding = {}
         if self._drafter is None:
             return {}
         wants: dict[int, tuple[list[int], int]] = {}
+        caps: dict[int, int] = {}  # greedy slots: the most drafts they may verify
         length = self._tuner.length(sum(a is not None for a in self.slots))
         for i, a in enumerate(self.slots):
             if a is None or a.prompt_left or not a.generated:
                 continue
+            room = self.config.n_ctx_slot - len(self.cached[i])
+            if a.sub.spec.greedy:
+                caps[i] = draft_budget(self.config.draft_max, a.remaining, room)
             # A sampled request's draws follow its drafts: only greedy ones, whose output no
             # draft changes, get the tuned length, so seeded output stays reproducible.
             k = draft_budget(length if a.sub.spec.greedy else self.config.draft_max,
-                             a.remaining,
-                             self.config.n_ctx_slot - len(self.cached[i]))
+                             a.remaining, room)
             if k > 0:
                 wants[i] = (a.history(), k)
-        if not wants:
-            return {}
-        return {i: d[: wants[i][1]] for i, d in self._drafter.propose(wants).items() if d}
+        proposed = self._drafter.propose(wants) if wants else {}
+        drafts = {i: d[: wants[i][1]] for i, d in proposed.items() if d}
+        return self._pad(drafts, caps) if self.config.pad_drafts else drafts
+
+    def _pad(self, drafts: dict[int, list[int]], caps: dict[int, int]
+             ) -> dict[int, list[int]]:
+        """Drafts padded to fewer ubatches when that is cheaper (ubatch.padded_drafts)."""
+        decoding = [i for i, a in enumerate(self.slots)
+                    if a is not None and not a.prompt_left and a.generated]
+        t = self._tuner
+        if len(decoding) < 2 or not drafts or t.step_s == 0.0:
+            return drafts
+        lengths = {i: len(drafts.get(i, ())) for i in decoding}
+        padded = padded_drafts(lengths, caps, ROW_SHARE * t.step_s, t.step_s + t.rtt_s)
+        out = dict(drafts)
+        for i, n in padded.items():
+            if n > lengths[i]:
+                out[i] = [*drafts.get(i, ()), *[PAD_TOKEN] * (n - lengths[i])]
+                self._padding[i] = n - lengths[i]
+        return out
 
     def _fillers(self, plan: StepPlan, drafts: dict[int, list[int]]) -> dict[int, int]:
         """Placeholder rows in idle slots that join the decodes into one ubatch (ubatch.py)."""
@@ -174,12 +208,14 @@ class StepRunner:
         base = len(self.cached[i])
         self.cached[i] += [a.generated[-1], *draft]
         verdict = self._verify(a, draft, rows)
+        real = len(draft) - self._padding.get(i, 0)  # drafted, not padding
         if verdict.accepted < len(draft):
             self.trim(i, base + 1 + verdict.accepted)
-            self._rejected += 1
+            # A cut in the padding says nothing about the drafter: not a rejection.
+            self._rejected += verdict.accepted < real
         self._c.seq_steps += 1
-        self._c.drafted += len(draft)
-        self._c.accepted += verdict.accepted
+        self._c.drafted += real
+        self._c.accepted += min(verdict.accepted, real)
         self._emit(i, verdict.tokens, out)
 
     @staticmethod

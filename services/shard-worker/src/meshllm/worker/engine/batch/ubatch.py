@@ -56,10 +56,10 @@ def count_ubatches(rows: Sequence[int]) -> int:
 def padded_drafts(lengths: Mapping[int, int], caps: Mapping[int, int], row_s: float,
                   ubatch_s: float) -> dict[int, int]:
     """Draft lengths per decoding slot, padded towards the longest when the rows that costs
-    are cheaper than the ubatches it saves; else `lengths` unchanged. Not used by the
-    engine yet: padded drafts changed greedy constrained output with logprobs
-    (tests/batch/test_real_constrained.py), so the step runner leaves drafts as they are
-    until that is understood (docs/split-latency.md).
+    are cheaper than the ubatches it saves; else `lengths` unchanged. With
+    BatchConfig.pad_drafts (off by default: it did not pay in bench/split_latency.py) the
+    step runner appends the padding to the drafts themselves (step.py), so that the batch
+    it builds, the rows it verifies and the cache it trims all see one list.
 
     Drafts of different lengths split a step into several ubatches, each a pass over the
     weights and a round trip to every stage. `caps`: the most drafts each slot may verify
