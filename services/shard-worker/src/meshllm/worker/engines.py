@@ -29,6 +29,11 @@ from meshllm.worker.child import ChildProcess
 
 log = logging.getLogger(__name__)
 
+# An engine that does not exit this long after its input closed is killed: it holds nothing
+# worth a clean exit, and one stuck in a native call (a read from a frozen split stage)
+# never will, while its replacement waits.
+STOP_GRACE_S = 1.0
+
 
 def float32_values(raw: bytes) -> tuple[float, ...]:
     """A vector as the engine sends it (float32 little-endian) as numbers."""
@@ -235,7 +240,7 @@ class ProcessEngine:
             return
         self._proc.close_stdin()  # the engine exits when its input ends
         try:
-            await asyncio.wait_for(self._proc.wait(), 5.0)
+            await asyncio.wait_for(self._proc.wait(), STOP_GRACE_S)
         except TimeoutError:
             self._proc.kill()
             await self._proc.wait()
