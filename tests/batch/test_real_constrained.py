@@ -1,6 +1,5 @@
 """Grammars and logprobs on the real model (gemma3-270m, 2 threads): JSON-schema output
-parses and validates, whether batched or alone, with or without speculation, with or
-without drafts padded to one ubatch.
+parses and validates, whether batched or alone and with or without speculation.
 
 llama.cpp's kernels are not bit-identical across batch shapes (see test_real_model.py), so
 "the same output" is checked as: identical, or the first differing token is a near tie
@@ -10,15 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 
 import jsonschema
 import pytest
 from meshllm.common.models import materialize
 from meshllm.common.types import Grammar, GrammarKind, SamplingParams
-from meshllm.worker.engine.batch import BatchConfig, BatchEngine, SpecMode, step
-from meshllm.worker.engine.batch.draft_tuning import DraftTuner
-from meshllm.worker.engine.batch.ubatch import padded_drafts
+from meshllm.worker.engine.batch import BatchConfig, BatchEngine, SpecMode
 
 from .collect import Collector, drain
 
@@ -127,51 +124,3 @@ def test_constrained_logprobs_put_the_greedy_choice_on_top(shared: BatchEngine) 
     for e in entries:
         assert e.top[0].token_bytes == e.token_bytes and e.top[0].logprob == e.logprob
         assert sum(math.exp(t.logprob) for t in e.top) <= 1.0 + 1e-6
-
-
-class UnevenOracle:
-    """Drafts from a known greedy output: slot s gets up to 4 - s tokens (so the drafts of
-    a step differ in length and are padded), each third draft with its last token wrong."""
-
-    def __init__(self, prompts: Sequence[list[int]], outputs: Sequence[list[int]]) -> None:
-        self._known = list(zip(prompts, outputs, strict=True))
-        self._asked = 0
-
-    def propose(self, wants: Mapping[int, tuple[Sequence[int], int]]) -> dict[int, list[int]]:
-        drafts = {}
-        for slot, (hist, k) in wants.items():
-            prompt, out = next((p, o) for p, o in self._known if list(hist[:len(p)]) == p)
-            draft = out[len(hist) - len(prompt):][:max(0, min(k, 4 - slot))]
-            self._asked += 1
-            if draft and self._asked % 3 == 0:
-                draft[-1] = (draft[-1] + 1) % 1000
-            drafts[slot] = draft
-        return drafts
-
-
-def test_padded_drafts_change_no_constrained_output(
-        model: str, shared: BatchEngine, monkeypatch: pytest.MonkeyPatch) -> None:
-    plain = run(shared, PROMPTS, logprobs=20)
-    padded_rows: list[int] = []  # filler rows per step
-
-    def spy(lengths: Mapping[int, int], caps: Mapping[int, int], row_s: float,
-            ubatch_s: float) -> dict[int, int]:
-        out = padded_drafts(lengths, caps, row_s, ubatch_s)
-        padded_rows.append(sum(out.values()) - sum(lengths.values()))
-        return out
-
-    monkeypatch.setattr(step, "padded_drafts", spy)
-    # Drafting every step at the longest length, whatever it measures: padding every step.
-    monkeypatch.setattr(DraftTuner, "length", lambda self, seqs: self.k_max)
-    eng = BatchEngine(BatchConfig(model_path=model, n_ctx=4096, n_slots=4, n_threads=2,
-                                  spec_mode=SpecMode.NGRAM, pad_drafts=True),
-                      drafter=UnevenOracle([shared.tokenize(p) for p in PROMPTS],
-                                           [plain.ids[f"r{i}"] for i in range(len(PROMPTS))]))
-    got = run(eng, PROMPTS, logprobs=20)
-    check(got)
-    s = eng.stats()
-    assert sum(r > 0 for r in padded_rows) > 20 and 0 < s.accepted_tokens < s.drafted_tokens
-    same = [same_or_near_tie(got, r, plain, r) for r in sorted(got.text)]
-    print(f"\npadded drafts + grammar: {sum(padded_rows)} filler rows in "
-          f"{sum(r > 0 for r in padded_rows)} steps, acceptance {s.acceptance_rate:.2f}; "
-          f"{sum(same)}/{len(same)} identical to no speculation")

@@ -40,7 +40,8 @@ class BatchConfig:
     # (draft_tuning.py), up to draft_max.
     link_rtt_s: float = 0.0
     # Greedy drafts padded towards the longest when that saves ubatches (ubatch.py). Off:
-    # correct, but measured slower on loopback and even at +20 ms (docs/split-latency.md).
+    # a real-model test of it still diverged once (a 36-nat gap), and it measured no faster
+    # on loopback or at +20 ms (docs/split-latency.md).
     pad_drafts: bool = False
     ngram_max: int = 3  # longest n-gram looked up in the history
     ngram_min: int = 1
