@@ -68,6 +68,7 @@ bench: install
 	$(BIN)/python bench/moe_quality.py
 	$(BIN)/python bench/moe_shard_speed.py
 	$(BIN)/python bench/moe_bytes.py
+	$(BIN)/python bench/shard_transfer.py
 
 llama-server:
 	bash scripts/build_llama_server.sh

@@ -248,7 +248,9 @@ def test_network_cut_between_gateway_and_worker(tmp_path: Path) -> None:
 
 
 def engine_pid(worker_pid: int) -> int:
-    out = subprocess.run(["pgrep", "-P", str(worker_pid), "-f", "meshllm.worker.engine"],
+    """The worker's serving engine: the oldest (the one it keeps started ahead of the next
+    load came after it)."""
+    out = subprocess.run(["pgrep", "-o", "-P", str(worker_pid), "-f", "meshllm.worker.engine"],
                          capture_output=True, text=True, check=True)
     return int(out.stdout.split()[0])
 

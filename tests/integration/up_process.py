@@ -59,6 +59,15 @@ def pids_mentioning(text: str) -> set[int]:
     return found
 
 
+def holds_model(pid: int) -> bool:
+    """Whether the process has a model file mapped: an engine serving one, not the engine
+    process each worker keeps started ahead of its next load (warm_engines)."""
+    try:
+        return ".gguf" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
 def command_of(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()

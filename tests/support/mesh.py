@@ -26,6 +26,8 @@ class MeshOptions:
     expect_replicas: int = 0   # ready replicas to wait for (0: one per worker)
     worker_memories: tuple[str, ...] = ()  # per worker, overriding worker_memory
     per_worker_args: tuple[tuple[str, ...], ...] = ()  # per worker, after worker_args
+    # per worker, a command its own runs under (e.g. `unshare` hiding a directory from it)
+    per_worker_prefix: tuple[tuple[str, ...], ...] = ()
     planner_args: tuple[str, ...] = ()
     worker_args: tuple[str, ...] = ()
     gateway_args: tuple[str, ...] = ()
@@ -76,12 +78,13 @@ class LocalMesh:
         memory = o.worker_memories[index] if index < len(o.worker_memories) else o.worker_memory
         port = self.worker_ports.get(name) or free_port()
         self.worker_ports[name] = port
-        self.procs[name] = Proc(name, python_module(
+        prefix = o.per_worker_prefix[index] if index < len(o.per_worker_prefix) else ()
+        self.procs[name] = Proc(name, [*prefix, *python_module(
             "meshllm.worker", "--etcd", self.etcd_url, "--listen", f"127.0.0.1:{port}",
             "--worker-id", name, "--worker-memory", memory, "--threads", str(o.threads),
             "--lease-ttl-s", str(o.lease_ttl_s), "--keepalive-s", str(o.keepalive_s),
             "--cache-dir", str(self.root / f"rpc-cache-{name}"), *o.worker_args,
-            *(o.per_worker_args[index] if index < len(o.per_worker_args) else ())),
+            *(o.per_worker_args[index] if index < len(o.per_worker_args) else ()))],
             self.root / "logs")
 
     def status(self) -> dict[str, Any]:

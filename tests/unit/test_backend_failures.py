@@ -23,6 +23,7 @@ from meshllm.common.errors import (
 from meshllm.common.meshview import MeshSnapshot
 from meshllm.common.store import KeyValueStore
 from meshllm.common.types import (
+    Assignment,
     Finished,
     GenerateEvent,
     GenerateRequest,
@@ -31,6 +32,7 @@ from meshllm.common.types import (
     ModelSpec,
     ModelState,
     Placement,
+    Replica,
     Resume,
     SamplingParams,
     TokenDelta,
@@ -68,6 +70,7 @@ class Script:
     refuse_first: MeshError | None = None  # the first call only: refused with this
     hang: bool = False  # after its tokens: no more, while GetStats says it is decoding
     hang_once: bool = False  # hang on the first call only (slow steps after a re-plan)
+    fail_once: bool = False  # the error on the first call only
 
 
 class ScriptedWorker(worker_pb2_grpc.ShardWorkerServicer):
@@ -85,7 +88,7 @@ class ScriptedWorker(worker_pb2_grpc.ShardWorkerServicer):
             await grpc_errors.abort(context, self.script.refuse_first)
         for i in range(self.script.tokens):
             yield convert.event_to_pb(TokenDelta("x", 1, sent_ids=(100 + i,), draws=i + 1))
-        if self.script.error is not None:
+        if self.script.error is not None and not (self.script.fail_once and self.calls > 1):
             await grpc_errors.abort(context, self.script.error)
         if self.script.no_reason:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset")
@@ -233,6 +236,42 @@ async def test_a_lone_replica_that_answered_while_stuck_gets_its_stream_back() -
                                  migrate_wait_s=5)
         seen = await _events(backend)
         assert workers[0].calls == 2 and workers[0].requests[1].resume == Resume((100,), 1, 1)
+    assert [type(e).__name__ for e in seen] == ["TokenDelta"] * 2 + ["Finished"]
+
+
+def _split_on(backend: MeshBackend, *workers: str) -> None:
+    stages = tuple(Assignment(WorkerId(w), i, i + 1) for i, w in enumerate(workers))
+    backend.snapshot = replace(backend.snapshot, placements={
+        M: Placement(M, (Replica(stages),), 1)})
+
+
+async def test_a_split_re_planned_before_its_failure_arrives_takes_the_stream_back() -> None:
+    """The planner moved the split off a frozen stage before the head's failure reached
+    the gateway: the new split (same head) is not the one that failed, so it is asked."""
+    class Replanned(ScriptedWorker):
+        async def Generate(self, request: worker_pb2.GenerateRequest,
+                           context: grpc.aio.ServicerContext[Any, Any]
+                           ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+            if self.calls == 0:
+                _split_on(backend, "w0", "w2")  # while the stream runs on w0 + w1
+            async for reply in super().Generate(request, context):
+                yield reply
+
+    async with mesh(Script(tokens=1, error=EngineCrashed("exit code -9"), fail_once=True),
+                    OK, OK) as (backend, workers):
+        _split_on(backend, "w0", "w1")
+        head = Replanned(workers[0].script)
+        server = grpc.aio.server()
+        worker_pb2_grpc.add_ShardWorkerServicer_to_server(head, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        w0 = replace(backend.snapshot.workers[WorkerId("w0")], address=f"127.0.0.1:{port}")
+        backend.snapshot = replace(backend.snapshot, workers={
+            **backend.snapshot.workers, w0.worker_id: w0})
+        backend.timing = replace(backend.timing, migrate_wait_s=5)
+        seen = await _events(backend)
+        await server.stop(None)
+    assert head.calls == 2 and head.requests[1].resume == Resume((100,), 1, 1)
     assert [type(e).__name__ for e in seen] == ["TokenDelta"] * 2 + ["Finished"]
 
 

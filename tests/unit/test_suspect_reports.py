@@ -52,6 +52,17 @@ async def test_reports_go_under_a_lease_once_per_instance() -> None:
     assert parse_suspect(kv.values[store.SUSPECTS + "stage"]).reason == "failed later"
 
 
+async def test_a_re_planned_split_that_fails_is_reported_at_once() -> None:
+    kv = MemoryKv()
+    reporter = SuspectReporter(cast(KeyValueStore, kv), "gateway-1", clock=lambda: 0.0)
+    reporter.report(to_report(replica("head", "stage"), WORKERS), "stage died")
+    # moments later the split, re-planned onto the spare, fails too: its new stage died
+    reporter.report(to_report(replica("head", "other"), WORKERS), "the spare died")
+    await reporter.drain()
+    assert parse_suspect(kv.values[store.SUSPECTS + "other"]).reason == "the spare died"
+    assert parse_suspect(kv.values[store.SUSPECTS + "head"]).reason == "the spare died"
+
+
 class DownKv(MemoryKv):
     async def grant_lease(self, ttl_s: int) -> int:
         raise ConnectionError("etcd is away")

@@ -84,7 +84,7 @@ def worker_to_pb(w: WorkerInfo) -> mesh_pb2.WorkerRecord:
         memory_budget_bytes=w.memory_budget_bytes, threads=w.threads,
         started_at_unix_s=w.started_at_unix_s,
         models=[model_state_to_pb(m) for m in w.models], rtt_ms=dict(w.rtt_ms),
-        rpc_host=w.rpc_host,
+        rpc_host=w.rpc_host, model_files=w.model_files, expert_shards=w.expert_shards,
     )
 
 
@@ -100,6 +100,7 @@ def worker_from_pb(m: mesh_pb2.WorkerRecord) -> WorkerInfo:
         started_at_unix_s=m.started_at_unix_s,
         models=tuple(model_state_from_pb(s) for s in m.models),
         rtt_ms={k: v for k, v in m.rtt_ms.items() if v >= 0}, rpc_host=m.rpc_host,
+        model_files=tuple(m.model_files), expert_shards=tuple(m.expert_shards),
     )
 
 

@@ -48,30 +48,28 @@ def new_server(listen: str, interceptors: Sequence[Any] = (),
     return server, health_servicer, port
 
 
+async def health_status(address: str, service: str = "", timeout_s: float = 3.0,
+                        security: GrpcSecurity = PLAINTEXT) -> int | None:
+    """The health check's answer (SERVING, NOT_SERVING...), or None when none came."""
+    async with security.channel(address) as channel:
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+        except grpc.aio.AioRpcError:
+            return None
+        return int(reply.status)
+
+
 async def check_health(address: str, service: str = "", timeout_s: float = 3.0,
                        security: GrpcSecurity = PLAINTEXT) -> bool:
-    async with security.channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        try:
-            reply = await stub.Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
-            )
-        except grpc.aio.AioRpcError:
-            return False
-        return bool(reply.status == SERVING)
+    return bool(await health_status(address, service, timeout_s, security) == SERVING)
 
 
 async def answers_health(address: str, timeout_s: float,
                          security: GrpcSecurity = PLAINTEXT) -> bool:
     """Whether the process at `address` is alive: it answers a health check, SERVING or
     not (a worker with nothing loaded, or reloading, says NOT_SERVING and lives)."""
-    async with security.channel(address) as channel:
-        try:
-            await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
-        except grpc.aio.AioRpcError:
-            return False
-        return True
+    return await health_status(address, "", timeout_s, security) is not None
 
 
 def probe_main() -> int:

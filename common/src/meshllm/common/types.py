@@ -49,6 +49,10 @@ class WorkerInfo:
     models: tuple[ModelState, ...] = ()
     rtt_ms: Mapping[str, float] = field(default_factory=dict)  # peer worker id -> round trip
     rpc_host: str = ""  # set when the worker accepts direct ggml RPC from other workers
+    # What it can send a peer lacking a MoE model's file (ShardWorker.FetchShard): the sha256
+    # of the MoE model files it can read, and the names of the expert shards it has cached.
+    model_files: tuple[str, ...] = ()
+    expert_shards: tuple[str, ...] = ()
 
     def model_state(self, model_id: ModelId) -> ModelState | None:
         return next((m for m in self.models if m.model_id == model_id), None)

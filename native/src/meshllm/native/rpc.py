@@ -12,7 +12,9 @@ from __future__ import annotations
 import ctypes
 import enum
 import functools
+from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 from meshllm.common.errors import MeshError
 
@@ -86,6 +88,20 @@ def _rpc(library: RpcLibrary) -> ctypes.CDLL:
         ctypes.POINTER(ctypes.c_void_p),
     ]
     return rpc
+
+
+@functools.cache
+def _cache_hasher() -> Callable[[int, int], int]:
+    rpc = _rpc(RpcLibrary.MESHLLM)
+    rpc.ggml_backend_rpc_meshllm_cache_hash.restype = ctypes.c_uint64
+    rpc.ggml_backend_rpc_meshllm_cache_hash.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    return cast(Callable[[int, int], int], rpc.ggml_backend_rpc_meshllm_cache_hash)
+
+
+def cache_hash(address: int, size: int) -> int:
+    """The key under which a stage server caches a tensor of `size` bytes at `address` (the
+    FNV-1a hash ggml-rpc computes), from our library: a stock build exports no hasher."""
+    return _cache_hasher()(address, size)
 
 
 GGML_BACKEND_DEVICE_TYPE_CPU = 0

@@ -1,8 +1,7 @@
-"""The mesh as the gateway sees it: placements from etcd, gRPC calls to workers,
-retries on another replica when a worker fails before its first token.
-
-Failures are raised as typed mesh errors (gateway.failures, or the worker's own error
-rebuilt from its reason code); only the HTTP edge turns them into status codes."""
+"""The mesh as the gateway sees it: placements from etcd, gRPC calls to workers, a
+failed worker's request moved to another replica. Failures are raised as typed mesh
+errors (gateway.failures, or the worker's own error rebuilt from its reason code); only
+the HTTP edge turns them into status codes."""
 
 from __future__ import annotations
 
@@ -35,6 +34,7 @@ from meshllm.common.types import (
     GenerateEvent,
     GenerateRequest,
     ModelId,
+    Replica,
     RequestId,
     TokenDelta,
     WorkerId,
@@ -246,6 +246,8 @@ class MeshBackend:
         busy, silent = 0, []
         while (worker := await self._next_worker(run, queue)) is not None:
             fresh = True
+            # as it is now: by the time it fails it may be re-planned around a dead stage
+            sent_to = replica_headed_by(self.snapshot, request.model_id, worker.worker_id)
             try:
                 async with aclosing(self._served(request.model_id, self.calls.generate(
                         worker, run.next_request()))) as events:
@@ -268,7 +270,7 @@ class MeshBackend:
             failures.append(failure)
             log.warning("worker %s failed for %s: %s", worker.worker_id, request.model_id,
                         failure)
-            self._lost(run, worker, cause, failure, bool(transient), answering)
+            self._lost(run, worker, sent_to, (cause, failure), bool(transient), answering)
         raise self._gave_up(run, failures, busy, silent)
 
     @staticmethod
@@ -297,14 +299,14 @@ class MeshBackend:
         telemetry.record_migration(self._tracer, run.request.model_id, worker.worker_id,
                                    run.cause, resumed_s, len(run.sent_ids))
 
-    def _lost(self, run: StreamRun, worker: WorkerInfo, cause: str, failure: str,
-              transient: bool, answering: bool = False) -> None:
-        """Marks `worker` failed for `run` (or resting, when it only refused for now: busy,
-        loading, its engine restarting); raises when the stream may not move again."""
+    def _lost(self, run: StreamRun, worker: WorkerInfo, replica: Replica | None,
+              why: tuple[str, str], transient: bool, answering: bool = False) -> None:
+        """Marks `worker` (heading `replica` when the stream went to it) failed for `run`, or
+        resting when it refused for now (busy, loading); raises when it may not move again."""
+        cause, failure = why
         if transient:
             run.refused_by(worker.worker_id, cause)
         else:
-            replica = replica_headed_by(self.snapshot, run.request.model_id, worker.worker_id)
             run.failed_on(worker.worker_id, replica, cause, answering)
             if replica is not None and self._suspects is not None:
                 self._suspects.report(to_report(replica, self.snapshot.workers),

@@ -22,7 +22,10 @@ from meshllm.common.types import Replica, WorkerId, WorkerInfo
 log = logging.getLogger(__name__)
 
 REPORT_TTL_S = 30  # etcd leases are whole seconds
-REPEAT_AFTER_S = 5.0  # the same worker instance is not reported again sooner
+# The same worker instance in the same split is not reported again sooner: every stream of
+# a failed split fails within moments, and one report covers them. A split re-planned (other
+# stages) that fails is reported at once: a second stage may have died right after the first.
+REPEAT_AFTER_S = 2.0
 
 
 def to_report(replica: Replica, workers: Mapping[WorkerId, WorkerInfo]
@@ -43,19 +46,21 @@ class SuspectReporter:
         self._reporter = reporter
         self._clock = clock
         self._wall = wall_clock
-        self._reported: dict[tuple[WorkerId, float], float] = {}  # instance -> when
+        # (worker, instance, the split's workers) -> when
+        self._reported: dict[tuple[WorkerId, float, tuple[WorkerId, ...]], float] = {}
         self._writes: set[asyncio.Task[None]] = set()
 
     def report(self, workers: tuple[WorkerInfo, ...], reason: str) -> None:
         """Reports `workers` in the background: the failed stream's recovery never waits
         on etcd."""
         now = self._clock()
+        split = tuple(w.worker_id for w in workers)
         fresh = tuple(w for w in workers if now - self._reported.get(
-            (w.worker_id, w.started_at_unix_s), -REPEAT_AFTER_S) >= REPEAT_AFTER_S)
+            (w.worker_id, w.started_at_unix_s, split), -REPEAT_AFTER_S) >= REPEAT_AFTER_S)
         if not fresh:
             return
         for worker in fresh:
-            self._reported[(worker.worker_id, worker.started_at_unix_s)] = now
+            self._reported[(worker.worker_id, worker.started_at_unix_s, split)] = now
         task = asyncio.ensure_future(self._write(fresh, reason[:500]))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)

@@ -44,6 +44,7 @@ class WorkerConfig:
     rpc_transport: str          # tunnel: ggml RPC inside gRPC streams; direct: plain TCP
     rpc_library: str            # meshllm: our ggml-rpc build (fewer thread hand-offs); stock
     cache_dir: Path             # RPC tensor cache of this worker's stages
+    prime_stage_cache: bool     # a stage fills cache_dir from its own copy of the model file
     data_dir: Path              # expert shards cut from MoE models live under shards/
     ping_interval_s: float      # how often round trips to the other workers are measured
     weight_repack: bool         # llama.cpp's CPU weight repacking: faster, but split != whole
@@ -96,6 +97,9 @@ OPTIONS = (
            "faster) | stock (llama-cpp-python's own)"),
     Option("--cache-dir", "MESHLLM_CACHE_DIR", str, "", "RPC tensor cache directory "
            "(default ~/.cache/mesh-llm/rpc-<worker id>)", per_process=True),
+    Option("--prime-stage-cache", "MESHLLM_PRIME_STAGE_CACHE", on_off, "on",
+           "on: a stage writes its layers' weights into its RPC cache from this worker's "
+           "copy of the model file, so the head sends hashes, not the bytes"),
     Option("--data-dir", "MESHLLM_WORKER_DATA_DIR", str, "~/.cache/mesh-llm",
            "where the worker keeps what it builds: expert shards of mixture-of-experts "
            "models under shards/ (workers of one machine may share it)", per_process=True),
@@ -138,7 +142,8 @@ def load_config(argv: Sequence[str], env: Mapping[str, str]) -> WorkerConfig:
         etcd_url=v["etcd"], listen=v["listen"],
         advertise_address=v["advertise_address"] or f"127.0.0.1:{port}",
         worker_id=worker_id, rpc_transport=v["rpc_transport"], rpc_library=v["rpc_library"],
-        cache_dir=cache.expanduser(), data_dir=Path(v["data_dir"]).expanduser(),
+        cache_dir=cache.expanduser(), prime_stage_cache=v["prime_stage_cache"],
+        data_dir=Path(v["data_dir"]).expanduser(),
         ping_interval_s=v["ping_interval_s"], weight_repack=v["weight_repack"],
         max_queue=v["max_queue"], drain_grace_s=v["drain_grace_s"],
         drain_timeout_s=v["drain_timeout_s"], load_publish_s=v["load_publish_s"],

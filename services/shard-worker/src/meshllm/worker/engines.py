@@ -26,6 +26,7 @@ from meshllm.common.types import (
 )
 from meshllm.worker import engine_wire as wire
 from meshllm.worker.child import ChildProcess
+from meshllm.worker.warm_engines import WarmEngines
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,10 @@ def finished_event(finished: wire.Finished, submitted_ns: int, ended_ns: int) ->
 
 
 DEFAULT_LOAD_TIMEOUT_S = 600.0
+
+
+def engine_argv(log_level: str) -> list[str]:
+    return [sys.executable, "-m", "meshllm.worker.engine", "--log-level", log_level]
 
 # What a request's stream receives: its events, or None once the engine process is gone.
 StreamEvent = wire.Delta | wire.Finished | wire.Embedded | wire.Error | None
@@ -85,9 +90,11 @@ class ProcessEngine:
     """One model in one child process; requests are multiplexed over its pipes."""
 
     def __init__(self, settings: EngineSettings,
-                 tracer: telemetry.Tracer = telemetry.NO_TRACER) -> None:
+                 tracer: telemetry.Tracer = telemetry.NO_TRACER,
+                 warm: WarmEngines | None = None) -> None:
         self._settings = settings
         self._tracer = tracer
+        self._warm = warm
         self._proc: ChildProcess | None = None
         self._streams: dict[str, asyncio.Queue[StreamEvent]] = {}
         self._reader: asyncio.Task[None] | None = None
@@ -99,15 +106,18 @@ class ProcessEngine:
 
     async def start(self) -> None:
         s = self._settings
-        self._proc = await ChildProcess.start(
-            [sys.executable, "-m", "meshllm.worker.engine", "--log-level", s.log_level],
-            s.child_env, pipes=True)
+        argv = engine_argv(s.log_level)
+        self._proc = await (ChildProcess.start(argv, s.child_env, pipes=True)
+                            if self._warm is None else self._warm.start(argv, s.child_env))
         self._send(s.load)
         try:
             await self._await_loaded()
         except EngineUnavailable:
             await self.stop()
             raise
+        finally:
+            if self._warm is not None:
+                self._warm.prepare(argv, s.child_env)  # for the next load
         self._reader = asyncio.create_task(self._read_events())
 
     def _load_failed(self, why: str) -> EngineUnavailable:

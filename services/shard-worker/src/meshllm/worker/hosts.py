@@ -11,19 +11,23 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from meshllm.common import models
-from meshllm.common.errors import EngineUnavailable, MeshError
+from meshllm.common.errors import EngineUnavailable, MeshError, ModelSourceError
+from meshllm.common.tls import PLAINTEXT, GrpcSecurity
 from meshllm.common.types import LoadState, ModelState
 from meshllm.worker import engine_wire as wire
 from meshllm.worker.engine.batch.numerics import numerics_for
 from meshllm.worker.engines import Engine, EngineSettings
 from meshllm.worker.links import step_round_trip_s
 from meshllm.worker.plans import HostPlan, Role
-from meshllm.worker.shards import ensure_shard
-from meshllm.worker.stage import StageServer, StageSettings
+from meshllm.worker.shard_supply import Peers, ShardSupply, obtain_shard
+from meshllm.worker.stage import PrimeJob, PrimingFailed, StageServer, StageSettings
+from meshllm.worker.stage_cache import Primed, covered
 
 log = logging.getLogger(__name__)
 
 MAX_LOAD_ATTEMPTS = 3
+PRIMING = "priming the stage's weight cache"
+StagePrimer = Callable[[PrimeJob, Callable[[float], None]], Awaitable[Primed]]
 
 
 class Runner(Protocol):
@@ -50,6 +54,8 @@ class HostDeps:
     engine_factory: Callable[[EngineSettings], Engine]
     tunnel_factory: Callable[[str, str], Tunnel]   # (stage gRPC address, model id)
     stage_factory: Callable[[StageSettings], StageServer]
+    # Fills a stage's RPC cache from this worker's model file before it serves; None: off.
+    stage_primer: StagePrimer | None = field(default=None, kw_only=True)
     threads: int
     stage_host: str          # where stage RPC servers listen: 127.0.0.1 unless direct
     stage_cache_dir: Path
@@ -63,12 +69,21 @@ class HostDeps:
     child_env: Mapping[str, str] = field(default_factory=dict)
     # Where expert shards are cut to and kept (under shards/).
     data_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "mesh-llm")
+    security: GrpcSecurity = PLAINTEXT  # for channels to peers (receiving a shard)
+    worker_id: str = ""                 # this worker, as peers sending it a shard log it
+
+
+def compute_env(child_env: Mapping[str, str], deterministic: bool) -> dict[str, str]:
+    """The environment of the processes computing a model (the engine, a stage): the
+    kernel switches of its numerics, so that a stage computes as the head does."""
+    return {**child_env, **numerics_for(deterministic).process_env()}
 
 
 class ModelHost:
     def __init__(self, plan: HostPlan, deps: HostDeps,
                  on_change: Callable[[], Awaitable[None]],
-                 links_ms: Callable[[], Mapping[str, float]] = dict) -> None:
+                 links_ms: Callable[[], Mapping[str, float]] = dict,
+                 shard_peers: Peers = lambda digest, name: []) -> None:
         self.plan = plan
         self.spec = plan.spec
         self.state = ModelState(plan.spec.model_id, LoadState.LOADING)
@@ -83,6 +98,7 @@ class ModelHost:
         self._publishing: set[asyncio.Task[None]] = set()
         self._links_ms = links_ms  # this worker's measured round trips (LinkMonitor)
         self._link_rtt_s = 0.0  # what the engine was last given
+        self._shard_peers = shard_peers  # who else holds a shard (or its model's file)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"host-{self.spec.model_id}")
@@ -140,26 +156,27 @@ class ModelHost:
         self._publishing.add(task)
         task.add_done_callback(self._publishing.discard)
 
-    async def _expert_shard(self, source: Path) -> Path:
-        """The shard of `source` this plan holds, cut now (progress published) or cached."""
+    async def _expert_shard(self) -> Path:
+        """The shard this plan holds: cached, cut here, or received from a peer when this
+        worker lacks the model file (progress published as it goes)."""
         loop = asyncio.get_running_loop()
-        shown = [-1.0]
+        shown = [("", -1.0)]
 
-        def progress(fraction: float) -> None:  # in the cutting thread
-            if fraction - shown[0] >= 0.02 or fraction >= 1.0:
-                shown[0] = fraction
-                loop.call_soon_threadsafe(self._loading_progress, fraction,
-                                          "building expert shard")
+        def progress(phase: str, fraction: float) -> None:  # in any thread
+            last_phase, last = shown[0]
+            if phase != last_phase or fraction - last >= 0.02 or fraction >= 1.0:
+                shown[0] = (phase, fraction)
+                loop.call_soon_threadsafe(self._loading_progress, fraction, phase)
 
-        await self._set(LoadState.LOADING, self.state.error, phase="building expert shard")
-        shard = await asyncio.to_thread(ensure_shard, source, self._deps.data_dir,
-                                        self.plan.experts, self.spec.model_digest, progress)
+        supply = ShardSupply(self._deps.data_dir, self._deps.worker_id, self._shard_peers,
+                             self._deps.security)
+        shard = await obtain_shard(self.spec, self.plan.experts, supply, progress)
         held = len(self.plan.experts[0])
-        if shard.built:
+        if shard.built and not shard.received:  # a received one: fetch_shard logged it
             log.info("expert shard of %s (%d experts per layer) cut in %.1fs: %s, %.1f MB, "
                      "%.1f MB/s", self.spec.model_id, held, shard.seconds, shard.path,
                      shard.file_bytes / 1e6, shard.file_bytes / 1e6 / max(shard.seconds, 1e-6))
-        else:
+        elif not shard.built:
             log.info("expert shard of %s (%d experts per layer) reused: %s",
                      self.spec.model_id, held, shard.path)
         return shard.path
@@ -182,7 +199,38 @@ class ModelHost:
             endpoints.append(await tunnel.start())
         return endpoints
 
+    async def _prime_stage_cache(self) -> None:
+        """Writes this stage's weights into its server's cache from the local model file,
+        so that the head offers their hashes and sends no bytes; without a local copy, or
+        when it fails, the head sends them as it always could."""
+        primer = self._deps.stage_primer
+        if primer is None:
+            return
+        try:
+            path = await asyncio.to_thread(models.materialize, self.spec.source)
+            job = PrimeJob(path, self.plan.layer_start, self.plan.layer_end,
+                           self._deps.stage_cache_dir, child_env=self._compute_env())
+            if await asyncio.to_thread(covered, path, job.cache_dir, job.layer_start,
+                                       job.layer_end):
+                return  # a spare's priming (spare_cache) or an earlier stage got there
+        except ModelSourceError as exc:
+            log.info("%s: no local model file to prime the stage's cache from (%s); the "
+                     "head sends its weights", self.spec.model_id, exc)
+            return
+        await self._set(LoadState.LOADING, self.state.error, phase=PRIMING)
+        try:
+            primed = await primer(job, lambda f: self._loading_progress(f, PRIMING))
+        except PrimingFailed as exc:
+            log.warning("%s: priming the stage's cache failed, the head sends its weights: "
+                        "%s", self.spec.model_id, exc)
+            return
+        log.info("%s: stage cache primed for layers %d-%d from %s: %d tensors, %d written "
+                 "(%.1f MB) in %.2fs", self.spec.model_id, job.layer_start, job.layer_end - 1,
+                 path.name, primed.entries, primed.written, primed.bytes_written / 1e6,
+                 primed.seconds)
+
     async def _start_stage(self) -> StageServer:
+        await self._prime_stage_cache()
         stage = self._deps.stage_factory(StageSettings(
             self._deps.stage_host, self._deps.stage_cache_dir, self._deps.threads,
             self._deps.rpc_library, child_env=self._compute_env()))
@@ -191,16 +239,14 @@ class ModelHost:
         return stage
 
     def _compute_env(self) -> dict[str, str]:
-        """The environment of the processes computing this model (the engine, a stage):
-        the kernel switches of its numerics, so that a stage computes as the head does."""
-        numerics = numerics_for(self.spec.deterministic)
-        return {**self._deps.child_env, **numerics.process_env()}
+        return compute_env(self._deps.child_env, self.spec.deterministic)
 
     async def _engine_settings(self) -> EngineSettings:
         await self._set(LoadState.LOADING, self.state.error, phase="assembling model file")
-        path: Path = await asyncio.to_thread(models.materialize, self.spec.source)
-        if self.plan.experts:
-            path = await self._expert_shard(path)
+        if self.plan.experts:  # a worker without the model file may receive its shard
+            path = await self._expert_shard()
+        else:
+            path = await asyncio.to_thread(models.materialize, self.spec.source)
         phase = "connecting to stages" if self.plan.peers else "loading weights"
         self._link_rtt_s = self.link_rtt_s()
         await self._set(LoadState.LOADING, self.state.error, phase=phase)

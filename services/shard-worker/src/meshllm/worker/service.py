@@ -11,9 +11,11 @@ from collections.abc import AsyncGenerator, AsyncIterator
 
 import grpc
 from grpc_health.v1 import health
-from meshllm.common import convert, grpc_errors, grpcutil, telemetry
+from meshllm.common import convert, convert_shards, grpc_errors, grpcutil, telemetry
 from meshllm.common.errors import EngineUnavailable, MeshError
 from meshllm.common.membership import Registration
+from meshllm.common.meshview import MeshSnapshot
+from meshllm.common.shard_transfer import ShardChunk, ShardRequest
 from meshllm.common.types import (
     Embeddings,
     EmbedRequest,
@@ -31,9 +33,12 @@ from meshllm.common.types import (
 from meshllm.v1 import worker_pb2, worker_pb2_grpc
 from meshllm.worker.config import WorkerConfig
 from meshllm.worker.hosts import HostDeps, ModelHost
+from meshllm.worker.inventory import Inventory
 from meshllm.worker.links import LinkMonitor
 from meshllm.worker.metrics import WorkerMetrics
 from meshllm.worker.plans import DrainStep, Held, HostPlan, Role, drain_step, memory_wait
+from meshllm.worker.shard_serve import shard_chunks
+from meshllm.worker.shard_source import PeerHolding, peer_holdings
 from meshllm.worker.tunnel import pump_to_stage
 
 log = logging.getLogger(__name__)
@@ -58,6 +63,8 @@ class Worker:
         self._load_publish: asyncio.Task[None] | None = None
         self._last_load_publish = float("-inf")
         self._published: tuple[ModelState, ...] | None = None
+        self.mesh = MeshSnapshot()  # the latest, for the models' specs and peers' records
+        self.inventory = Inventory(deps.data_dir)
 
     def _states(self) -> tuple[ModelState, ...]:
         return tuple(h.published_state() for h in self.hosts.values())
@@ -69,7 +76,26 @@ class Worker:
             threads=self.config.threads, started_at_unix_s=self._started,
             models=self._states(), rtt_ms=self.links.published,
             rpc_host=self._deps.stage_host if self._deps.direct_rpc else "",
+            model_files=self.inventory.model_files,
+            expert_shards=self.inventory.expert_shards,
         )
+
+    def observe(self, snapshot: MeshSnapshot) -> None:
+        """Keeps the latest snapshot; the inventory checks again when the models changed."""
+        if snapshot.models != self.mesh.models:
+            self.inventory.wake()
+        self.mesh = snapshot
+
+    def shard_peers(self, model_digest: str, shard: str) -> list[PeerHolding]:
+        """The other workers that can send this shard, as their records say now."""
+        return peer_holdings(self.mesh.workers, self.worker_id, model_digest, shard,
+                             self.links.published)
+
+    def serve_shard(self, request: ShardRequest) -> AsyncIterator[ShardChunk]:
+        """A shard for a peer lacking the model file; the inventory then lists it."""
+        self.inventory.wake()
+        return shard_chunks(self.mesh.models.get(request.model_id), request,
+                            self._deps.data_dir)
 
     async def publish(self) -> None:
         for host in self.hosts.values():  # the links may have changed: heads' engines follow
@@ -92,7 +118,8 @@ class Worker:
             # A retiring replica this worker does not hold (it restarted, say) stays unloaded.
             if model_id not in self.hosts and not plan.retiring:
                 self.hosts[model_id] = ModelHost(plan, self._deps, self.publish,
-                                                 lambda: self.links.published)
+                                                 lambda: self.links.published,
+                                                 self.shard_peers)
                 changed = True
         changed |= self._start_waiting()
         if changed:
@@ -326,3 +353,13 @@ class ShardWorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
             await grpc_errors.abort(context, exc)
         async for frame in pump_to_stage(request_iterator, port):
             yield frame
+
+    async def FetchShard(self, request: worker_pb2.FetchShardRequest,
+                         context: grpc.aio.ServicerContext
+                         ) -> AsyncIterator[worker_pb2.ShardChunk]:
+        try:
+            chunks = self._worker.serve_shard(convert_shards.shard_request_from_pb(request))
+            async for chunk in chunks:
+                yield convert_shards.shard_chunk_to_pb(chunk)
+        except MeshError as exc:
+            await grpc_errors.abort(context, exc)

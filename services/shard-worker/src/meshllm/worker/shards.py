@@ -1,5 +1,6 @@
-"""A worker's expert shards: cut from the model file it can read, kept under its data
-directory by (model hash, expert selection) and reused while they are there.
+"""A worker's expert shards: cut from the model file it can read (or received from a peer
+when it has none: shard_supply), kept under its data directory by (model hash, expert
+selection) and reused while they are there.
 
 A shard is written under a name of its own first and renamed into place, so a file at the
 shard's path is always whole: a worker that dies mid-build leaves only a temporary file,
@@ -33,6 +34,7 @@ class ShardFile:
     built: bool          # False: found in the cache
     seconds: float       # spent building it (0 when cached)
     file_bytes: int
+    received: bool = False  # built by a peer and sent here (this worker lacks the file)
 
 
 def selection_key(selection: ExpertSelection) -> str:
@@ -41,8 +43,27 @@ def selection_key(selection: ExpertSelection) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def shard_name(digest: str, selection: ExpertSelection) -> str:
+    """What names a shard in the cache and in a worker's record (WorkerInfo.expert_shards)."""
+    return f"{digest[:16]}-{selection_key(selection)}"
+
+
 def shard_path(data_dir: Path, digest: str, selection: ExpertSelection) -> Path:
-    return data_dir / SHARDS_DIR / f"{digest[:16]}-{selection_key(selection)}.gguf"
+    return data_dir / SHARDS_DIR / f"{shard_name(digest, selection)}.gguf"
+
+
+def temporary_for(path: Path) -> Path:
+    """A name of this writer's own beside `path`: two workers sharing the directory may
+    write the same shard at once, and only whole files are renamed to `path`."""
+    return path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
+def cached_shards(data_dir: Path) -> tuple[str, ...]:
+    """The names of the shards in the cache (whole files only: temporaries end .tmp)."""
+    try:
+        return tuple(sorted(p.stem for p in (data_dir / SHARDS_DIR).glob("*.gguf")))
+    except OSError:
+        return ()
 
 
 def ensure_shard(source: Path, data_dir: Path, selection: ExpertSelection,
@@ -59,7 +80,7 @@ def ensure_shard(source: Path, data_dir: Path, selection: ExpertSelection,
     if path.is_file():
         return ShardFile(path, False, 0.0, path.stat().st_size)
     started = time.monotonic()
-    temporary = path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    temporary = temporary_for(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_shard(source, temporary, selection,

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from meshllm.common.errors import EngineUnavailable
+from meshllm.common.errors import EngineUnavailable, MeshError
 from meshllm.common.ports import PortPicker
 from meshllm.worker.child import ChildProcess
 from meshllm.worker.engine_wire import DEFAULT_RPC_LIBRARY
+from meshllm.worker.stage_cache import Primed
 
 START_TIMEOUT_S = 30.0
 START_ATTEMPTS = 3  # a port checked free can still be bound by another server first
@@ -76,3 +78,40 @@ class StageServer:
         if self._proc is not None and self._proc.returncode is None:
             self._proc.kill()  # it holds no state worth a graceful exit
             await self._proc.wait()
+
+
+class PrimingFailed(MeshError):
+    """The stage's cache could not be filled from the local file: the head sends the bytes."""
+
+
+@dataclass(frozen=True)
+class PrimeJob:
+    model: Path                 # this worker's copy of the model file
+    layer_start: int
+    layer_end: int              # excluded
+    cache_dir: Path             # the stage server's
+    child_env: Mapping[str, str] = field(kw_only=True)
+
+
+async def prime_stage_cache(job: PrimeJob, progress: Callable[[float], None]) -> Primed:
+    """Runs `meshllm.worker.stage_cache` for the job's layers; `progress` gets 0..1."""
+    child = await ChildProcess.start(
+        [sys.executable, "-m", "meshllm.worker.stage_cache", "--model", str(job.model),
+         "--cache-dir", str(job.cache_dir), "--layers", f"{job.layer_start}:{job.layer_end}"],
+        job.child_env, pipes=True)
+    primed: Primed | None = None
+    try:
+        while line := await child.read_line():
+            message = json.loads(line)
+            if "primed" in message:
+                primed = Primed(**message["primed"])
+            else:
+                progress(message["done"] / max(message["total"], 1))
+    except (ValueError, TypeError, KeyError) as exc:
+        child.kill()
+        raise PrimingFailed(f"the priming process wrote {line[:200]!r}: {exc}") from exc
+    finally:
+        code = await child.wait()
+    if primed is None or code != 0:
+        raise PrimingFailed(f"the priming process exited with code {code} (its log is above)")
+    return primed

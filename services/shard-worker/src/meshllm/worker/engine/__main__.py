@@ -49,7 +49,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Channel()  # first: from here on nothing else reaches the event stream
     setup_logging("engine", args.log_level)
-    engine = _load(sys.stdin.buffer.readline(), out)
+    # Loaded before the Load command: a process the worker started ahead of need
+    # (warm_engines) has paid for llama.cpp's libraries when the command comes.
+    import llama_cpp  # noqa: F401
+    first = sys.stdin.buffer.readline()
+    if not first:
+        return 0  # closed before any command: started ahead of a load that never came
+    engine = _load(first, out)
     if engine is None:
         return 1
     engine.start()
