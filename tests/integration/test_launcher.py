@@ -158,9 +158,10 @@ def test_killing_the_launcher_outright_leaves_no_process_behind(tmp_path: Path) 
         up.wait_for("Ready: http://localhost", 300)
         tree = up.tree()
         engines = [p for p in tree if "meshllm.worker.engine" in command_of(p)]
-        # one serving and one started ahead of the next load, per worker
-        assert len([p for p in engines if holds_model(p)]) == 2, [command_of(p) for p in tree]
-        assert len(engines) <= 4  # the ones started ahead may be starting still
+        # per worker one serving (or still loading: Ready needs one replica) and one
+        # started ahead of the next load, which may be starting still
+        assert 2 <= len(engines) <= 4 and any(holds_model(p) for p in engines), [
+            command_of(p) for p in tree]
         up.signal(signal.SIGKILL)
         up.popen.wait(10)
         assert [command_of(p) for p in still_alive(tree, 15)] == []

@@ -155,8 +155,9 @@ def test_the_readme_quick_start_prints_what_it_shows(up: UpProcess) -> None:
 def test_sigterm_stops_every_process_engines_included(up: UpProcess) -> None:
     tree = up.tree()
     engines = [p for p in tree if "meshllm.worker.engine" in command_of(p)]
-    assert len([p for p in engines if holds_model(p)]) == 2, [command_of(p) for p in tree]
-    assert len(engines) <= 4  # and one started ahead of the next load, per worker
+    # per worker one serving (or still loading) and one started ahead of the next load
+    assert 2 <= len(engines) <= 4 and any(holds_model(p) for p in engines), [
+        command_of(p) for p in tree]
     up.signal(signal.SIGTERM)
     assert up.popen.wait(STOP_GRACE_S + 10) == 0
     assert "stopping the mesh..." in up.wait_for("stopped")

@@ -45,8 +45,9 @@ async def test_another_environment_starts_its_own_process() -> None:
     warm.prepare(ARGV, env)
     await asyncio.sleep(0.5)
     called = time.time()
-    other = await warm.start(ARGV, {**env, "GGML_CPU_TILED_MM": "0"})
-    assert await started_at(other) > called  # not the idle one: its kernels differ
+    # (a variable of its own: tests that ran before may have set the kernel switches here)
+    other = await warm.start(ARGV, {**env, "MESHLLM_TEST_OTHER_ENGINE": "1"})
+    assert await started_at(other) > called  # not the idle one: its environment differs
     other.close_stdin()
     await other.wait()
     await warm.close()
