@@ -12,7 +12,6 @@ each session goes to is the one the gateway's rendezvous hash predicts."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import re
 import signal
 from collections.abc import Iterator
@@ -23,17 +22,16 @@ import grpc
 import openai
 import pytest
 from meshllm.common import convert, store
-from meshllm.common.models import describe, model_id_for
+from meshllm.common.models import model_id_for
 from meshllm.common.moe import ExpertRanking, model_digest
 from meshllm.common.store import EtcdStore
 from meshllm.common.types import ModelId, WorkerId, WorkerInfo
 from meshllm.gateway.sessions import rendezvous, session_key
-from meshllm.planner.experts import shard_need
-from meshllm.planner.place import PlacementPolicy, required_bytes
 from meshllm.v1 import worker_pb2, worker_pb2_grpc
 
 from tests.observability.cdp import Browser
 from tests.support.mesh import LocalMesh, MeshOptions, wait_for
+from tests.support.moe_budget import shard_budget
 from tests.support.moe_gguf import MoeSpec, moe_model
 
 pytestmark = pytest.mark.integration
@@ -51,14 +49,7 @@ class MoeMesh(LocalMesh):
 
 
 def budget_for(path: Path) -> int:
-    """A worker budget that holds a shard of SHARD_EXPERTS experts with its slots, but not
-    the model whole (even with one slot, as the planner would try)."""
-    spec = dataclasses.replace(describe(str(path), CONTEXT), slots=SLOTS)
-    overhead = PlacementPolicy().engine_overhead_bytes
-    budget = shard_need(spec, SHARD_EXPERTS, overhead) + (1 << 20)
-    assert budget < shard_need(spec, SHARD_EXPERTS + 1, overhead)
-    assert budget < required_bytes(dataclasses.replace(spec, slots=1), PlacementPolicy())
-    return budget
+    return shard_budget(path, CONTEXT, SLOTS, SHARD_EXPERTS)
 
 
 @pytest.fixture(scope="module")

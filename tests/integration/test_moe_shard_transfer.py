@@ -6,7 +6,6 @@ FetchShard, byte for byte the shard a local cut gives, then answers a chat reque
 
 from __future__ import annotations
 
-import dataclasses
 import filecmp
 import re
 import subprocess
@@ -17,16 +16,15 @@ from typing import Any
 import grpc
 import openai
 import pytest
-from meshllm.common.models import describe, model_id_for
+from meshllm.common.models import model_id_for
 from meshllm.common.moe import model_digest
 from meshllm.common.types import ModelId, WorkerId, WorkerInfo
 from meshllm.gateway.sessions import rendezvous, session_key
-from meshllm.planner.experts import shard_need
-from meshllm.planner.place import PlacementPolicy, required_bytes
 from meshllm.v1 import worker_pb2, worker_pb2_grpc
 from meshllm.worker.shards import ensure_shard, shard_path
 
 from tests.support.mesh import LocalMesh, MeshOptions
+from tests.support.moe_budget import shard_budget
 from tests.support.moe_gguf import MoeSpec, moe_model
 
 pytestmark = pytest.mark.integration
@@ -59,13 +57,7 @@ def mount_namespaces_work(tmp: Path) -> bool:
 
 
 def budget_for(path: Path) -> int:
-    """Holds a shard of SHARD_EXPERTS experts with its slots, not the model whole."""
-    spec = dataclasses.replace(describe(str(path), CONTEXT), slots=SLOTS)
-    overhead = PlacementPolicy().engine_overhead_bytes
-    budget = shard_need(spec, SHARD_EXPERTS, overhead) + (1 << 20)
-    assert budget < shard_need(spec, SHARD_EXPERTS + 1, overhead)
-    assert budget < required_bytes(dataclasses.replace(spec, slots=1), PlacementPolicy())
-    return budget
+    return shard_budget(path, CONTEXT, SLOTS, SHARD_EXPERTS)
 
 
 @pytest.fixture(scope="module")
