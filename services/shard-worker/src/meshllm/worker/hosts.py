@@ -20,8 +20,14 @@ from meshllm.worker.engines import Engine, EngineSettings
 from meshllm.worker.links import step_round_trip_s
 from meshllm.worker.plans import HostPlan, Role
 from meshllm.worker.shard_supply import Peers, ShardSupply, obtain_shard
-from meshllm.worker.stage import PrimeJob, PrimingFailed, StageServer, StageSettings
-from meshllm.worker.stage_cache import Primed, covered
+from meshllm.worker.stage import (
+    PrimeJob,
+    PrimingFailed,
+    StageServer,
+    StageSettings,
+    job_to_prime,
+)
+from meshllm.worker.stage_cache import Primed
 
 log = logging.getLogger(__name__)
 
@@ -207,16 +213,15 @@ class ModelHost:
         if primer is None:
             return
         try:
-            path = await asyncio.to_thread(models.materialize, self.spec.source)
-            job = PrimeJob(path, self.plan.layer_start, self.plan.layer_end,
-                           self._deps.stage_cache_dir, child_env=self._compute_env())
-            if await asyncio.to_thread(covered, path, job.cache_dir, job.layer_start,
-                                       job.layer_end):
-                return  # a spare's priming (spare_cache) or an earlier stage got there
+            job = await job_to_prime(self.spec.source, self.plan.layer_start,
+                                     self.plan.layer_end, self._deps.stage_cache_dir,
+                                     self._compute_env())
         except ModelSourceError as exc:
             log.info("%s: no local model file to prime the stage's cache from (%s); the "
                      "head sends its weights", self.spec.model_id, exc)
             return
+        if job is None:
+            return  # a spare's priming (spare_cache) or an earlier stage got there first
         await self._set(LoadState.LOADING, self.state.error, phase=PRIMING)
         try:
             primed = await primer(job, lambda f: self._loading_progress(f, PRIMING))
@@ -226,7 +231,7 @@ class ModelHost:
             return
         log.info("%s: stage cache primed for layers %d-%d from %s: %d tensors, %d written "
                  "(%.1f MB) in %.2fs", self.spec.model_id, job.layer_start, job.layer_end - 1,
-                 path.name, primed.entries, primed.written, primed.bytes_written / 1e6,
+                 job.model.name, primed.entries, primed.written, primed.bytes_written / 1e6,
                  primed.seconds)
 
     async def _start_stage(self) -> StageServer:

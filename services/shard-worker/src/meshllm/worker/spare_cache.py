@@ -16,13 +16,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from meshllm.common import models
 from meshllm.common.errors import ModelSourceError
 from meshllm.common.meshview import MeshSnapshot
 from meshllm.common.types import LoadState, ModelId, ModelSpec, Replica
 from meshllm.worker.hosts import StagePrimer
-from meshllm.worker.stage import PrimeJob, PrimingFailed
-from meshllm.worker.stage_cache import covered
+from meshllm.worker.stage import PrimingFailed, job_to_prime
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +83,12 @@ class SparePrimer:
     async def _prime(self, layers: SpareLayers) -> None:
         model_id = layers.spec.model_id
         try:
-            path = await asyncio.to_thread(models.materialize, layers.spec.source)
-            job = PrimeJob(path, layers.layer_start, layers.layer_end, self._cache_dir,
-                           child_env=self._child_env)
-            if await asyncio.to_thread(covered, path, job.cache_dir, job.layer_start,
-                                       job.layer_end):
-                return
+            job = await job_to_prime(layers.spec.source, layers.layer_start,
+                                     layers.layer_end, self._cache_dir, self._child_env)
         except ModelSourceError as exc:
             log.info("%s: no local model file to keep a spare stage warm (%s)", model_id, exc)
+            return
+        if job is None:
             return
         try:
             primed = await self._primer(job, lambda fraction: None)

@@ -9,11 +9,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from meshllm.common import models
 from meshllm.common.errors import EngineUnavailable, MeshError
 from meshllm.common.ports import PortPicker
 from meshllm.worker.child import ChildProcess
 from meshllm.worker.engine_wire import DEFAULT_RPC_LIBRARY
-from meshllm.worker.stage_cache import Primed
+from meshllm.worker.stage_cache import Primed, covered
 
 START_TIMEOUT_S = 30.0
 START_ATTEMPTS = 3  # a port checked free can still be bound by another server first
@@ -91,6 +92,17 @@ class PrimeJob:
     layer_end: int              # excluded
     cache_dir: Path             # the stage server's
     child_env: Mapping[str, str] = field(kw_only=True)
+
+
+async def job_to_prime(source: str, layer_start: int, layer_end: int, cache_dir: Path,
+                       child_env: Mapping[str, str]) -> PrimeJob | None:
+    """The priming a stage of these layers needs from this worker's copy of the model
+    file; None when the cache holds them already. Raises ModelSourceError when this worker
+    has no copy."""
+    path = await asyncio.to_thread(models.materialize, source)
+    if await asyncio.to_thread(covered, path, cache_dir, layer_start, layer_end):
+        return None
+    return PrimeJob(path, layer_start, layer_end, cache_dir, child_env=child_env)
 
 
 async def prime_stage_cache(job: PrimeJob, progress: Callable[[float], None]) -> Primed:
