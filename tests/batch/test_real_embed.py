@@ -1,13 +1,16 @@
 """Embeddings through the engine process (ProcessEngine <-> engine child) on the real
 model: unit vectors of the model's width, deterministic, the same whether an input is sent
 alone or in a batch (up to llama.cpp's kernels, which differ across batch sizes), token ids
-checked, and generation unharmed by an embedding context beside it."""
+checked, generation unharmed by an embedding context beside it, and an idle context freed
+and made again."""
 
 from __future__ import annotations
 
 import asyncio
 import math
 import os
+import queue
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -22,6 +25,8 @@ from meshllm.common.types import (
     SamplingParams,
     TokenDelta,
 )
+from meshllm.worker.engine.batch import BatchConfig, BatchEngine
+from meshllm.worker.engine.batch.embed import EmbedResult
 from meshllm.worker.engine_wire import Load
 from meshllm.worker.engines import EngineSettings, ProcessEngine
 
@@ -89,3 +94,26 @@ async def test_generation_is_unchanged_by_embeddings_beside_it(engine: ProcessEn
     during, vectors = await asyncio.gather(greedy(engine, "g2"), embed(engine, "h", *many))
     assert len(vectors) == 80
     assert during == before == await greedy(engine, "g3")
+
+
+def test_an_idle_embedding_context_freed_by_the_engine_is_made_anew() -> None:
+    """The engine frees an embedding context left idle; the next request must get a new
+    one, not the freed one (which crashed the engine process with SIGSEGV)."""
+    cfg = BatchConfig(model_path=str(materialize("gemma3-270m")), n_ctx=1024, n_slots=1,
+                      n_threads=2, embed_idle_s=0.05)
+    eng, results = BatchEngine(cfg), queue.Queue[object]()
+    eng.start()
+    try:
+        vectors = []
+        for rid in ("before", "after"):
+            eng.submit_embed(rid, [TEXTS[1]], results.put)
+            result = results.get(timeout=60)
+            assert isinstance(result, EmbedResult), result
+            vectors.append(result.vectors)
+            deadline = time.monotonic() + 10  # let the engine free the idle context
+            while eng.embedding_context_held() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert not eng.embedding_context_held()
+    finally:
+        eng.stop()
+    assert vectors[0] == vectors[1]

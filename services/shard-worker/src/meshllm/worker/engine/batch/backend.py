@@ -174,8 +174,9 @@ class LlamaBackend:
             slices=None)
 
     def embedder(self, max_tokens: int, max_seqs: int) -> LlamaEmbedder:
-        """The embedding context on this model, made on first use (see batch/embed)."""
-        if self._embedder is None:
+        """The embedding context on this model, made on first use and again after the
+        engine freed an idle one (see batch/embed)."""
+        if self._embedder is None or self._embedder.closed:
             self._embedder = LlamaEmbedder(self._l, self._model, self._n_threads,
                                            max_tokens, max_seqs)
         return self._embedder

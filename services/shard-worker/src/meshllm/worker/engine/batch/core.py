@@ -269,6 +269,10 @@ class BatchEngine:
             self._answer_embed(job, result)
         return True
 
+    def embedding_context_held(self) -> bool:
+        """Whether an embedding context is allocated now (freed after embed_idle_s)."""
+        return self._embedder is not None
+
     def release_embedder(self) -> None:
         """Free the embedding context (engine thread only); the next request makes one."""
         if self._embedder is not None:

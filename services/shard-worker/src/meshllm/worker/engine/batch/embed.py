@@ -128,7 +128,13 @@ class LlamaEmbedder:
         self.n_embd = int(lib.llama_model_n_embd(model))
         self.max_tokens, self.max_seqs = max_tokens, max_seqs
 
+    @property
+    def closed(self) -> bool:
+        return self._ctx is None
+
     def embed(self, inputs: Sequence[Sequence[int]]) -> list[bytes]:
+        if self._ctx is None:  # its batch and context are freed: llama.cpp would crash
+            raise RuntimeError("embedding context used after close")
         b, i = self._batch, 0
         for seq, tokens in enumerate(inputs):
             for pos, token in enumerate(tokens):
