@@ -167,12 +167,12 @@ def split_stages(mesh: LocalMesh) -> list[str]:
     return [s["worker_id"] for s in model["replicas"][0]["stages"]]
 
 
-SPLIT = MeshOptions(workers=3, worker_memory="400MiB", expect_replicas=1,
+SPLIT = MeshOptions(workers=3, worker_memory="350MiB", expect_replicas=1,
                     planner_args=("--slots", "4"), gateway_args=GATEWAY_ARGS)
 
 
 def test_sigkill_of_a_split_stage(tmp_path: Path) -> None:
-    """Three workers of 400 MiB: the model (with 4 slots) needs two, the third is spare.
+    """Three workers of 350 MiB: the model (with 4 slots) needs two, the third is spare.
     The stage after the head is killed; the gateway reports the split's workers, the
     planner finds the dead one unanswering and re-plans onto the spare at once (not when
     the 4 s lease runs out), and the stream carries on on the new split. The killed worker
@@ -202,7 +202,7 @@ def test_sigstop_of_a_split_stage(tmp_path: Path) -> None:
     watchdog finds the head answering but making no tokens, the gateway reports the
     split, the planner's health check of the frozen stage goes unanswered and the split
     is re-planned onto the spare; the head's stuck engine is replaced."""
-    with started(LocalMesh(tmp_path, SPLIT)) as mesh:
+    with started(LocalMesh(tmp_path, SPLIT)) as mesh, watching_left_out(mesh) as seen:
         frozen: list[str] = []
 
         def freeze_stage(_head: str) -> None:
@@ -214,6 +214,31 @@ def test_sigstop_of_a_split_stage(tmp_path: Path) -> None:
             replanned_without(mesh, frozen[-1])
 
         repeat(mesh, "SIGSTOP of a split's stage", freeze_stage, recover, reps=min(REPS, 5))
+        # The status named each frozen stage as planned around (until its lease ran out
+        # and it left the mesh's workers, a few seconds later), with who reported it.
+        assert set(frozen) <= seen, (frozen, seen)
+
+
+@contextlib.contextmanager
+def watching_left_out(mesh: LocalMesh) -> Iterator[set[str]]:
+    """The workers /api/status listed as left out of placement, with a reporter and a
+    reason, at any time meanwhile (polled every 0.2 s)."""
+    seen: set[str] = set()
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(0.2):
+            with contextlib.suppress(OSError):
+                seen.update(s["worker_id"] for s in mesh.status().get("suspects", [])
+                            if s["state"] == "left_out" and s["reason"] and s["reporter"])
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        thread.join()
 
 
 def last_stage(mesh: LocalMesh) -> str:

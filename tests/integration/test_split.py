@@ -40,11 +40,11 @@ def solo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def split_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
-    # 400 MiB each: with 4 slots of 4096 tokens the model needs about 620 MiB on one
-    # worker (not even one slot fits 400 MiB whole), so it splits over two, and the third
+    # 350 MiB each: with 4 slots of 4096 tokens the model needs about 490 MiB on one
+    # worker (not even one slot fits 350 MiB whole), so it splits over two, and the third
     # is left for the re-plan after a stage dies (8 slots would need all three).
     mesh = LocalMesh(tmp_path_factory.mktemp("split"),
-                     MeshOptions(workers=3, worker_memory="400MiB", lease_ttl_s=4,
+                     MeshOptions(workers=3, worker_memory="350MiB", lease_ttl_s=4,
                                  expect_replicas=1, planner_args=("--slots", "4")))
     try:
         mesh.start()

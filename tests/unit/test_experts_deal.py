@@ -47,9 +47,10 @@ def budget(experts: int) -> int:
     return shard_need(SPEC, experts, 0)
 
 
-def worker(name: str, mib_or_bytes: int) -> WorkerInfo:
+def worker(name: str, mib_or_bytes: int, reads_file: bool = True) -> WorkerInfo:
+    """A worker that can read the model's file (lists its sha256) unless told otherwise."""
     return WorkerInfo(WorkerId(name), f"127.0.0.1:{1000 + len(name)}", "cpu", mib_or_bytes, 1,
-                      0.0)
+                      0.0, model_files=(SPEC.model_digest,) if reads_file else ())
 
 
 def ranking(orders: list[list[int]], tokens: int = 4096) -> ExpertRanking:

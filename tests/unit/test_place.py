@@ -98,9 +98,18 @@ def test_previous_hosts_are_kept_when_they_still_fit() -> None:
     assert result[ModelId("a")].worker_ids == ("w3",)
 
 
-def test_required_bytes_counts_kv_cache_and_overhead() -> None:
-    spec = ModelSpec(ModelId("a"), "a", 1000, 4, 100, 10, "llama", 100)
-    assert required_bytes(spec, PlacementPolicy(engine_overhead_bytes=5)) == 1000 + 1000 + 5
+@pytest.mark.parametrize(("deterministic", "slots", "kv_bytes"), [
+    (False, 1, 64 * 100),      # fast kernels: an f16 cache, as kv_bytes_per_token counts
+    (False, 3, 3 * 64 * 100),  # one full context per slot
+    (True, 1, 34 * 100),       # deterministic kernels: q8_0, 34 bytes per 32 values
+    (True, 3, 3 * 34 * 100),
+], ids=["f16", "f16 3 slots", "q8_0", "q8_0 3 slots"])
+def test_required_bytes_counts_the_kv_cache_the_engine_allocates_and_overhead(
+        deterministic: bool, slots: int, kv_bytes: int) -> None:
+    # 64 bytes per token at f16: 32 K and V values in all (4 layers of 4 + 4).
+    spec = ModelSpec(ModelId("a"), "a", 1000, 4, 100, 64, "llama", 100, slots=slots,
+                     deterministic=deterministic)
+    assert required_bytes(spec, PlacementPolicy(engine_overhead_bytes=5)) == 1000 + kv_bytes + 5
 
 
 def test_deterministic_under_input_order() -> None:
@@ -151,3 +160,12 @@ def test_growth_picks_the_hosts_the_plain_rule_picks(seed: int) -> None:
     placed = place(models, workers, previous, POLICY)
     got = {str(k): sorted(r.head.worker_id for r in p.replicas) for k, p in placed.items()}
     assert got == reference_place(models, workers, previous)
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_the_kv_cache_counted_is_the_type_the_engine_allocates(deterministic: bool) -> None:
+    from meshllm.worker.engine.batch.numerics import numerics_for
+
+    block = {"q8_0": 34, "f16": 64}[numerics_for(deterministic).kv_type]
+    spec = ModelSpec(ModelId("a"), "a", 0, 1, 32, 64, "llama", 32, deterministic=deterministic)
+    assert spec.kv_cache_bytes == 32 * block  # 32 tokens of 64 f16 bytes = 32 blocks

@@ -20,7 +20,7 @@ def model(weights_mib: int = 100, slots: int = 8, *, split: bool = False,
           kv_per_token: int = PER_SLOT // CONTEXT) -> ModelSpec:
     return ModelSpec(ModelId("m"), "m.gguf", weights_mib * MiB, 10, CONTEXT, kv_per_token,
                      "llama", CONTEXT, layer_bytes=(weights_mib * MiB // 10,) * 10,
-                     force_split=split, slots=slots)
+                     force_split=split, slots=slots, deterministic=False)  # f16 KV
 
 
 def worker(name: str, mib: int) -> WorkerInfo:

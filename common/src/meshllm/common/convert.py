@@ -6,14 +6,13 @@ Parsing validates: records from etcd or a peer are untrusted until they pass her
 from __future__ import annotations
 
 import re
-from typing import TypeVar
 
-from google.protobuf.message import DecodeError
 from meshllm.common import convert_moe
 from meshllm.common.convert_placement import placement_from_pb as placement_from_pb
 from meshllm.common.convert_placement import placement_to_pb as placement_to_pb
 from meshllm.common.errors import InvalidRecord
 from meshllm.common.moe import ExpertRanking
+from meshllm.common.records import decode_record
 from meshllm.common.types import (
     ChatMessage,
     Embeddings,
@@ -43,9 +42,6 @@ from meshllm.common.types import (
     WorkerStats,
 )
 from meshllm.v1 import mesh_pb2, worker_pb2
-
-_M = TypeVar("_M", mesh_pb2.WorkerRecord, mesh_pb2.ModelSpec, mesh_pb2.Placement,
-             mesh_pb2.ModelDeclaration, mesh_pb2.ExpertRanking)
 
 MODEL_ID = re.compile(r"[a-z0-9._-]{1,128}")  # what models.model_id_for makes
 _STATE_TO_PB = {
@@ -156,34 +152,27 @@ def declaration_from_pb(m: mesh_pb2.ModelDeclaration) -> ModelDeclaration:
 
 
 def parse_worker(raw: bytes) -> WorkerInfo:
-    return worker_from_pb(_decode(mesh_pb2.WorkerRecord(), raw))
+    return worker_from_pb(decode_record(mesh_pb2.WorkerRecord(), raw))
 
 
 def parse_model_spec(raw: bytes) -> ModelSpec:
-    return model_spec_from_pb(_decode(mesh_pb2.ModelSpec(), raw))
+    return model_spec_from_pb(decode_record(mesh_pb2.ModelSpec(), raw))
 
 
 def parse_declaration(raw: bytes) -> ModelDeclaration:
-    return declaration_from_pb(_decode(mesh_pb2.ModelDeclaration(), raw))
+    return declaration_from_pb(decode_record(mesh_pb2.ModelDeclaration(), raw))
 
 
 def parse_placement(raw: bytes) -> Placement:
-    return placement_from_pb(_decode(mesh_pb2.Placement(), raw))
+    return placement_from_pb(decode_record(mesh_pb2.Placement(), raw))
 
 
 ranking_to_pb, ranking_from_pb = convert_moe.ranking_to_pb, convert_moe.ranking_from_pb
 
 
 def parse_ranking(raw: bytes) -> ExpertRanking:
-    return ranking_from_pb(_decode(mesh_pb2.ExpertRanking(), raw))
+    return ranking_from_pb(decode_record(mesh_pb2.ExpertRanking(), raw))
 
-
-def _decode(message: _M, raw: bytes) -> _M:
-    try:
-        message.ParseFromString(raw)
-    except DecodeError as exc:
-        raise InvalidRecord(f"undecodable {type(message).__name__}: {exc}") from exc
-    return message
 
 
 def sampling_to_pb(s: SamplingParams) -> worker_pb2.SamplingParams:

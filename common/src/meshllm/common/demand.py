@@ -7,8 +7,8 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from google.protobuf.message import DecodeError
 from meshllm.common.errors import InvalidRecord
+from meshllm.common.records import decode_record
 from meshllm.common.types import ModelId
 from meshllm.v1 import mesh_pb2
 
@@ -145,11 +145,7 @@ def _model_from_pb(m: mesh_pb2.ModelDemand) -> ModelDemand:
 
 
 def parse_demand(raw: bytes) -> GatewayDemand:
-    message = mesh_pb2.GatewayDemand()
-    try:
-        message.ParseFromString(raw)
-    except DecodeError as exc:
-        raise InvalidRecord(f"undecodable GatewayDemand: {exc}") from exc
+    message = decode_record(mesh_pb2.GatewayDemand(), raw)
     if not message.gateway_id:
         raise InvalidRecord("demand record without gateway_id")
     return GatewayDemand(message.gateway_id, message.measured_at_unix_s,

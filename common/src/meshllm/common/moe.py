@@ -304,3 +304,14 @@ def model_digest(path: Path) -> str:
     except OSError:
         pass  # a read-only model directory: the digest is still right, only not remembered
     return hexdigest
+
+
+def expert_ranges(experts: Sequence[int]) -> str:
+    """`0-4,6,9-10`: the experts, sorted, with each run of consecutive ones as a range."""
+    runs: list[list[int]] = []
+    for e in sorted(experts):
+        if runs and e == runs[-1][-1] + 1:
+            runs[-1].append(e)
+        else:
+            runs.append([e])
+    return ",".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)

@@ -3,26 +3,34 @@ and what `mesh-llm up` waits on.
 
 `mesh_status` builds it from a snapshot (pure); `MeshStatus.to_json` / `from_json` are its
 one JSON form. Fields that follow from others (a model's `status` text and
-`ready_replicas`, a replica's `worker_id`, `state` and `split`) are written for readers of
-the JSON and recomputed, not trusted, when a document is parsed.
+`ready_replicas`, a replica's `worker_id`, `state` and `split`, a suspect's `left_out`) are
+written for readers of the JSON and recomputed, not trusted, when a document is parsed.
+Expert shards (status_experts.py), suspect workers (status_suspects.py) and the field
+reader (status_fields.py) are modules of their own, for size.
 """
 
 from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, TypeVar
+from typing import Any
 
 from meshllm.common.demand import ModelDemand
-from meshllm.common.errors import InvalidRecord
 from meshllm.common.meshview import MeshSnapshot
 from meshllm.common.status_experts import (
     ExpertStatus,
     expert_status,
     expert_status_from_json,
     expert_status_json,
+)
+from meshllm.common.status_fields import Fields
+from meshllm.common.status_suspects import (
+    SuspectStatus,
+    suspect_status,
+    suspects_from_json,
+    suspects_json,
 )
 from meshllm.common.types import LoadState, ModelId, ModelSpec, Placement, Replica, WorkerId
 
@@ -134,18 +142,21 @@ class ModelStatus:
 class MeshStatus:
     nodes: tuple[NodeStatus, ...] = ()
     models: tuple[ModelStatus, ...] = ()
+    suspects: tuple[SuspectStatus, ...] = ()  # workers reported unreachable, by worker id
 
     def to_json(self) -> dict[str, Any]:
         return {"nodes": [_node_json(n) for n in self.nodes],
-                "models": [_model_json(m) for m in self.models]}
+                "models": [_model_json(m) for m in self.models],
+                "suspects": suspects_json(self.suspects)}
 
     @staticmethod
     def from_json(data: object) -> MeshStatus:
         """The status in a JSON document; a malformed one raises InvalidRecord naming the
         field."""
-        doc = _Fields(data, "")
+        doc = Fields(data, "")
         return MeshStatus(tuple(_node_from(f) for f in doc.objects("nodes")),
-                          tuple(_model_from(f) for f in doc.objects("models")))
+                          tuple(_model_from(f) for f in doc.objects("models")),
+                          suspects_from_json(doc))
 
 
 def serving_state(placement: Placement | None, replicas: tuple[ReplicaStatus, ...]
@@ -174,7 +185,7 @@ def mesh_status(snapshot: MeshSnapshot,
     models = tuple(_model(snapshot, spec, snapshot.placements.get(model_id),
                           demand.get(model_id))
                    for model_id, spec in sorted(snapshot.models.items()))
-    return MeshStatus(nodes, models)
+    return MeshStatus(nodes, models, suspect_status(snapshot))
 
 
 def _model(snapshot: MeshSnapshot, spec: ModelSpec, placement: Placement | None,
@@ -255,91 +266,17 @@ def _demand_json(d: ModelDemand) -> dict[str, Any]:
             "waiting_requests": d.waiting_requests}
 
 
-E = TypeVar("E", bound=enum.Enum)
+# --- parsing ---------------------------------------------------------------------------
 
 
-class _Fields:
-    """One JSON object of a status document; every error names the field's path."""
-
-    def __init__(self, data: object, path: str) -> None:
-        if not isinstance(data, dict):
-            raise InvalidRecord(f"status {f'field {path}' if path else 'document'}: "
-                                "expected an object")
-        self._data: dict[str, object] = data
-        self._path = path
-
-    def path(self, key: str) -> str:
-        return f"{self._path}.{key}" if self._path else key
-
-    def fail(self, key: str, problem: str) -> NoReturn:
-        raise InvalidRecord(f"status field {self.path(key)}: {problem}")
-
-    def get(self, key: str) -> object:
-        if key not in self._data:
-            self.fail(key, "missing")
-        return self._data[key]
-
-    def text(self, key: str) -> str:
-        value = self.get(key)
-        if not isinstance(value, str):
-            self.fail(key, f"expected a string, got {value!r:.40}")
-        return value
-
-    def integer(self, key: str) -> int:
-        value = self.get(key)
-        if not isinstance(value, int) or isinstance(value, bool):
-            self.fail(key, f"expected an integer, got {value!r:.40}")
-        return value
-
-    def flag(self, key: str) -> bool:
-        """A true/false field; absent (a gateway from before it) is false."""
-        value = self._data.get(key, False)
-        if not isinstance(value, bool):
-            self.fail(key, f"expected true or false, got {value!r:.40}")
-        return value
-
-    def count(self, key: str) -> int:
-        """A whole number >= 0; absent (a gateway from before it) is 0."""
-        return self.integer(key) if key in self._data else 0
-
-    def optional_integer(self, key: str) -> int | None:
-        return None if self.get(key) is None else self.integer(key)
-
-    def number(self, key: str) -> float:
-        value = self.get(key)
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            self.fail(key, f"expected a number, got {value!r:.40}")
-        return float(value)
-
-    def choice(self, key: str, kind: type[E]) -> E:
-        value = self.text(key)
-        try:
-            return kind(value)
-        except ValueError:
-            self.fail(key, f"unknown value {value!r:.40}")
-
-    def mapping(self, key: str) -> _Fields:
-        return _Fields(self.get(key), self.path(key))
-
-    def objects(self, key: str) -> Iterator[_Fields]:
-        value = self.get(key)
-        if not isinstance(value, list):
-            self.fail(key, "expected a list")
-        for i, item in enumerate(value):
-            yield _Fields(item, f"{self.path(key)}[{i}]")
-
-    def names(self) -> list[str]:
-        return list(self._data)
-
-
-def _hosted_from(f: _Fields, model_id: str) -> HostedModel:
+def _hosted_from(f: Fields, model_id: str) -> HostedModel:
     return HostedModel(ModelId(model_id), f.choice("state", LoadState), f.text("error"),
                        f.integer("engine_restarts"), f.text("phase"), f.number("progress"),
                        f.flag("draining"), f.count("running"), f.count("queued"),
                        f.count("slots"))
 
 
-def _node_from(f: _Fields) -> NodeStatus:
+def _node_from(f: Fields) -> NodeStatus:
     rtt, models = f.mapping("rtt_ms"), f.mapping("models")
     return NodeStatus(
         WorkerId(f.text("worker_id")), f.text("address"), f.text("backend"),
@@ -348,7 +285,7 @@ def _node_from(f: _Fields) -> NodeStatus:
         tuple(_hosted_from(models.mapping(m), m) for m in models.names()))
 
 
-def _layers(f: _Fields) -> tuple[int, int]:
+def _layers(f: Fields) -> tuple[int, int]:
     value = f.get("layers")
     if (not isinstance(value, list) or len(value) != 2
             or any(type(v) is not int for v in value) or not 0 <= value[0] <= value[1]):
@@ -356,13 +293,13 @@ def _layers(f: _Fields) -> tuple[int, int]:
     return value[0], value[1]
 
 
-def _stage_from(f: _Fields) -> StageStatus:
+def _stage_from(f: Fields) -> StageStatus:
     state = None if f.get("state") == ABSENT else f.choice("state", LoadState)
     return StageStatus(WorkerId(f.text("worker_id")), *_layers(f), state, f.text("error"),
                        f.text("phase"), f.number("progress"))
 
 
-def _replica_from(f: _Fields) -> ReplicaStatus:
+def _replica_from(f: Fields) -> ReplicaStatus:
     stages = tuple(_stage_from(s) for s in f.objects("stages"))
     if not stages:
         f.fail("stages", "a replica has at least one stage")
@@ -372,7 +309,7 @@ def _replica_from(f: _Fields) -> ReplicaStatus:
         f.flag("retiring"))
 
 
-def _demand_from(f: _Fields, model_id: ModelId) -> ModelDemand | None:
+def _demand_from(f: Fields, model_id: ModelId) -> ModelDemand | None:
     """A model's demand; None where the document has none (a gateway from before it)."""
     if "demand" not in f.names() or f.get("demand") is None:
         return None
@@ -382,7 +319,7 @@ def _demand_from(f: _Fields, model_id: ModelId) -> ModelDemand | None:
                        **{name: d.number(name) for name in DEMAND_FIGURES})
 
 
-def _model_from(f: _Fields) -> ModelStatus:
+def _model_from(f: Fields) -> ModelStatus:
     model_id = ModelId(f.text("model_id"))
     return ModelStatus(
         model_id=model_id, source=f.text("source"),

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshllm.common.errors import InvalidRecord
-from meshllm.common.moe import ExpertSelection
+from meshllm.common.moe import ExpertSelection, expert_ranges
 from meshllm.common.types import ModelSpec, Placement, WorkerId, WorkerInfo
 
 LIST_CHARS = 48  # an expert list longer than this is shown as ranges and a count
@@ -42,16 +42,6 @@ class ExpertStatus:
         return "even deal, no calibration"
 
 
-def _ranges(experts: Sequence[int]) -> str:
-    runs: list[list[int]] = []
-    for e in sorted(experts):
-        if runs and e == runs[-1][-1] + 1:
-            runs[-1].append(e)
-        else:
-            runs.append([e])
-    return ",".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
-
-
 def summarise(selection: ExpertSelection) -> str:
     """`layers 0-2: 0-4,6` per run of layers holding the same experts; a long list as
     its count and first ranges."""
@@ -60,7 +50,7 @@ def summarise(selection: ExpertSelection) -> str:
         if i < len(selection) and selection[i] == selection[start]:
             continue
         layers = f"layer {start}" if i - 1 == start else f"layers {start}-{i - 1}"
-        listed = _ranges(selection[start])
+        listed = expert_ranges(selection[start])
         if len(listed) > LIST_CHARS:
             listed = f"{len(selection[start])} experts ({listed[:LIST_CHARS]}...)"
         parts.append(f"{layers}: {listed}")

@@ -28,6 +28,9 @@ DECLARATIONS = ROOT + "declarations/"
 DEMAND = ROOT + "demand/"  # one leased record per gateway (common.demand.GatewayDemand)
 MOE_RANKINGS = ROOT + "moe-rankings/"  # <model digest>: an ExpertRanking (calibration)
 SUSPECTS = ROOT + "suspects/"  # <worker id>: a SuspectReport under its reporter's lease
+# <worker id>: the planner's SuspectReport on a reported worker that did not answer its
+# check, so left out of the plans (no lease: it counts only while a report lives)
+LEFT_OUT = ROOT + "left-out/"
 
 
 class StoreUnavailable(MeshError):

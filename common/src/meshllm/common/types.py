@@ -58,6 +58,9 @@ class WorkerInfo:
         return next((m for m in self.models if m.model_id == model_id), None)
 
 
+# Bytes of 32 K or V values in the two KV cache types the engine uses.
+KV_F16_BLOCK_BYTES, KV_Q8_0_BLOCK_BYTES = 64, 34
+
 # The built-in chat templates `--chat-template` may name (the worker's chat.NAMED_TEMPLATES).
 CHAT_TEMPLATE_NAMES = ("gemma", "chatml")
 
@@ -69,7 +72,7 @@ class ModelSpec:
     weights_bytes: int
     n_layers: int
     context_length: int
-    kv_bytes_per_token: int
+    kv_bytes_per_token: int              # K and V of one token in every layer, at f16
     architecture: str
     train_context_length: int
     shared_bytes: int = 0                # weights outside the layers (embeddings, output)
@@ -87,8 +90,16 @@ class ModelSpec:
     model_digest: str = ""               # sha256 (hex) of the file; read for MoE models only
 
     @property
+    def kv_slot_bytes(self) -> int:
+        """The KV cache of one slot (one full context) in the cache type the engine uses:
+        a deterministic engine keeps K and V in q8_0 (34 bytes per 32 values, the worker's
+        numerics.REPRODUCIBLE), a fast one in f16 (64), as kv_bytes_per_token counts."""
+        f16 = self.kv_bytes_per_token * self.context_length
+        return f16 * KV_Q8_0_BLOCK_BYTES // KV_F16_BLOCK_BYTES if self.deterministic else f16
+
+    @property
     def kv_cache_bytes(self) -> int:
-        return self.kv_bytes_per_token * self.context_length * max(1, self.slots)
+        return self.kv_slot_bytes * max(1, self.slots)
 
     def layer_weight_bytes(self, start: int, end: int) -> int:
         """Weights of layers [start, end); an even share when per-layer sizes are unknown."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from meshllm.common.status import (
     mesh_status,
 )
 from meshllm.common.status_experts import ExpertStatus
+from meshllm.common.status_suspects import SuspectStatus
 from meshllm.common.store import EtcdStore
 from meshllm.common.tls import PLAINTEXT, GrpcSecurity, security_from_env
 
@@ -77,6 +79,17 @@ def _node_line(n: NodeStatus) -> str:
             f"  models: {models}")
 
 
+def suspect_lines(suspects: tuple[SuspectStatus, ...]) -> list[str]:
+    """The workers reported unreachable; none printed while there are none. Times in UTC:
+    the same whichever machine the status is read on."""
+    if not suspects:
+        return []
+    return [f"SUSPECTS ({len(suspects)}, reported unreachable)"] + [
+        f"  {s.worker_id:<16} {s.state_text} since "
+        f"{time.strftime('%H:%M:%S UTC', time.gmtime(s.since_unix_s))}; "
+        f"reported by {s.reporter}: {s.reason or '(no reason given)'}" for s in suspects]
+
+
 def _hosted(m: HostedModel) -> str:
     state = "draining" if m.draining else m.state.value
     return f"{state} {m.running}/{m.slots} slots" if m.slots else state
@@ -108,7 +121,8 @@ def expert_lines(e: ExpertStatus) -> list[str]:
 
 
 def render(status: MeshStatus) -> str:
-    lines = [f"NODES ({len(status.nodes)})", *map(_node_line, status.nodes)]
+    lines = [f"NODES ({len(status.nodes)})", *map(_node_line, status.nodes),
+             *suspect_lines(status.suspects)]
     lines.append(f"MODELS ({len(status.models)})")
     for m in status.models:
         need = format_size(m.required_bytes) if m.required_bytes else "?"

@@ -7,12 +7,12 @@ the client API are in `meshllm.common.blackboard.wire`.
 
 from __future__ import annotations
 
-from google.protobuf.message import DecodeError
 from meshllm.blackboard.digest import Bucket
 from meshllm.blackboard.ids import is_post_id, ulid_time_ms
 from meshllm.common.blackboard import wire
 from meshllm.common.blackboard.types import Peer, Post
 from meshllm.common.errors import InvalidRecord
+from meshllm.common.records import decode_record
 from meshllm.v1 import blackboard_pb2 as pb
 
 # A hard protocol ceiling on a post's text, whatever a node's configured limit: peers
@@ -53,11 +53,7 @@ def post_from_peer(m: pb.PostRecord, now_unix_ms: int) -> Post:
 
 def peer_from_record(raw: bytes) -> Peer:
     """A node's registration record, as read from etcd."""
-    message = pb.BlackboardPeer()
-    try:
-        message.ParseFromString(raw)
-    except DecodeError as exc:
-        raise InvalidRecord(f"undecodable BlackboardPeer: {exc}") from exc
+    message = decode_record(pb.BlackboardPeer(), raw)
     _require(0 < len(message.node_id) <= WIRE_MAX_FIELD_CHARS, "peer record: bad node id")
     _require(":" in message.address,
              f"peer {message.node_id}: address {message.address!r} is not HOST:PORT")

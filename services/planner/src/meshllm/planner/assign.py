@@ -9,7 +9,10 @@ A round, in order:
    whole on one worker, as expert shards (a mixture of experts) or split over the fewest,
    so a model too big for any worker is still served. A model served by shards gets one
    more on each worker that joined with room; one dealt evenly is dealt again once its
-   calibration arrives, and one dealt by a ranking once that ranking changes.
+   calibration arrives, and one dealt by a ranking once that ranking changes. One whose
+   live shards lack some expert (a worker holding its only copy left) after that is dealt
+   again over the workers left, or kept as it is where they cannot hold every expert.
+   Nothing new is dealt where no worker can read the model file (none could build it).
 3. `rebalance` over the models served whole: adds where demand per replica is high,
    retires (marks `Replica.retiring`) where a model is over `max_replicas`, and evicts
    replicas of colder or lower-priority models when a hotter one needs their memory. A
@@ -56,6 +59,14 @@ from meshllm.planner.demand import (
     WorkerCapacity,
 )
 from meshllm.planner.experts import grow_shards, ranking_moved, replica_need
+from meshllm.planner.experts_redeal import (
+    keep_held,
+    mended,
+    missing_experts,
+    redealt,
+    unreadable,
+    with_holes,
+)
 from meshllm.planner.place import PlacementPolicy, place, required_bytes, size_slots
 from meshllm.planner.rebalance import rebalance
 from meshllm.planner.split import stage_bytes
@@ -205,6 +216,8 @@ def redeal_calibrated(inputs: RoundInputs, placements: dict[ModelId, list[Replic
         if spec is None or spec.moe is None:
             continue
         shards = [r.experts for r in placements.get(model_id, []) if r.is_shard]
+        if unreadable(spec, inputs.workers.values()):
+            continue  # the shards serving stay: a new deal is one no worker could build
         if ranking_moved(spec.moe, shards, deal, inputs.rankings.get(spec.model_digest)):
             placements[model_id] = []
             del deals[model_id]
@@ -219,8 +232,8 @@ def more_shards(inputs: RoundInputs, placements: dict[ModelId, list[Replica]],
     for model_id, replicas in placements.items():
         spec = inputs.specs.get(model_id)
         if spec is None or spec.moe is None or not replicas or not all(
-                r.is_shard for r in replicas):
-            continue
+                r.is_shard for r in replicas) or unreadable(spec, inputs.workers.values()):
+            continue  # (nobody could build a newcomer's shard)
         free = {w.worker_id: w.memory_budget_bytes
                 for w in free_workers(inputs, placements, policy)}
         declaration = inputs.declarations.get(model_id)
@@ -228,6 +241,40 @@ def more_shards(inputs: RoundInputs, placements: dict[ModelId, list[Replica]],
         replicas.extend(grow_shards(spec, replicas, free, policy.engine_overhead_bytes,
                                     inputs.rankings.get(spec.model_digest),
                                     policy.expert_hot_share, cap))
+
+
+def mend_uncovered(inputs: RoundInputs, placements: dict[ModelId, list[Replica]],
+                   deals: dict[ModelId, ExpertDeal], policy: PlacementPolicy) -> None:
+    """Models served by expert shards whose live shards no longer hold every expert (a
+    worker holding the only copy of some left, and no worker that joined took them): dealt
+    again over the workers left when they can hold a deal of every expert, else kept as
+    they are, since they still serve; the deal's why says which (edits `placements` and
+    `deals`). Shards that hold every expert stay as they are: a re-deal reloads them all."""
+    for model_id, deal in list(deals.items()):
+        spec = inputs.specs.get(model_id)
+        shards = placements.get(model_id, [])
+        if spec is None or spec.moe is None or not shards or not all(
+                r.is_shard for r in shards):
+            continue  # (served whole or split since: nothing to cover)
+        missing = missing_experts(spec.moe, [r.experts for r in shards])
+        if not any(missing):
+            deals[model_id] = mended(deal)
+            continue
+        room = free_workers(inputs, {**placements, model_id: []}, policy)
+        declaration = inputs.declarations.get(model_id)
+        cap = {model_id: declaration.max_replicas if declaration else 0}
+        placed = place([spec], room, inputs.published, policy, {model_id: 1},
+                       inputs.rankings, cap)[model_id]
+        if not placed.replicas:
+            deals[model_id] = with_holes(deal, spec, missing, len(shards),
+                                         placed.unplaced_reason, policy.engine_overhead_bytes)
+            continue
+        del deals[model_id]
+        replicas = list(placed.replicas)  # whole, or a layer split, where that is what fits
+        if placed.expert_deal is not None:
+            replicas = keep_held(replicas, {r.head.worker_id: r.experts for r in shards})
+            deals[model_id] = redealt(placed.expert_deal, missing, len(replicas))
+        placements[model_id] = replicas
 
 
 def served_whole(spec: ModelSpec, replicas: Sequence[Replica],
@@ -336,6 +383,7 @@ def next_placements(inputs: RoundInputs, policy: RoundPolicy) -> RoundResult:
     redeal_calibrated(inputs, placements, deals)
     reasons = first_replicas(inputs, placements, policy, deals)
     more_shards(inputs, placements, policy.placement)
+    mend_uncovered(inputs, placements, deals, policy.placement)
     models = {m: sized(inputs, spec, policy.placement) for m, spec in inputs.specs.items()
               if served_whole(spec, placements.get(m, []), inputs.workers, policy.placement)
               and m not in reasons}

@@ -250,12 +250,14 @@ def plan_shards(spec: ModelSpec, free: Mapping[WorkerId, int], overhead_bytes: i
                    for w, s in zip(hosts, selections, strict=True))
     need = {w: shard_need(spec, n, overhead_bytes) for w, n in zip(hosts, sizes, strict=True)}
     hot = hot_count(sizes, hot_share, ranked is not None, layout.expert_count)
-    return ShardPlan(shards, need, ExpertDeal(round(hot / min(sizes), 4),
-                                              ranked.tokens if ranked else 0, _why(ranked)))
+    tokens = ranked.tokens if ranked else 0
+    return ShardPlan(shards, need, ExpertDeal(round(hot / min(sizes), 4), tokens,
+                                              shards_why(tokens)))
 
 
-def _why(ranked: ExpertRanking | None) -> str:
-    how = (f"calibrated over {ranked.tokens} tokens" if ranked
+def shards_why(calibration_tokens: int) -> str:
+    """Why a model is served by expert shards, and how its experts were dealt."""
+    how = (f"calibrated over {calibration_tokens} tokens" if calibration_tokens
            else "an even deal, no calibration")
     return (f"expert shards ({how}): the model fits no worker whole, and shards exchange "
             "nothing per token where a layer split passes activations every token")

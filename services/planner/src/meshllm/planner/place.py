@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from meshllm.common.config import format_size
@@ -20,6 +20,7 @@ from meshllm.common.types import (
     whole,
 )
 from meshllm.planner.experts import DEFAULT_HOT_SHARE, ShardPlan, plan_shards
+from meshllm.planner.experts_redeal import unreadable
 from meshllm.planner.split import SplitPolicy, plan_split, stage_bytes
 
 MiB = 1024 * 1024
@@ -49,7 +50,7 @@ def slots_that_fit(spec: ModelSpec, free_bytes: int, wanted: int,
     """The most slots, at most `wanted`, with which the model fits `free_bytes` whole (its
     KV cache is one context per slot); 0 when not even one slot fits."""
     room = free_bytes - spec.weights_bytes - policy.engine_overhead_bytes
-    per_slot = spec.kv_bytes_per_token * spec.context_length
+    per_slot = spec.kv_slot_bytes
     if room < per_slot or wanted < 1:
         return 0
     return wanted if per_slot == 0 else min(wanted, room // per_slot)
@@ -93,6 +94,8 @@ def _explain(model: ModelSpec, policy: PlacementPolicy, workers: Sequence[Worker
     if model.force_split and len(workers) < 2:
         return f"{need} and is set to split, but only one worker is registered"
     largest = max(w.memory_budget_bytes for w in workers)
+    if _unbuildable(model, workers):
+        return f"{need} and fits no worker whole; {unreadable(model, workers)}"
     shards = "" if model.moe is None or model.force_split else (
         f"; {plan_shards(model, free, policy.engine_overhead_bytes)}")
     return (f"{need}, but the largest worker budget is {format_size(largest)} and no split "
@@ -124,6 +127,12 @@ def _shards(model: ModelSpec, free: dict[WorkerId, int], previous: Placement | N
     return plan
 
 
+def _unbuildable(model: ModelSpec, workers: Iterable[WorkerInfo]) -> bool:
+    """A MoE model to be served by expert shards that no worker could build: none can read
+    its file, so none can cut a shard or send one (experts_redeal.unreadable)."""
+    return model.moe is not None and not model.force_split and bool(unreadable(model, workers))
+
+
 def _shards_only(model: ModelSpec, free: Mapping[WorkerId, int],
                  policy: PlacementPolicy) -> bool:
     """A MoE model no worker holds whole: its shards take the room left (they shrink to it;
@@ -144,6 +153,10 @@ def _place_first(model: ModelSpec, free: dict[WorkerId, int],
         if choice:
             free[choice[0]] -= need
             return whole(choice[0], model.n_layers)
+    if _unbuildable(model, workers.values()):
+        # Nothing, not even a layer split: shards nobody can cut would never load, and a
+        # split placed while the workers still hash the file would stay a split after.
+        return None
     shards = _shards(model, free, previous, policy, ranking, cap)
     if shards is not None:
         return shards

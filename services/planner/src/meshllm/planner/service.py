@@ -13,6 +13,7 @@ from typing import TypeVar
 import grpc
 from meshllm.common import convert, store
 from meshllm.common.errors import InvalidRecord
+from meshllm.common.suspects import SuspectReport, suspect_to_pb
 from meshllm.common.types import ModelDeclaration, ModelId, ModelSpec, Placement, WorkerId
 from meshllm.planner.assign import RoundInputs, RoundPolicy, RoundResult, next_placements
 from meshllm.planner.declared import ModelCatalog, PlanInputs, parse_inputs, specs_of
@@ -117,6 +118,7 @@ class Planner:
         self._board = board
         self._clock = clock
         self._memory = RoundMemory()
+        self._left_out_held: dict[str, bytes] | None = None  # None: not read from etcd yet
 
     async def declare_at_start(self) -> None:
         """Declare the --models unless they are already, and undeclare those an earlier
@@ -179,7 +181,26 @@ class Planner:
         if placements != published:
             await self._write(placements, published)
             await self._board.update(placements)
+        # After the placements: telling the status never delays the plan around a dead stage.
+        await self._publish_left_out(self._suspects.verdicts())
         return placements
+
+    async def _publish_left_out(self, verdicts: Sequence[SuspectReport]) -> None:
+        """The planner's reports on the workers it leaves out, under LEFT_OUT for the
+        status. Written only when they change: every write wakes each watcher of the mesh,
+        this planner too. Those an earlier planner left are cleared on the first call."""
+        wanted = {store.LEFT_OUT + v.worker_id: suspect_to_pb(v).SerializeToString()
+                  for v in verdicts}
+        if self._left_out_held is None:
+            self._left_out_held = await self._kv.get_prefix(store.LEFT_OUT)
+        if wanted == self._left_out_held:
+            return
+        for key in self._left_out_held.keys() - wanted.keys():
+            await self._kv.delete(key)
+        for key, value in wanted.items():
+            if self._left_out_held.get(key) != value:
+                await self._kv.put(key, value)
+        self._left_out_held = wanted
 
     async def _publish_models(self, specs: Sequence[ModelSpec],
                               notes: Mapping[ModelId, str]) -> None:

@@ -4,7 +4,9 @@ A worker's etcd lease outlives it by up to its TTL; a split whose stage died wou
 that long before the planner moved the stage. A gateway whose stream through a split
 failed reports the split's workers (common/suspects.py). A report is a hint, never a
 verdict: the planner checks each reported worker's gRPC health itself and leaves out of
-its plans only those that do not answer, for as long as they do not and the report lives.
+its plans only those that do not answer, for as long as they do not and the report lives,
+and says so in a report of its own on each (`verdicts`, published by service.py for the
+status to show).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from meshllm.common.suspects import SuspectReport
+from meshllm.common.suspects import NO_ANSWER, PLANNER, SuspectReport, names_instance
 from meshllm.common.types import WorkerId, WorkerInfo
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
@@ -46,7 +48,7 @@ def suspected(reports: Mapping[WorkerId, SuspectReport], workers: Sequence[Worke
     """The workers a report names, as the instance it names (a report made before the
     worker restarted is about a process that is gone)."""
     return [w for w in workers if (r := reports.get(w.worker_id)) is not None
-            and abs(r.started_at_unix_s - w.started_at_unix_s) < 1e-3]
+            and names_instance(r, w.started_at_unix_s)]
 
 
 def due(workers: Sequence[WorkerInfo], probes: Mapping[Instance, Probe], now_s: float,
@@ -77,14 +79,17 @@ class SuspectProbes:
     """The planner's checks of reported workers, kept between rounds."""
 
     def __init__(self, check: Callable[[WorkerInfo], Awaitable[bool]], policy: SuspectPolicy,
-                 metrics: SuspectMetrics, clock: Callable[[], float] = time.monotonic
-                 ) -> None:
+                 metrics: SuspectMetrics, clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         self._check = check
         self._policy = policy
         self._metrics = metrics
         self._clock = clock
+        self._wall = wall_clock
         self._probes: dict[Instance, Probe] = {}
         self._left_out: frozenset[WorkerId] = frozenset()
+        # Each instance left out -> when it first was (wall clock: the status shows it).
+        self._since: dict[Instance, float] = {}
 
     async def reachable(self, workers: Sequence[WorkerInfo],
                         reports: Mapping[WorkerId, SuspectReport]) -> tuple[WorkerInfo, ...]:
@@ -100,8 +105,17 @@ class SuspectProbes:
         self._probes = {k: p for k, p in self._probes.items() if k in live}
         left_out = unreachable(named, self._probes)
         self._log_changes(left_out, reports)
+        wall = self._wall()
+        self._since = {instance(w): self._since.get(instance(w), wall)
+                       for w in named if w.worker_id in left_out}
         self._metrics.left_out.set(len(left_out))
         return tuple(w for w in workers if w.worker_id not in left_out)
+
+    def verdicts(self) -> tuple[SuspectReport, ...]:
+        """The planner's report on each worker it leaves out now, since its first failed
+        check, by worker id."""
+        return tuple(SuspectReport(worker_id, started, PLANNER, NO_ANSWER, since)
+                     for (worker_id, started), since in sorted(self._since.items()))
 
     def _log_changes(self, left_out: frozenset[WorkerId],
                      reports: Mapping[WorkerId, SuspectReport]) -> None:

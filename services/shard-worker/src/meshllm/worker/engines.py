@@ -36,6 +36,14 @@ log = logging.getLogger(__name__)
 STOP_GRACE_S = 1.0
 
 
+def stop_grace_s(load: wire.Load) -> float:
+    """How long a stopping engine may take to exit before it is killed: none for a split's
+    head, which is stopped when its split is re-planned, most often because a stage died or
+    froze, and then sits in a read from that stage for ever (a second lost per frozen
+    stage); its streams move on from the tokens the gateway already has either way."""
+    return 0.0 if load.rpc_endpoints else STOP_GRACE_S
+
+
 def float32_values(raw: bytes) -> tuple[float, ...]:
     """A vector as the engine sends it (float32 little-endian) as numbers."""
     values = array.array("f", raw)
@@ -250,7 +258,7 @@ class ProcessEngine:
             return
         self._proc.close_stdin()  # the engine exits when its input ends
         try:
-            await asyncio.wait_for(self._proc.wait(), STOP_GRACE_S)
+            await asyncio.wait_for(self._proc.wait(), stop_grace_s(self._settings.load))
         except TimeoutError:
             self._proc.kill()
             await self._proc.wait()
