@@ -3,6 +3,7 @@ running llama.cpp, gateway). Spans reach an in-test OTLP collector over loopback
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import urllib.request
@@ -11,7 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from meshllm.common.status import MeshStatus, ModelStatus, ServingState
+from meshllm.common.meshview import read_mesh
+from meshllm.common.status import MeshStatus, ModelStatus, NodeStatus, ServingState
+from meshllm.common.store import SUSPECTS, EtcdStore
+from meshllm.common.suspects import SuspectReport, suspect_to_pb
+from meshllm.common.types import WorkerId
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.observability.cdp import Browser, Page
@@ -202,6 +207,30 @@ def _assert_request_listed(page: Page, collector: Collector, answer: Mapping[str
                            for s in collector.snapshot()), 20, "the request's trace")
 
 
+def _assert_suspect_shown(page: Page, mesh: ObservedMesh, node: NodeStatus) -> None:
+    """A gateway's report on a live worker (under a short lease, as gateways write them)
+    shows on its card; it answers the planner's health check, so it is only probed."""
+    async def write() -> None:
+        kv = EtcdStore(mesh.etcd_url)
+        await kv.connect()
+        try:
+            worker = (await read_mesh(kv)).workers[WorkerId(node.worker_id)]
+            report = SuspectReport(worker.worker_id, worker.started_at_unix_s, "gw-test",
+                                   "stream failed: Socket closed", time.time())
+            lease = await kv.grant_lease(10)
+            await kv.put(SUSPECTS + node.worker_id, suspect_to_pb(report).SerializeToString(),
+                         lease)
+        finally:
+            await kv.close()
+
+    asyncio.run(write())
+    line = f"document.querySelector('[data-node=\"{node.worker_id}\"] [data-suspect]')"
+    page.wait_for(f"{line} !== null")
+    text = page.evaluate(f"{line}.textContent")
+    assert "gw-test: stream failed: Socket closed" in text, text
+    assert text.startswith(("being probed", "left out")), text
+
+
 def test_console_shows_the_mesh_and_updates_live(observed_mesh: ObservedMesh,
                                                  collector: Collector, tmp_path: Path) -> None:
     status = MeshStatus.from_json(observed_mesh.status())
@@ -217,6 +246,7 @@ def test_console_shows_the_mesh_and_updates_live(observed_mesh: ObservedMesh,
         page.wait_for("document.getElementById('board')?.dataset.state === 'none'")
         assert page.evaluate("document.getElementById('board').textContent").startswith(
             "no blackboard configured on this gateway")
+        _assert_suspect_shown(page, observed_mesh, status.nodes[0])
         answer = json.loads(chat(observed_mesh.base_url, max_tokens=8))
         _assert_request_listed(page, collector, answer)
         assert page.evaluate("document.querySelector('#recent tbody tr').dataset.request"

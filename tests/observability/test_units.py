@@ -11,7 +11,16 @@ from meshllm.common import telemetry
 from meshllm.common.errors import ConfigError
 from meshllm.common.meshview import MeshSnapshot
 from meshllm.common.store import KeyValueStore
-from meshllm.common.types import Finished, GenerateEvent, SamplingParams, TokenDelta, Usage
+from meshllm.common.suspects import NO_ANSWER, PLANNER, SuspectReport
+from meshllm.common.types import (
+    Finished,
+    GenerateEvent,
+    SamplingParams,
+    TokenDelta,
+    Usage,
+    WorkerId,
+    WorkerInfo,
+)
 from meshllm.gateway.__main__ import UNTRACED_PATHS
 from meshllm.gateway.app import Api, build_app
 from meshllm.gateway.backend import MeshBackend
@@ -143,8 +152,21 @@ def test_token_rate_from_counters() -> None:
 
 def test_console_state_is_plain_data() -> None:
     state = console_state(MeshSnapshot(), {}, {"m1": 3.0}, [], 1000.0, 5.0)
-    assert state == {"at_unix_s": 1000.0, "nodes": [], "models": [], "tokens_per_s": 3.0,
-                     "recent": []}
+    assert state == {"at_unix_s": 1000.0, "nodes": [], "models": [], "suspects": [],
+                     "tokens_per_s": 3.0, "recent": []}
+
+
+def test_the_console_is_told_which_workers_are_planned_around() -> None:
+    worker = WorkerInfo(WorkerId("w1"), "127.0.0.1:1", "cpu", 1 << 30, 1, 50.0)
+    report = SuspectReport(WorkerId("w1"), 50.0, "gw-1", "sent nothing for 2.0 s", 900.0)
+    verdict = SuspectReport(WorkerId("w1"), 50.0, PLANNER, NO_ANSWER, 901.0)
+    snapshot = MeshSnapshot(workers={worker.worker_id: worker},
+                            suspects={worker.worker_id: report},
+                            left_out={worker.worker_id: verdict})
+    state = console_state(snapshot, {}, {}, [], 1000.0, 5.0)
+    assert state["suspects"] == [{"worker_id": "w1", "state": "left_out", "left_out": True,
+                                  "since_unix_s": 901.0, "reporter": "gw-1",
+                                  "reason": "sent nothing for 2.0 s"}]
 
 
 def _answer(metrics: GatewayMetrics, request_id: str) -> None:

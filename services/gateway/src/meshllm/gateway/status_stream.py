@@ -94,7 +94,7 @@ def console_state(snapshot: MeshSnapshot, loads: Mapping[WorkerId, WorkerLoad],
     for model in status["models"]:
         model["tokens_per_s"] = round(tokens_per_s.get(model["model_id"], 0.0), 2)
     return {"at_unix_s": now_s, "nodes": status["nodes"], "models": status["models"],
-            "tokens_per_s": round(sum(tokens_per_s.values()), 2),
+            "suspects": status["suspects"], "tokens_per_s": round(sum(tokens_per_s.values()), 2),
             "recent": [asdict(r) for r in recent]}
 
 

@@ -48,7 +48,19 @@ function nodeHealth(node) {
   return ["ok", "healthy"];
 }
 
-function renderNodes(nodes) {
+// A worker a gateway reported unreachable: planned around while it does not answer the
+// planner's health check, still placed while the planner checks it.
+function suspectLine(suspect) {
+  if (!suspect) return null;
+  const left = suspect.state === "left_out";
+  return el("div", { class: left ? "bad" : "warn", "data-suspect": suspect.worker_id },
+    (left ? "left out of placement" : "being probed") + " since " +
+    new Date(suspect.since_unix_s * 1000).toLocaleTimeString() + " · reported by " +
+    suspect.reporter + ": " + suspect.reason);
+}
+
+function renderNodes(nodes, suspects) {
+  const suspectOf = new Map((suspects || []).map((s) => [s.worker_id, s]));
   const box = document.getElementById("nodes");
   if (!nodes.length) {
     box.replaceChildren(el("p", { class: "muted" }, "no workers have joined"));
@@ -61,6 +73,7 @@ function renderNodes(nodes) {
         m.error ? el("div", { class: "bad" }, m.error) : null));
     return el("div", { class: "card", "data-node": node.worker_id },
       el("h3", {}, node.worker_id, el("span", { class: "badge " + level }, word)),
+      suspectLine(suspectOf.get(node.worker_id)),
       el("dl", {},
         el("dt", {}, "address"), el("dd", {}, node.address),
         el("dt", {}, "backend"), el("dd", {}, node.backend + ", " + node.threads + " threads"),
@@ -212,7 +225,7 @@ function render(state) {
   document.getElementById("model-count").textContent = state.models.length;
   document.getElementById("updated").textContent =
     "updated " + new Date(state.at_unix_s * 1000).toLocaleTimeString();
-  renderNodes(state.nodes);
+  renderNodes(state.nodes, state.suspects);
   renderModels(state.models, workerIds);
   renderRecent(state.recent);
   document.body.dataset.updates = String(Number(document.body.dataset.updates || 0) + 1);
