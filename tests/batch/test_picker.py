@@ -1,7 +1,8 @@
 """The constrained fast path is exact: drawing from the unmasked candidates and keeping an
 allowed token, else drawing again with the full mask, gives the tokens distributed as D
 (the candidates the grammar allows, renormalized; or, when it allows none, the candidates
-among the allowed tokens), including under speculative verification."""
+among the allowed tokens), including under speculative verification; and a verification
+picks, with the same seed, exactly the tokens plain picking would, whatever the drafts."""
 
 from __future__ import annotations
 
@@ -66,3 +67,35 @@ def test_greedy_takes_the_best_allowed_token() -> None:
     assert picker.pick(ROWS[0], ()) == best
     entry = picker.take_entries()[0]
     assert entry.top[0].logprob == entry.logprob and entry.top[0].token == entry.token
+
+
+@pytest.mark.parametrize("grammar", [None, LETTERS], ids=["plain", "grammar"])
+@pytest.mark.parametrize("logprobs", [None, 2], ids=["", "logprobs"])
+def test_a_seeded_verification_picks_what_plain_picking_would(
+        grammar: Grammar | None, logprobs: int | None) -> None:
+    """Positions verified in steps of random drafts (some matching the picks, some not)
+    give the tokens, the generator's draws after each, and the logprobs of picking one
+    position at a time."""
+    rng = np.random.default_rng(5)
+    rows = [rng.normal(0.0, 1.5, V).astype(np.float32) for _ in range(2 if grammar else 40)]
+    spec = SamplerSpec(temperature=1.0, top_k=8, seed=3)
+
+    def picker() -> Picker:
+        compiled = COMPILER.compile(grammar) if grammar is not None else None
+        return Picker(spec, compiled, logprobs, ScriptedBackend().piece)
+
+    plain = picker()
+    want = [plain.pick(row, ()) for row in rows]
+    want_marks, want_entries = plain.take_marks(), plain.take_entries()
+    spec_picker, got = picker(), list[int]()
+    while len(got) < len(rows):
+        left = len(rows) - len(got) - 1
+        n = int(rng.integers(0, min(4, left) + 1))
+        # A draft that follows the plain picks for a while, then guesses.
+        draft = [want[len(got) + j] if rng.random() < 0.7 else int(rng.integers(V))
+                 for j in range(n)]
+        verdict = spec_picker.verify(draft, rows[len(got):len(got) + n + 1], ())
+        got += verdict.tokens
+    assert got == want
+    assert spec_picker.take_marks() == want_marks
+    assert spec_picker.take_entries() == want_entries

@@ -22,7 +22,7 @@ from meshllm.common.types import (
     SamplingParams,
     TokenLogprob,
 )
-from meshllm.worker.engine.batch import BatchConfig, BatchEngine, Delta
+from meshllm.worker.engine.batch import BatchConfig, BatchEngine, Delta, SpecMode
 
 from .collect import Collector, drain
 
@@ -82,8 +82,35 @@ def _logprobs(deltas: Sequence[Delta]) -> list[TokenLogprob]:
     return [e for d in deltas for e in d.logprobs]
 
 
+@pytest.fixture(scope="module")
+def speculating() -> Iterator[BatchEngine]:
+    """n-gram drafts verified several tokens a step: a cut may fall inside a verification."""
+    yield BatchEngine(BatchConfig(model_path=str(materialize("gemma3-270m")), n_ctx=2048,
+                                  n_slots=4, n_threads=2, spec_mode=SpecMode.NGRAM))
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_a_resumed_generation_continues_exactly(engine: BatchEngine, name: str) -> None:
+    _cut_and_resume(engine, name)
+
+
+@pytest.mark.parametrize("name", ["seeded", "json-schema", "logprobs-held"])
+def test_speculation_changes_no_token_and_resumes_exactly(
+        engine: BatchEngine, speculating: BatchEngine, name: str) -> None:
+    """Seeded sampling with drafts gives the tokens it gives without (each position is
+    picked with the numbers plain decoding uses), and a stream cut anywhere, inside a
+    verification too, continues exactly."""
+    plain, drafted = Collector(), Collector()
+    _submit(engine, "plain", CASES[name], plain)
+    drain(engine)
+    _cut_and_resume(speculating, name)
+    _submit(speculating, "drafted", CASES[name], drafted)
+    drain(speculating)
+    assert drafted.text["drafted"] == plain.text["plain"]
+    assert _logprobs(drafted.deltas["drafted"]) == _logprobs(plain.deltas["plain"])
+
+
+def _cut_and_resume(engine: BatchEngine, name: str) -> None:
     case = CASES[name]
     whole = Collector()
     _submit(engine, "whole", case, whole)

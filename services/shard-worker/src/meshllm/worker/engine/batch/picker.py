@@ -26,7 +26,7 @@ from meshllm.worker.engine.batch.sampling import (
     draw,
     greedy_choice,
 )
-from meshllm.worker.engine.batch.speculative import Verdict, accept_greedy, accept_sampled
+from meshllm.worker.engine.batch.speculative import Verdict, accept_matching
 
 
 def allowed_dist(logits: Logits, spec: SamplerSpec, history: Sequence[int],
@@ -54,6 +54,9 @@ class Picker:
         self.draws = 0  # uniform numbers drawn: a migrated request skips as many
         self._piece = piece
         self.entries: list[TokenLogprob] = []  # of the tokens picked, until taken
+        # The draws made by the time each token picked was chosen, until taken: a
+        # verification picks several, and a migration cut after any of them resumes there.
+        self.marks: list[int] = []
 
     def skip_draws(self, draws: int) -> None:
         """Puts the generator where another picker for this request left it after `draws`
@@ -73,6 +76,10 @@ class Picker:
         out, self.entries = self.entries, []
         return out
 
+    def take_marks(self) -> list[int]:
+        out, self.marks = self.marks, []
+        return out
+
     def pick(self, row: Logits, history: Sequence[int]) -> int:
         """The token at this position; the grammar moves past it."""
         spec, g, hist = self.spec, self.grammar, history
@@ -83,6 +90,7 @@ class Picker:
             mask = g.mask()
             token = draw(allowed_dist(row, spec, hist, mask), self.uniform())
         self._record(row, hist, mask, token)
+        self.marks.append(self.draws)
         return token
 
     def _record(self, row: Logits, hist: Sequence[int], mask: Mask | None,
@@ -99,42 +107,12 @@ class Picker:
     def verify(self, draft: Sequence[int], rows: Sequence[Logits],
                history: Sequence[int]) -> Verdict:
         """`history`: what penalties look at (empty when the request has none).
-        Speculative verification: the verdict's tokens are picked as `pick` would have
-        picked them one by one, so a drafted token the grammar forbids is never kept."""
-        if not draft:
-            return Verdict(0, (self.pick(rows[0], history),))
+        Speculative verification: each position's token is picked as `pick` would pick
+        it without drafts (the same uniform numbers, the grammar moving past it), so a
+        drafted token the grammar forbids is never kept and the output does not depend on
+        the drafts (speculative.py)."""
         spec = self.spec
-        if self.plain:
-            if spec.greedy:
-                return accept_greedy(draft, lambda j: greedy_choice(rows[j], spec,
-                                                                    [*history, *draft[:j]]))
-            return accept_sampled(draft, lambda j: distribution(rows[j], spec,
-                                                                [*history, *draft[:j]]),
-                                  lambda j: None, self.uniform)
-        if spec.greedy:
-            # Each choice is the next token of the verdict: picking consumes it.
-            return accept_greedy(draft, lambda j: self.pick(rows[j], [*history, *draft[:j]]))
-        return self._verify_sampled(draft, rows, history)
-
-    def _verify_sampled(self, draft: Sequence[int], rows: Sequence[Logits],
-                        history: Sequence[int]) -> Verdict:
-        spec, g, hist = self.spec, self.grammar, history
-        masks: list[Mask | None] = []
-
-        def target(j: int) -> Dist:
-            if g is not None and j > 0:
-                g.consume(draft[j - 1])  # target(j) comes only once draft[j - 1] is kept
-            masks.append(None if g is None else g.mask())
-            m = masks[-1]
-            h = [*hist, *draft[:j]]
-            return distribution(rows[j], spec, h) if m is None else allowed_dist(
-                rows[j], spec, h, m)
-
-        verdict = accept_sampled(draft, target, lambda j: None, self.uniform)
-        if self.logprobs is not None:
-            for j, token in enumerate(verdict.tokens):
-                self.entries.append(logprob_entry(rows[j], spec, [*hist, *draft[:j]],
-                                                  masks[j], token, self.logprobs, self._piece))
-        if g is not None:
-            g.consume(verdict.tokens[-1])
-        return verdict
+        if self.plain and spec.greedy:  # no numbers, grammar or logprobs: argmax alone
+            return accept_matching(draft, lambda j: greedy_choice(rows[j], spec,
+                                                                  [*history, *draft[:j]]))
+        return accept_matching(draft, lambda j: self.pick(rows[j], [*history, *draft[:j]]))

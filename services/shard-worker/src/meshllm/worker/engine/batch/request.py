@@ -84,9 +84,10 @@ class Active:
         return [*self.sub.prompt, *self.generated, *extra]
 
     def emit(self, tokens: Sequence[int], out: list[Event],
-             entries: Sequence[TokenLogprob] = ()) -> int:
+             entries: Sequence[TokenLogprob] = (), marks: Sequence[int] = ()) -> int:
         """Appends tokens until one ends the request; returns how many were taken.
-        `entries`: the tokens' logprobs, when the request asked for them."""
+        `entries`: the tokens' logprobs, when the request asked for them; `marks`: the
+        generator's draws when each was picked (Picker.marks; none: its draws now)."""
         text, start = "", len(self.generated)
         sent: list[TokenLogprob] = []
         ids: list[tuple[int, int]] = []
@@ -98,7 +99,8 @@ class Active:
             piece = self._decoder.decode(self._piece(token))
             if self._logprobs is not None:
                 self._logprobs.add(entries[k], len(piece))
-            self._sent.add((token, self.picker.draws), len(piece))
+            self._sent.add((token, marks[k] if k < len(marks) else self.picker.draws),
+                           len(piece))
             piece, stopped = self._matcher.feed(piece)
             text += piece
             if self._logprobs is not None:

@@ -135,10 +135,9 @@ class StepRunner:
             room = self.config.n_ctx_slot - len(self.cached[i])
             if a.sub.spec.greedy:
                 caps[i] = draft_budget(self.config.draft_max, a.remaining, room)
-            # A sampled request's draws follow its drafts: only greedy ones, whose output no
-            # draft changes, get the tuned length, so seeded output stays reproducible.
-            k = draft_budget(length if a.sub.spec.greedy else self.config.draft_max,
-                             a.remaining, room)
+            # No draft changes any request's output (speculative.py): every one gets the
+            # tuned length. Padding stays greedy-only (caps), as it was proven with.
+            k = draft_budget(length, a.remaining, room)
             if k > 0:
                 wants[i] = (a.history(), k)
         proposed = self._drafter.propose(wants) if wants else {}
@@ -228,7 +227,8 @@ class StepRunner:
 
     def _emit(self, i: int, tokens: Sequence[int], out: list[Event]) -> None:
         a = self._active(i)
-        self._c.generated += a.emit(tokens, out, a.picker.take_entries())
+        self._c.generated += a.emit(tokens, out, a.picker.take_entries(),
+                                    a.picker.take_marks())
         if a.reason is not None:
             a.finish(a.reason, out)
             self._free(i)

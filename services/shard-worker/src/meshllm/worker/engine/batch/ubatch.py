@@ -63,7 +63,7 @@ def padded_drafts(lengths: Mapping[int, int], caps: Mapping[int, int], row_s: fl
 
     Drafts of different lengths split a step into several ubatches, each a pass over the
     weights and a round trip to every stage. `caps`: the most drafts each slot may verify
-    (absent: it may not be padded, e.g. a sampled request, whose draws follow its drafts);
+    (absent: it may not be padded, e.g. a sampled request: padding was proven on greedy);
     `row_s`: the cost of a row; `ubatch_s`: the cost of a ubatch (a pass plus the round
     trips)."""
     target = max(lengths.values(), default=0)
