@@ -315,3 +315,29 @@ def expert_ranges(experts: Sequence[int]) -> str:
         else:
             runs.append([e])
     return ",".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+
+
+# An expert list longer than this (as ranges) is cut short in words: a status line or a
+# planner's why stays readable.
+EXPERT_LIST_CHARS = 48
+
+
+def expert_list(experts: Sequence[int]) -> str:
+    """expert_ranges, or for a long list its count and first ranges: `70 experts (0-3,...)`."""
+    listed = expert_ranges(experts)
+    if len(listed) > EXPERT_LIST_CHARS:
+        return f"{len(experts)} experts ({listed[:EXPERT_LIST_CHARS]}...)"
+    return listed
+
+
+def layer_runs(selection: ExpertSelection) -> list[tuple[str, tuple[int, ...]]]:
+    """Each run of consecutive layers with the same experts, as (`layer 3` or
+    `layers 0-2`, those experts), in layer order."""
+    runs, start = [], 0
+    for i in range(1, len(selection) + 1):
+        if i < len(selection) and selection[i] == selection[start]:
+            continue
+        layers = f"layer {start}" if i - 1 == start else f"layers {start}-{i - 1}"
+        runs.append((layers, selection[start]))
+        start = i
+    return runs

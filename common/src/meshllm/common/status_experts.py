@@ -9,10 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshllm.common.errors import InvalidRecord
-from meshllm.common.moe import ExpertSelection, expert_ranges
+from meshllm.common.moe import ExpertSelection, expert_list, layer_runs
 from meshllm.common.types import ModelSpec, Placement, WorkerId, WorkerInfo
-
-LIST_CHARS = 48  # an expert list longer than this is shown as ranges and a count
 
 
 @dataclass(frozen=True)
@@ -45,17 +43,8 @@ class ExpertStatus:
 def summarise(selection: ExpertSelection) -> str:
     """`layers 0-2: 0-4,6` per run of layers holding the same experts; a long list as
     its count and first ranges."""
-    parts, start = [], 0
-    for i in range(1, len(selection) + 1):
-        if i < len(selection) and selection[i] == selection[start]:
-            continue
-        layers = f"layer {start}" if i - 1 == start else f"layers {start}-{i - 1}"
-        listed = expert_ranges(selection[start])
-        if len(listed) > LIST_CHARS:
-            listed = f"{len(selection[start])} experts ({listed[:LIST_CHARS]}...)"
-        parts.append(f"{layers}: {listed}")
-        start = i
-    return "; ".join(parts)
+    return "; ".join(f"{layers}: {expert_list(experts)}"
+                     for layers, experts in layer_runs(selection))
 
 
 def _coverage(shards: Sequence[ShardExperts], expert_count: int, layers: int) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlparse
@@ -167,3 +167,16 @@ async def mirror_prefix(store: KeyValueStore, prefix: str) -> AsyncIterator[dict
         except Exception as exc:  # any transport failure: resynchronise from a snapshot
             log.warning("watch on %s broke (%s); resynchronising in 1 s", prefix, exc)
         await asyncio.sleep(1.0)
+
+
+async def write_changed(store: KeyValueStore, held: Mapping[str, bytes],
+                        wanted: Mapping[str, bytes]) -> list[str]:
+    """Makes the keys of `held` (what a prefix holds now) into `wanted`: deletes those not
+    wanted, puts those new or changed, and returns the keys it put. An unchanged record is
+    not written, since every write wakes each watcher of the prefix."""
+    for key in held.keys() - wanted.keys():
+        await store.delete(key)
+    written = [key for key, value in wanted.items() if held.get(key) != value]
+    for key in written:
+        await store.put(key, wanted[key])
+    return written

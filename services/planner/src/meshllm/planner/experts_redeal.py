@@ -22,12 +22,11 @@ import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 
 from meshllm.common.config import format_size
-from meshllm.common.moe import ExpertSelection, MoeLayout, expert_ranges
+from meshllm.common.moe import ExpertSelection, MoeLayout, expert_list, layer_runs
 from meshllm.common.types import ExpertDeal, ModelSpec, Replica, WorkerId, WorkerInfo
 from meshllm.planner.experts import shard_need, shards_why
 
 HOLES = "expert shards with holes: "  # opens the why of a deal whose shards lack experts
-LIST_CHARS = 48  # an expert list longer than this is cut short (a why stays readable)
 MAX_RUNS = 4     # runs of layers named in a why; the rest are counted
 
 
@@ -44,25 +43,17 @@ def missing_experts(layout: MoeLayout, selections: Sequence[ExpertSelection]
 
 
 def _experts(experts: Sequence[int]) -> str:
-    listed = expert_ranges(experts)
     if len(experts) == 1:
-        return f"expert {listed}"
-    if len(listed) > LIST_CHARS:
-        return f"{len(experts)} experts ({listed[:LIST_CHARS]}...)"
-    return f"experts {listed}"
+        return f"expert {experts[0]}"
+    listed = expert_list(experts)
+    return listed if listed.endswith("...)") else f"experts {listed}"  # cut: counted
 
 
 def describe_missing(missing: ExpertSelection) -> str:
     """`experts 3,5 of layers 0-3; expert 2 of layer 5`: each run of layers that lack the
     same experts (layers lacking none left out), the first MAX_RUNS of them."""
-    parts, start = [], 0
-    for i in range(1, len(missing) + 1):
-        if i < len(missing) and missing[i] == missing[start]:
-            continue
-        if missing[start]:
-            layers = f"layer {start}" if i - 1 == start else f"layers {start}-{i - 1}"
-            parts.append(f"{_experts(missing[start])} of {layers}")
-        start = i
+    parts = [f"{_experts(experts)} of {layers}" for layers, experts in layer_runs(missing)
+             if experts]
     more = len(parts) - MAX_RUNS
     return "; ".join(parts[:MAX_RUNS]) + (f"; and {more} more runs of layers" if more > 0
                                           else "")

@@ -193,28 +193,20 @@ class Planner:
                   for v in verdicts}
         if self._left_out_held is None:
             self._left_out_held = await self._kv.get_prefix(store.LEFT_OUT)
-        if wanted == self._left_out_held:
-            return
-        for key in self._left_out_held.keys() - wanted.keys():
-            await self._kv.delete(key)
-        for key, value in wanted.items():
-            if self._left_out_held.get(key) != value:
-                await self._kv.put(key, value)
-        self._left_out_held = wanted
+        if wanted != self._left_out_held:
+            await store.write_changed(self._kv, self._left_out_held, wanted)
+            self._left_out_held = wanted
 
     async def _publish_models(self, specs: Sequence[ModelSpec],
                               notes: Mapping[ModelId, str]) -> None:
         wanted = {store.MODELS + m.model_id: convert.model_spec_to_pb(m).SerializeToString()
                   for m in specs}
         held = await self._kv.get_prefix(store.MODELS)
-        for key in held.keys() - wanted.keys():
-            await self._kv.delete(key)
-        for key, value in wanted.items():
-            if held.get(key) != value:  # an unchanged record is not written: no watch event
-                await self._kv.put(key, value)
-                model_id = ModelId(key.removeprefix(store.MODELS))
-                if model_id in notes:
-                    log.info("model %s: %s", model_id, notes[model_id])
+        for key in await store.write_changed(self._kv, held, wanted):
+            model_id = ModelId(key.removeprefix(store.MODELS))
+            if model_id in notes:
+                log.info("model %s: %s", model_id, notes[model_id])
+
     async def _read_published(self) -> dict[ModelId, Placement]:
         found: dict[ModelId, Placement] = {}
         for key, value in (await self._kv.get_prefix(store.PLACEMENTS)).items():

@@ -63,10 +63,6 @@ class Dist:
     ids: npt.NDArray[np.int64]
     probs: npt.NDArray[np.float64]
 
-    def prob(self, token: int) -> float:
-        hit = np.flatnonzero(self.ids == token)
-        return float(self.probs[hit[0]]) if hit.size else 0.0
-
 
 def adjust(logits: Logits, spec: SamplerSpec, history: Sequence[int]) -> Logits:
     """Logit bias and repeat/presence/frequency penalties over the last `penalty_last_n`."""
