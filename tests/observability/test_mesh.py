@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Mapping
@@ -229,6 +231,13 @@ def _assert_suspect_shown(page: Page, mesh: ObservedMesh, node: NodeStatus) -> N
     text = page.evaluate(f"{line}.textContent")
     assert "gw-test: stream failed: Socket closed" in text, text
     assert text.startswith(("being probed", "left out")), text
+    # The installed executable prints it under SUSPECTS, as the README shows.
+    out = subprocess.run([str(Path(sys.executable).parent / "mesh-llm"), "status", "--etcd",
+                          mesh.etcd_url], capture_output=True, text=True, timeout=30, check=True)
+    line = next(x for x in out.stdout.splitlines() if x.strip().startswith(node.worker_id)
+                and "reported by gw-test" in x)
+    assert "SUSPECTS (1, reported unreachable)" in out.stdout, out.stdout
+    assert "stream failed: Socket closed" in line, line
 
 
 def test_console_shows_the_mesh_and_updates_live(observed_mesh: ObservedMesh,
