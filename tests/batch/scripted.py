@@ -100,6 +100,8 @@ def solo_greedy(prompt: Sequence[int], n: int) -> list[int]:
 class CorruptingDrafter:
     """Proposes the target's continuation with every third token wrong."""
 
+    free = False  # asked only for drafts that are verified: `proposed` counts those
+
     def __init__(self) -> None:
         self.proposed = 0
 

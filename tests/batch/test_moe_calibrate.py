@@ -21,6 +21,7 @@ from meshllm.worker.moe_calibrate import (
     NotAMoeModel,
     cached_ranking,
     calibrate,
+    load_ranking,
     ranking_key,
     ranking_path,
     read_prompts,
@@ -178,21 +179,18 @@ def rpc_server(cache: Path) -> Iterator[str]:
 
 def test_a_layer_split_counts_as_the_whole_model(skewed: Path, ranking: ExpertRanking,
                                                  tmp_path: Path) -> None:
-    """A model no node holds is calibrated over a layer split: its last 2 layers (the
-    routers included) on a ggml RPC server, seen by the same callback."""
+    """A model no node holds is calibrated over a layer split, as `mesh-llm calibrate
+    --rpc` runs it: its last 2 layers (the routers included) on a ggml RPC server, seen by
+    the same callback, and the ranking cached as the whole model's would be."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n\n".join(PROMPTS))
     with rpc_server(tmp_path / "cache") as endpoint:
-        split = subprocess.run(  # a process of its own: RPC devices stay registered
-            [sys.executable, "-c", SPLIT_CALIBRATION, str(skewed), endpoint, *PROMPTS],
+        split = subprocess.run(
+            [sys.executable, "-m", "meshllm.cli.main", "calibrate", str(skewed),
+             "--prompts", str(prompts), "--data-dir", str(tmp_path / "data"),
+             "--threads", "1", "--no-publish", "--rpc", endpoint, "--rpc-layers", "2"],
             capture_output=True, text=True, timeout=300)
     assert split.returncode == 0, split.stderr[-2000:]
-    assert split.stdout.strip().splitlines()[-1] == repr(ranking.counts)
-
-
-SPLIT_CALIBRATION = """
-import sys
-from pathlib import Path
-from meshllm.worker.moe_calibrate import calibrate
-
-ranking = calibrate(Path(sys.argv[1]), sys.argv[3:], stages=[sys.argv[2]], stage_layers=[2])
-print(repr(ranking.counts))
-"""
+    assert "counted in" in split.stdout and "published" not in split.stdout
+    cached = load_ranking(tmp_path / "data", model_digest(skewed), PROMPTS)
+    assert cached is not None and cached.counts == ranking.counts

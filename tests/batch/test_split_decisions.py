@@ -4,8 +4,20 @@ and the placeholder rows that keep a step's decodes in one ubatch (ubatch)."""
 from __future__ import annotations
 
 import pytest
-from meshllm.worker.engine.batch.draft_tuning import DraftTuner, draft_length
-from meshllm.worker.engine.batch.ubatch import count_ubatches, gap_fillers, padded_drafts
+from meshllm.worker.engine.batch.draft import ShadowDrafts
+from meshllm.worker.engine.batch.draft_tuning import (
+    NOMINAL_STEP_S,
+    ROW_SHARE,
+    CostFit,
+    DraftTuner,
+    draft_length,
+)
+from meshllm.worker.engine.batch.ubatch import (
+    count_ubatches,
+    cut_drafts,
+    gap_fillers,
+    padded_drafts,
+)
 from meshllm.worker.links import step_round_trip_s
 
 STEP = 0.023  # gemma3-270m, one sequence, 2 threads, here
@@ -102,6 +114,97 @@ ROW, PASS = 0.004, 0.023
 def test_padded_drafts(lengths: dict[int, int], caps: dict[int, int], ubatch_s: float,
                        expected: dict[int, int]) -> None:
     assert padded_drafts(lengths, caps, ROW, ubatch_s) == expected
+
+
+SLOW = PASS + 0.04  # a pass and the round trips of a 2-hop split at +20 ms per hop
+
+
+@pytest.mark.parametrize(("lengths", "acceptance", "ubatch_s", "expected"), [
+    # two streams of eight found a draft: three passes for them, so none is drafted
+    ({0: 0, 1: 0, 2: 3, 3: 0, 4: 0, 5: 3, 6: 0, 7: 0}, 0.5, SLOW, dict.fromkeys(range(8), 0)),
+    ({0: 0, 1: 0, 2: 3, 3: 0, 4: 0, 5: 3, 6: 0, 7: 0}, 0.9, SLOW, dict.fromkeys(range(8), 0)),
+    # all drafted, unequally: cut to the shortest, one pass
+    ({0: 4, 1: 2, 2: 3, 3: 4}, 0.7, SLOW, dict.fromkeys(range(4), 2)),
+    ({0: 4, 1: 4}, 0.7, SLOW, {0: 4, 1: 4}),              # already one pass
+    ({0: 4, 1: 1}, 0.95, PASS, {0: 1, 1: 1}),  # a second pass for 3 more: not worth it
+    ({0: 4, 1: 0}, 0.95, PASS, {0: 4, 1: 0}),  # 4 nearly sure tokens are worth a pass
+    ({0: 4, 1: 0}, 0.3, PASS, {0: 0, 1: 0}),              # rarely right: one pass
+    ({0: 2}, 0.0, PASS, {0: 0}),                          # never right: not worth its rows
+    ({0: 0, 1: 0}, 0.5, PASS, {0: 0, 1: 0}),
+    ({}, 0.5, PASS, {}),
+])
+def test_cut_drafts(lengths: dict[int, int], acceptance: float, ubatch_s: float,
+                    expected: dict[int, int]) -> None:
+    assert cut_drafts(lengths, acceptance, ROW, ubatch_s) == expected
+
+
+@pytest.mark.parametrize("acceptance", [0.0, 0.3, 0.6, 0.9, 1.0])
+def test_cut_drafts_only_shortens(acceptance: float) -> None:
+    lengths = {0: 5, 1: 0, 2: 2, 3: 7, 5: 1, 6: 3}
+    cut = cut_drafts(lengths, acceptance, ROW, SLOW)
+    assert cut.keys() == lengths.keys()
+    assert all(0 <= cut[s] <= lengths[s] for s in lengths)
+    assert len({n for s, n in cut.items() if n < lengths[s]}) <= 1  # one common cut
+
+
+def test_tuner_counts_each_pass_as_a_round_trip() -> None:
+    tuner = DraftTuner(rtt_s=0.04, k_max=8)
+    tuner.observe(wall_s=3 * (0.04 + STEP * 5 / 6) + 10 * STEP / 6, rows=10, accepted=0,
+                  rejected=0, passes=3)
+    assert tuner.step_s == pytest.approx(STEP)
+
+
+@pytest.mark.parametrize(("shapes", "expected"), [
+    ([(1, 1), (1, 8), (2, 9), (1, 4)], (0.006, 0.018)),  # a CPU: rows dear
+    ([(1, 8), (1, 16), (3, 24)], (0.040, 0.001)),        # a GPU or a slow link: passes dear
+    ([(1, 8)] * 5, None),                                # one shape: pass and row unknown
+    ([(1, 2), (2, 4), (3, 6)], None),                    # rows in step with passes
+])
+def test_cost_fit(shapes: list[tuple[int, int]],
+                  expected: tuple[float, float] | None) -> None:
+    fit = CostFit()
+    true_pass, true_row = expected or (0.01, 0.01)
+    for passes, rows in shapes:
+        fit.add(passes, rows, passes * true_pass + rows * true_row)
+    split = fit.split()
+    if expected is None:
+        assert split is None
+    else:
+        assert split is not None and split == pytest.approx(expected)
+
+
+def test_cost_fit_never_goes_below_zero() -> None:
+    fit = CostFit()
+    fit.add(1, 1, 0.010)  # two rows cost three times one (seen on this CPU): the line
+    fit.add(1, 2, 0.030)  # through them has a negative pass; a step is all rows then
+    split = fit.split()
+    assert split is not None and split[0] == 0.0 and split[1] == pytest.approx(0.014, rel=0.01)
+
+
+def test_tuner_uses_the_fitted_costs_and_a_nominal_step_before_any() -> None:
+    tuner = DraftTuner(rtt_s=0.0, k_max=8)
+    assert tuner.row_s == pytest.approx(ROW_SHARE * NOMINAL_STEP_S)
+    for rows in (1, 2, 1, 3, 1, 2):  # a CPU: each row three times a pass
+        tuner.observe(wall_s=0.005 + rows * 0.015, rows=rows, accepted=0, rejected=0)
+    assert tuner.pass_s == pytest.approx(0.005) and tuner.row_s == pytest.approx(0.015)
+    assert tuner.step_s == pytest.approx(0.02)
+    tuner.acceptance = 0.7
+    assert tuner.length(1) == 0  # a fair drafter does not pay for rows that dear
+
+
+@pytest.mark.parametrize(("draft", "emitted", "scores", "idle"), [
+    ([5, 6, 7], [[5], [6], [7]], [(1, 0), (1, 0), (1, 0)], True),
+    ([5, 6, 7], [[5], [9], [7]], [(1, 0), (0, 1), (0, 0)], True),   # cut at the second
+    ([5, 6, 7], [[5, 6, 7, 8]], [(3, 0)], True),                    # a verified run of four
+    ([5, 6, 7], [[5, 6]], [(2, 0)], False),                         # one still to come
+    ([5], [[4, 5]], [(0, 1)], True),
+])
+def test_shadow_drafts(draft: list[int], emitted: list[list[int]],
+                       scores: list[tuple[int, int]], idle: bool) -> None:
+    shadows = ShadowDrafts()
+    shadows.start(3, draft)
+    assert [shadows.emitted(3, tokens) for tokens in emitted] == scores
+    assert shadows.idle(3) is idle and shadows.emitted(4, [5]) == (0, 0)
 
 
 @pytest.mark.parametrize(("measured", "stages", "expected"), [

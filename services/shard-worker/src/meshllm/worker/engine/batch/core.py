@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
@@ -62,14 +63,15 @@ def make_drafter(config: BatchConfig, n_batch: int) -> Drafter | None:
 class BatchEngine:
     def __init__(self, config: BatchConfig, backend: Backend | None = None,
                  drafter: Drafter | None = None,
-                 embedder: Callable[[], Embedder] | None = None) -> None:
+                 embedder: Callable[[], Embedder] | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         self.config = config
         self._backend: Backend = backend or LlamaBackend(
             config.model_path, config.context(config.n_batch), config.model_load)
         if drafter is None and backend is None and config.speculative:
             drafter = make_drafter(config, config.n_batch)
         self._counters = Counters()
-        self._runner = StepRunner(config, self._backend, drafter, self._counters)
+        self._runner = StepRunner(config, self._backend, drafter, self._counters, clock)
         self._cond = threading.Condition()
         self._queue: deque[Submission] = deque()
         self._sinks: dict[str, OnEvent] = {}  # every queued or running request

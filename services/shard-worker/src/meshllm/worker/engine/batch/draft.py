@@ -16,10 +16,54 @@ Wants = Mapping[int, tuple[Sequence[int], int]]
 
 
 class Drafter(Protocol):
+    # Asking costs next to nothing (no model runs): its drafts can be checked against what
+    # the target then emits without verifying them (ShadowDrafts).
+    free: bool
+
     def propose(self, wants: Wants) -> dict[int, list[int]]: ...
 
 
+class ShadowDrafts:
+    """Drafts proposed but not verified, checked against the tokens their slot emits next:
+    how a free drafter's acceptance is measured while drafting does not pay, so that the
+    tuner sees when the text starts repeating without spending rows on probes. What a
+    shadow scores is what verification would have kept (it keeps a draft while the
+    target's own picks match it)."""
+
+    def __init__(self) -> None:
+        self._pending: dict[int, list[int]] = {}
+
+    def idle(self, slot: int) -> bool:
+        return slot not in self._pending
+
+    def start(self, slot: int, draft: Sequence[int]) -> None:
+        if draft:
+            self._pending[slot] = list(draft)
+
+    def drop(self, slot: int) -> None:
+        self._pending.pop(slot, None)
+
+    def emitted(self, slot: int, tokens: Sequence[int]) -> tuple[int, int]:
+        """(drafted tokens that matched, 1 if the draft was cut short else 0)."""
+        draft = self._pending.get(slot)
+        kept = 0
+        for token in tokens:
+            if draft is None:
+                break
+            if draft[0] != token:
+                self.drop(slot)
+                return kept, 1
+            kept += 1
+            draft.pop(0)
+            if not draft:
+                self.drop(slot)
+                draft = None
+        return kept, 0
+
+
 class NgramDrafter:
+    free = True
+
     def __init__(self, n_max: int, n_min: int) -> None:
         self._n_max, self._n_min = n_max, n_min
 
@@ -31,6 +75,8 @@ class NgramDrafter:
 class ModelDrafter:
     """A small model with the target's vocabulary, one sequence per slot, kept in step with
     the target's history (only the tokens it has not seen are evaluated)."""
+
+    free = False
 
     def __init__(self, backend: Backend, n_slots: int, n_batch: int) -> None:
         self._b = backend

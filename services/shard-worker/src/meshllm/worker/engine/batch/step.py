@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from meshllm.worker.engine.batch.backend import Backend
 from meshllm.worker.engine.batch.config import BatchConfig
-from meshllm.worker.engine.batch.draft import Drafter
-from meshllm.worker.engine.batch.draft_tuning import ROW_SHARE, DraftTuner, usable_rtt_s
+from meshllm.worker.engine.batch.draft import Drafter, ShadowDrafts
+from meshllm.worker.engine.batch.draft_tuning import DraftTuner, usable_rtt_s
 from meshllm.worker.engine.batch.errors import engine_error
 from meshllm.worker.engine.batch.events import Event, Failed
 from meshllm.worker.engine.batch.request import Active
@@ -22,7 +22,12 @@ from meshllm.worker.engine.batch.scheduler import (
     plan_step,
 )
 from meshllm.worker.engine.batch.speculative import Verdict
-from meshllm.worker.engine.batch.ubatch import gap_fillers, padded_drafts
+from meshllm.worker.engine.batch.ubatch import (
+    count_ubatches,
+    cut_drafts,
+    gap_fillers,
+    padded_drafts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +65,19 @@ class Batch:
 
 class StepRunner:
     def __init__(self, config: BatchConfig, backend: Backend, drafter: Drafter | None,
-                 counters: Counters) -> None:
+                 counters: Counters, clock: Callable[[], float] = time.perf_counter) -> None:
         self.config = config
+        self._clock = clock  # what the draft tuner times steps with
         self.slots: list[Active | None] = [None] * config.n_slots
         self.cached: list[list[int]] = [[] for _ in range(config.n_slots)]  # tokens in KV
         self.freed_at: list[int] = [0] * config.n_slots
         self._b, self._drafter, self._c = backend, drafter, counters
         self._admissions = 0
-        self._tuner = DraftTuner(usable_rtt_s(config.link_rtt_s), config.draft_max)
+        free = drafter is not None and drafter.free
+        self._tuner = DraftTuner(usable_rtt_s(config.link_rtt_s), config.draft_max,
+                                 probing=not free)
+        self._shadows = ShadowDrafts() if free else None
+        self._kept = 0  # drafted tokens kept, shadows' included, for the tuner
         self._rejected = 0  # drafts cut short by a rejected token, for the tuner
         self._padding: dict[int, int] = {}  # slot -> filler tokens at its draft's end
 
@@ -104,7 +114,7 @@ class StepRunner:
             return False
         fillers = self._fillers(plan, drafts)
         batch = self._build(plan, drafts, fillers)
-        started, accepted, rejected = time.perf_counter(), self._c.accepted, self._rejected
+        started, kept, rejected = self._clock(), self._kept, self._rejected
         try:
             rows = self._b.decode(batch.tokens, batch.positions, batch.seqs, batch.outputs)
         except Exception as exc:
@@ -115,11 +125,11 @@ class StepRunner:
         for i in fillers:  # placeholders leave the slot's cache as it was
             self.trim(i, len(self.cached[i]) - fillers[i])
         self._c.steps += 1
-        wall_s = time.perf_counter() - started
+        wall_s = self._clock() - started
         self._consume(plan, drafts, rows, out)
         if self._drafter is not None and not plan.prefill:
-            self._tuner.observe(wall_s, len(batch.tokens), self._c.accepted - accepted,
-                                self._rejected - rejected)
+            self._tuner.observe(wall_s, len(batch.tokens), self._kept - kept,
+                                self._rejected - rejected, self._passes(plan, drafts, fillers))
         return True
 
     def _drafts(self) -> dict[int, list[int]]:
@@ -140,26 +150,64 @@ class StepRunner:
             k = draft_budget(length, a.remaining, room)
             if k > 0:
                 wants[i] = (a.history(), k)
-        proposed = self._drafter.propose(wants) if wants else {}
+        if not wants:
+            self._shadow(length)
+            return {}
+        proposed = self._drafter.propose(wants)
         drafts = {i: d[: wants[i][1]] for i, d in proposed.items() if d}
-        return self._pad(drafts, caps) if self.config.pad_drafts else drafts
+        # Padded as far as the caps let, then cut to what one ubatch holds.
+        return self._cut(self._pad(drafts, caps) if self.config.pad_drafts else drafts)
+
+    def _shadow(self, length: int) -> None:
+        """While drafting does not pay, a free drafter's guesses for the coming tokens are
+        kept aside and scored against them (ShadowDrafts), measuring its acceptance."""
+        if self._shadows is None or self._drafter is None or length:
+            return
+        wants = {i: (self._active(i).history(), self.config.draft_max)
+                 for i in self._decoding() if self._shadows.idle(i)}
+        for i, draft in (self._drafter.propose(wants) if wants else {}).items():
+            self._shadows.start(i, draft)
+
+    def _decoding(self) -> list[int]:
+        return [i for i, a in enumerate(self.slots)
+                if a is not None and not a.prompt_left and a.generated]
+
+    def _cut(self, drafts: dict[int, list[int]]) -> dict[int, list[int]]:
+        """Drafts cut to a common length when the ubatches that saves are worth more than
+        the tokens it gives up (ubatch.cut_drafts)."""
+        decoding, t = self._decoding(), self._tuner
+        if len(decoding) < 2 or not drafts:
+            return drafts
+        lengths = {i: len(drafts.get(i, ())) for i in decoding}
+        cut = cut_drafts(lengths, t.acceptance, t.row_s, t.rtt_s + t.pass_s)
+        for i, pad in list(self._padding.items()):  # what is left of a padded draft's tail
+            self._padding[i] = max(0, cut[i] - (lengths[i] - pad))
+        return {i: drafts[i][:n] for i, n in cut.items() if n}
 
     def _pad(self, drafts: dict[int, list[int]], caps: dict[int, int]
              ) -> dict[int, list[int]]:
         """Drafts padded to fewer ubatches when that is cheaper (ubatch.padded_drafts)."""
-        decoding = [i for i, a in enumerate(self.slots)
-                    if a is not None and not a.prompt_left and a.generated]
-        t = self._tuner
-        if len(decoding) < 2 or not drafts or t.step_s == 0.0:
+        decoding, t = self._decoding(), self._tuner
+        if len(decoding) < 2 or not drafts:
             return drafts
         lengths = {i: len(drafts.get(i, ())) for i in decoding}
-        padded = padded_drafts(lengths, caps, ROW_SHARE * t.step_s, t.step_s + t.rtt_s)
+        padded = padded_drafts(lengths, caps, t.row_s, t.rtt_s + t.pass_s + t.row_s)
         out = dict(drafts)
         for i, n in padded.items():
             if n > lengths[i]:
                 out[i] = [*drafts.get(i, ()), *[PAD_TOKEN] * (n - lengths[i])]
                 self._padding[i] = n - lengths[i]
         return out
+
+    def _passes(self, plan: StepPlan, drafts: dict[int, list[int]],
+                fillers: dict[int, int]) -> int:
+        """The ubatches llama.cpp made of a decode-only step (ubatch.count_ubatches)."""
+        rows = [0] * self.config.n_slots
+        for i in plan.decode:
+            rows[i] = 1 + len(drafts.get(i, ()))
+        for i, n in fillers.items():
+            rows[i] = n
+        return count_ubatches(rows)
 
     def _fillers(self, plan: StepPlan, drafts: dict[int, list[int]]) -> dict[int, int]:
         """Placeholder rows in idle slots that join the decodes into one ubatch (ubatch.py)."""
@@ -215,7 +263,19 @@ class StepRunner:
         self._c.seq_steps += 1
         self._c.drafted += real
         self._c.accepted += min(verdict.accepted, real)
+        self._kept += min(verdict.accepted, real)
+        self._score_shadow(i, draft, verdict.tokens)
         self._emit(i, verdict.tokens, out)
+
+    def _score_shadow(self, i: int, draft: list[int], tokens: Sequence[int]) -> None:
+        if self._shadows is None:
+            return
+        if draft:  # verified for real: the shadow's guess is stale
+            self._shadows.drop(i)
+            return
+        kept, cut = self._shadows.emitted(i, tokens)
+        self._kept += kept
+        self._rejected += cut
 
     @staticmethod
     def _history(a: Active) -> Sequence[int]:
@@ -240,6 +300,8 @@ class StepRunner:
 
     def _free(self, i: int) -> None:
         self.slots[i] = None
+        if self._shadows is not None:
+            self._shadows.drop(i)
         self.freed_at[i] = self._c.steps
 
     def fail_all(self, exc: BaseException, out: list[Event]) -> None:

@@ -1,0 +1,83 @@
+"""The draft tuner on the scripted model with a clock charged as a device would charge it:
+the cost of a pass and of a row fitted from the steps, and a free drafter (n-gram) measured
+from shadow drafts instead of probes while drafting does not pay."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from meshllm.common.types import SamplingParams
+from meshllm.worker.engine.batch import BatchConfig, BatchEngine, SpecMode
+from meshllm.worker.engine.batch.sampling import Logits
+
+from .collect import Collector, drain
+from .scripted import ScriptedBackend, solo_greedy, target_rule
+
+PROMPT = [1, 2, 3]
+WRONG_FOR = 40  # generated tokens during which the drafter guesses wrong
+GREEDY = SamplingParams(max_tokens=120, temperature=0.0)
+PASS_S = ROW_S = 0.01  # rows as dear as a pass: a draft pays only when nearly always kept
+
+
+class TurningDrafter:
+    """Wrong for the first WRONG_FOR generated tokens of the request, then always right."""
+
+    def __init__(self, free: bool) -> None:
+        self.free = free
+
+    def propose(self, wants: Mapping[int, tuple[Sequence[int], int]]) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for slot, (hist, k) in wants.items():
+            h = list(hist)
+            for _ in range(k):
+                t = target_rule(h)
+                h.append(t if len(h) - len(PROMPT) >= WRONG_FOR else (t + 1) % 31)
+            out[slot] = h[len(hist):]
+        return out
+
+
+class ChargingBackend(ScriptedBackend):
+    """Charges the clock a pass and a row for each decode; records each decode's first
+    position and rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+        self.decodes: list[tuple[int, int]] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def decode(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int],
+               outputs: Sequence[bool]) -> list[Logits]:
+        self.now += PASS_S + len(tokens) * ROW_S
+        self.decodes.append((positions[0], len(tokens)))
+        return super().decode(tokens, positions, seqs, outputs)
+
+
+def rows_by_phase(free: bool) -> tuple[list[int], list[int], BatchEngine]:
+    """Rows of each decode step while the drafter is wrong (after the first 8 tokens, which
+    the tuner spends learning the costs) and once it is right."""
+    backend = ChargingBackend()
+    eng = BatchEngine(BatchConfig(model_path="scripted", n_ctx=1024, n_slots=1, n_batch=64,
+                                  spec_mode=SpecMode.NGRAM, draft_max=8),
+                      backend, TurningDrafter(free), clock=backend.clock)
+    c = Collector()
+    eng.submit("r", PROMPT, GREEDY, c)
+    drain(eng)
+    assert c.ids["r"] == solo_greedy(PROMPT, 120)
+    generated = [(pos - len(PROMPT) + 1, rows) for pos, rows in backend.decodes[1:]]
+    wrong = [rows for done, rows in generated if 8 <= done < WRONG_FOR]
+    right = [rows for done, rows in generated if done >= WRONG_FOR]
+    return wrong, right, eng
+
+
+def test_a_free_drafter_is_not_probed_and_drafts_once_its_shadows_are_kept() -> None:
+    wrong, right, eng = rows_by_phase(free=True)
+    assert wrong and set(wrong) == {1}  # no probe spent a row
+    assert max(right) > 1 and eng.stats().accepted_tokens > 0
+
+
+def test_a_drafter_that_costs_something_is_probed_instead() -> None:
+    wrong, _, _ = rows_by_phase(free=False)
+    assert max(wrong) == 2  # one drafted token, one step in eight
