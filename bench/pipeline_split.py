@@ -61,7 +61,9 @@ def start_mesh(tmp: Path, name: str) -> tuple[LocalMesh, openai.OpenAI]:
     budgets, stages, flags = TOPOLOGIES[name]
     mesh = LocalMesh(tmp, MeshOptions(
         workers=len(budgets), worker_memories=budgets, expect_replicas=1,
-        worker_args=flags, planner_args=("--slots", "1")))
+        # The split's own cost, without the n-gram drafting a split head gets by default
+        # (`auto`): speculation across a split is bench/split_latency.py's.
+        worker_args=flags, planner_args=("--slots", "1", "--speculative", "none")))
     mesh.start()
     replica = mesh.status()["models"][0]["replicas"][0]
     assert len(replica["stages"]) == stages, replica

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 from meshllm.worker.engine.batch.sampling import Logits
+from meshllm.worker.engine.batch.ubatch import count_ubatches
 
 V = 32
 EOG = V - 1
@@ -95,6 +96,35 @@ def solo_greedy(prompt: Sequence[int], n: int) -> list[int]:
     for _ in range(n):
         hist.append(target_rule(hist))
     return hist[len(prompt):]
+
+
+class ChargedBackend(ScriptedBackend):
+    """The scripted model behind a clock charged as a device would charge it, so that the
+    draft tuner decides alike on any machine: per decode, a pass and the link's round trip
+    for each ubatch llama.cpp would make (ubatch.count_ubatches), and each row. Pass
+    `clock` to the engine. Records the ubatches of each decode-only step of several slots,
+    and each decode's first position and rows."""
+
+    def __init__(self, pass_s: float = 0.05, row_s: float = 0.002, rtt_s: float = 0.0,
+                 rule: Callable[[Sequence[int]], int] = target_rule) -> None:
+        super().__init__(rule)
+        self.pass_s, self.row_s, self.rtt_s = pass_s, row_s, rtt_s
+        self.now = 0.0
+        self.ubatches: list[int] = []
+        self.decodes: list[tuple[int, int]] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def decode(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int],
+               outputs: Sequence[bool]) -> list[Logits]:
+        per_seq = [seqs.count(s) for s in range(max(seqs) + 1)]
+        passes = count_ubatches(per_seq)
+        self.now += passes * (self.pass_s + self.rtt_s) + len(tokens) * self.row_s
+        self.decodes.append((positions[0], len(tokens)))
+        if all(outputs) and sum(n > 0 for n in per_seq) > 1:
+            self.ubatches.append(passes)
+        return super().decode(tokens, positions, seqs, outputs)
 
 
 class CorruptingDrafter:

@@ -13,7 +13,7 @@ from meshllm.common.types import Grammar, GrammarKind, SamplingParams
 from meshllm.worker.engine.batch import BatchConfig, BatchEngine, SpecMode
 
 from .collect import Collector, drain
-from .scripted import EOG, CorruptingDrafter, ScriptedBackend, solo_greedy
+from .scripted import EOG, ChargedBackend, CorruptingDrafter, ScriptedBackend, solo_greedy
 
 GREEDY = SamplingParams(max_tokens=20, temperature=0.0)
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8], [9], [3, 1, 4, 1, 5, 9, 2, 6]]
@@ -24,7 +24,10 @@ FEW_LETTERS = Grammar(GrammarKind.LARK, "start: /[a-e]{3,12}/")
 def engine(spec: bool = False, n_slots: int = 4) -> BatchEngine:
     cfg = BatchConfig(model_path="scripted", n_ctx=1024, n_slots=n_slots, n_batch=64,
                       spec_mode=SpecMode.NGRAM if spec else SpecMode.NONE, draft_max=4)
-    return BatchEngine(cfg, ScriptedBackend(), CorruptingDrafter() if spec else None)
+    if not spec:
+        return BatchEngine(cfg, ScriptedBackend())
+    backend = ChargedBackend()  # passes dear: drafting pays whatever this machine's speed
+    return BatchEngine(cfg, backend, CorruptingDrafter(), clock=backend.clock)
 
 
 def run(eng: BatchEngine, sampling: SamplingParams = GREEDY, grammar: Grammar | None = None,

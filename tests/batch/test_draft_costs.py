@@ -8,10 +8,9 @@ from collections.abc import Mapping, Sequence
 
 from meshllm.common.types import SamplingParams
 from meshllm.worker.engine.batch import BatchConfig, BatchEngine, SpecMode
-from meshllm.worker.engine.batch.sampling import Logits
 
 from .collect import Collector, drain
-from .scripted import ScriptedBackend, solo_greedy, target_rule
+from .scripted import ChargedBackend, solo_greedy, target_rule
 
 PROMPT = [1, 2, 3]
 WRONG_FOR = 40  # generated tokens during which the drafter guesses wrong
@@ -36,29 +35,10 @@ class TurningDrafter:
         return out
 
 
-class ChargingBackend(ScriptedBackend):
-    """Charges the clock a pass and a row for each decode; records each decode's first
-    position and rows."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.now = 0.0
-        self.decodes: list[tuple[int, int]] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    def decode(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int],
-               outputs: Sequence[bool]) -> list[Logits]:
-        self.now += PASS_S + len(tokens) * ROW_S
-        self.decodes.append((positions[0], len(tokens)))
-        return super().decode(tokens, positions, seqs, outputs)
-
-
 def rows_by_phase(free: bool) -> tuple[list[int], list[int], BatchEngine]:
     """Rows of each decode step while the drafter is wrong (after the first 8 tokens, which
     the tuner spends learning the costs) and once it is right."""
-    backend = ChargingBackend()
+    backend = ChargedBackend(PASS_S, ROW_S)
     eng = BatchEngine(BatchConfig(model_path="scripted", n_ctx=1024, n_slots=1, n_batch=64,
                                   spec_mode=SpecMode.NGRAM, draft_max=8),
                       backend, TurningDrafter(free), clock=backend.clock)

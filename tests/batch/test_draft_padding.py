@@ -13,11 +13,9 @@ from collections.abc import Mapping, Sequence
 import pytest
 from meshllm.common.types import SamplingParams
 from meshllm.worker.engine.batch import BatchConfig, BatchEngine, SpecMode
-from meshllm.worker.engine.batch.sampling import Logits
-from meshllm.worker.engine.batch.ubatch import count_ubatches
 
 from .collect import Collector, drain
-from .scripted import CorruptingDrafter, ScriptedBackend, solo_greedy
+from .scripted import ChargedBackend, CorruptingDrafter, solo_greedy
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
 SAMPLED = SamplingParams(max_tokens=24, temperature=1.0, seed=3)
@@ -39,31 +37,9 @@ class UnevenDrafter(CorruptingDrafter):
         return drafts
 
 
-class CostedBackend(ScriptedBackend):
-    """Counts the ubatches llama.cpp would make of each decode-only step of several slots,
-    and charges the clock for every decode."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.now = 0.0
-        self.ubatches: list[int] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    def decode(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int],
-               outputs: Sequence[bool]) -> list[Logits]:
-        per_seq = [seqs.count(s) for s in range(max(seqs) + 1)]
-        passes = count_ubatches(per_seq)
-        self.now += passes * PASS_S + len(tokens) * ROW_S
-        if all(outputs) and sum(n > 0 for n in per_seq) > 1:
-            self.ubatches.append(passes)
-        return super().decode(tokens, positions, seqs, outputs)
-
-
 def run(pad: bool, sampling: SamplingParams = GREEDY
-        ) -> tuple[Collector, BatchEngine, CostedBackend, UnevenDrafter]:
-    backend, drafter = CostedBackend(), UnevenDrafter()
+        ) -> tuple[Collector, BatchEngine, ChargedBackend, UnevenDrafter]:
+    backend, drafter = ChargedBackend(PASS_S, ROW_S), UnevenDrafter()
     eng = BatchEngine(BatchConfig(model_path="scripted", n_ctx=1024, n_slots=4, n_batch=64,
                                   spec_mode=SpecMode.NGRAM, draft_max=4, pad_drafts=pad),
                       backend, drafter, clock=backend.clock)

@@ -9,7 +9,14 @@ from meshllm.worker.engine.batch import BatchConfig, BatchEngine, QueueFull, Spe
 from meshllm.worker.engine.batch.draft import Drafter, ModelDrafter, NgramDrafter
 
 from .collect import Collector, drain
-from .scripted import CorruptingDrafter, ScriptedBackend, draft_rule, solo_greedy, target_rule
+from .scripted import (
+    ChargedBackend,
+    CorruptingDrafter,
+    ScriptedBackend,
+    draft_rule,
+    solo_greedy,
+    target_rule,
+)
 
 GREEDY = SamplingParams(max_tokens=20, temperature=0.0)
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8], [9], [3, 1, 4, 1, 5, 9, 2, 6], [2, 7]]
@@ -34,7 +41,8 @@ def test_speculative_greedy_emits_only_the_targets_choices(drafter: str) -> None
     d = drafters[drafter]
     cfg = BatchConfig(model_path="scripted", n_ctx=1024, n_slots=4, n_batch=64,
                       spec_mode=SpecMode.NGRAM, draft_max=4)
-    eng = BatchEngine(cfg, ScriptedBackend(), d)
+    backend = ChargedBackend()  # passes dear: drafting pays whatever this machine's speed
+    eng = BatchEngine(cfg, backend, d, clock=backend.clock)
     c = Collector()
     for i, p in enumerate(PROMPTS):
         eng.submit(f"r{i}", p, GREEDY, c)

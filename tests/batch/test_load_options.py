@@ -41,6 +41,19 @@ def test_a_head_keeps_its_tensors_and_offloads_the_stages() -> None:
     assert config.load == LoadOptions(True, HEAD_TENSORS, Offload(12, (6.0, 6.0)), progress)
 
 
+@pytest.mark.parametrize(("speculative", "endpoints", "mode"), [
+    ("auto", ("a:1",), SpecMode.NGRAM),   # a split's head: each step waits on its stages
+    ("auto", (), SpecMode.NONE),          # a model whole: drafts would only cost rows
+    ("none", ("a:1",), SpecMode.NONE),    # what was asked wins
+    ("ngram", (), SpecMode.NGRAM),
+])
+def test_auto_speculation_drafts_on_the_head_of_a_split(
+        speculative: str, endpoints: tuple[str, ...], mode: SpecMode) -> None:
+    load = Load(Path("/m.gguf"), 512, 1, rpc_endpoints=endpoints,
+                stage_layers=(9,) * len(endpoints), speculative=speculative)
+    assert batch_config(load).spec_mode is mode
+
+
 def test_stage_layers_must_match_the_endpoints() -> None:
     with pytest.raises(ConfigError):
         batch_config(Load(Path("/m.gguf"), 512, 1, rpc_endpoints=("a:1",), stage_layers=()))

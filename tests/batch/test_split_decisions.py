@@ -8,6 +8,7 @@ from meshllm.worker.engine.batch.draft import ShadowDrafts
 from meshllm.worker.engine.batch.draft_tuning import (
     NOMINAL_STEP_S,
     ROW_SHARE,
+    Acceptance,
     CostFit,
     DraftTuner,
     draft_length,
@@ -53,19 +54,33 @@ def test_draft_length_respects_k_max_and_odd_inputs() -> None:
     assert draft_length(0.0, STEP, 0.9, k_max=0) == 0
 
 
-def test_tuner_starts_long_on_a_slow_link_and_follows_acceptance() -> None:
+def test_tuner_starts_long_on_a_slow_link_and_follows_the_acceptance() -> None:
     slow = DraftTuner(rtt_s=0.1, k_max=8)
-    assert slow.length(1) == 8  # nothing measured yet: the round trip alone says long
-    assert DraftTuner(rtt_s=0.0, k_max=8).length(1) == 2
-    for _ in range(30):  # every draft rejected at once: acceptance falls towards 0
-        slow.observe(wall_s=0.1 + STEP * (1 + 4 / 6), rows=5, accepted=0, rejected=1)
+    assert slow.length(1, 0.5) == 8  # nothing measured yet: the round trip alone says long
+    assert DraftTuner(rtt_s=0.0, k_max=8).length(1, 0.5) == 2
+    for _ in range(30):
+        slow.observe(wall_s=0.1 + STEP * (1 + 4 / 6), rows=5)
     assert slow.step_s == pytest.approx(STEP, rel=0.01)
-    assert slow.acceptance < 0.01
-    lengths = [slow.length(1) for _ in range(16)]  # drafting does not pay: a probe in 8
+    lengths = [slow.length(1, 0.0) for _ in range(16)]  # never kept: a probe in 8
     assert lengths.count(1) == 2 and lengths.count(0) == 14
-    for _ in range(30):  # then every draft kept
-        slow.observe(wall_s=0.1 + STEP * (1 + 4 / 6), rows=5, accepted=4, rejected=0)
-    assert slow.length(1) == 8
+    assert slow.length(1, 0.95) == 8
+
+
+@pytest.mark.parametrize(("updates", "expected"), [
+    ([], 0.5),                       # the prior
+    ([(8, 0)], 0.9),                 # one draft of 8 kept whole
+    ([(0, 1)], 1 / 3),               # one cut at its first token
+    ([(3, 1)], 4 / 6),
+    ([(0, 0)], 0.5),                 # nothing drafted: nothing learnt
+    ([(8, 0)] * 20 + [(0, 1)] * 20, 0.32),  # repeated, then stopped: the old fades
+    ([(8, 0)] * 20 + [(0, 1)] * 40, 0.13),
+])
+def test_acceptance(updates: list[tuple[int, int]], expected: float) -> None:
+    assert Acceptance(prior=0.9).value == 0.9  # what the engine saw lately, at admission
+    acceptance = Acceptance()
+    for kept, cut in updates:
+        acceptance.update(kept, cut)
+    assert acceptance.value == pytest.approx(expected, abs=0.01)
 
 
 @pytest.mark.parametrize(("rows", "idle", "max_rows", "expected"), [
@@ -135,13 +150,20 @@ SLOW = PASS + 0.04  # a pass and the round trips of a 2-hop split at +20 ms per 
 ])
 def test_cut_drafts(lengths: dict[int, int], acceptance: float, ubatch_s: float,
                     expected: dict[int, int]) -> None:
-    assert cut_drafts(lengths, acceptance, ROW, ubatch_s) == expected
+    assert cut_drafts(lengths, dict.fromkeys(lengths, acceptance), ROW, ubatch_s) == expected
+
+
+def test_cut_drafts_weighs_each_streams_own_acceptance() -> None:
+    lengths = {0: 4, 1: 0}
+    # slot 0 repeats its context, slot 1 does not: the pass is worth slot 0's sure drafts
+    assert cut_drafts(lengths, {0: 0.95, 1: 0.1}, ROW, PASS) == {0: 4, 1: 0}
+    assert cut_drafts(lengths, {0: 0.1, 1: 0.95}, ROW, PASS) == {0: 0, 1: 0}
 
 
 @pytest.mark.parametrize("acceptance", [0.0, 0.3, 0.6, 0.9, 1.0])
 def test_cut_drafts_only_shortens(acceptance: float) -> None:
     lengths = {0: 5, 1: 0, 2: 2, 3: 7, 5: 1, 6: 3}
-    cut = cut_drafts(lengths, acceptance, ROW, SLOW)
+    cut = cut_drafts(lengths, dict.fromkeys(lengths, acceptance), ROW, SLOW)
     assert cut.keys() == lengths.keys()
     assert all(0 <= cut[s] <= lengths[s] for s in lengths)
     assert len({n for s, n in cut.items() if n < lengths[s]}) <= 1  # one common cut
@@ -149,8 +171,7 @@ def test_cut_drafts_only_shortens(acceptance: float) -> None:
 
 def test_tuner_counts_each_pass_as_a_round_trip() -> None:
     tuner = DraftTuner(rtt_s=0.04, k_max=8)
-    tuner.observe(wall_s=3 * (0.04 + STEP * 5 / 6) + 10 * STEP / 6, rows=10, accepted=0,
-                  rejected=0, passes=3)
+    tuner.observe(wall_s=3 * (0.04 + STEP * 5 / 6) + 10 * STEP / 6, rows=10, passes=3)
     assert tuner.step_s == pytest.approx(STEP)
 
 
@@ -185,18 +206,17 @@ def test_tuner_uses_the_fitted_costs_and_a_nominal_step_before_any() -> None:
     tuner = DraftTuner(rtt_s=0.0, k_max=8)
     assert tuner.row_s == pytest.approx(ROW_SHARE * NOMINAL_STEP_S)
     for rows in (1, 2, 1, 3, 1, 2):  # a CPU: each row three times a pass
-        tuner.observe(wall_s=0.005 + rows * 0.015, rows=rows, accepted=0, rejected=0)
+        tuner.observe(wall_s=0.005 + rows * 0.015, rows=rows)
     assert tuner.pass_s == pytest.approx(0.005) and tuner.row_s == pytest.approx(0.015)
     assert tuner.step_s == pytest.approx(0.02)
-    tuner.acceptance = 0.7
-    assert tuner.length(1) == 0  # a fair drafter does not pay for rows that dear
+    assert tuner.length(1, 0.7) == 0  # a fair drafter does not pay for rows that dear
 
 
 @pytest.mark.parametrize(("draft", "emitted", "scores", "idle"), [
-    ([5, 6, 7], [[5], [6], [7]], [(1, 0), (1, 0), (1, 0)], True),
-    ([5, 6, 7], [[5], [9], [7]], [(1, 0), (0, 1), (0, 0)], True),   # cut at the second
+    ([5, 6, 7], [[5], [6], [7]], [(0, 0), (0, 0), (3, 0)], True),   # scored once, at its end
+    ([5, 6, 7], [[5], [9], [7]], [(0, 0), (1, 1), (0, 0)], True),   # cut at the second
     ([5, 6, 7], [[5, 6, 7, 8]], [(3, 0)], True),                    # a verified run of four
-    ([5, 6, 7], [[5, 6]], [(2, 0)], False),                         # one still to come
+    ([5, 6, 7], [[5, 6]], [(0, 0)], False),                         # one still to come
     ([5], [[4, 5]], [(0, 1)], True),
 ])
 def test_shadow_drafts(draft: list[int], emitted: list[list[int]],

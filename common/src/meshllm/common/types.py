@@ -80,7 +80,7 @@ class ModelSpec:
     force_split: bool = False            # split even when one worker could hold it
     slots: int = 1                       # sequences an engine runs at once, each with
                                          # the full context
-    speculative: str = "none"            # none | ngram | draft:<model source>
+    speculative: str = "none"            # auto | none | ngram | draft:<model source>
     chat_template: str = ""              # "": automatic (the GGUF's own, else its family's);
                                          # "name:NAME": a built-in (CHAT_TEMPLATE_NAMES);
                                          # "text:SOURCE": a Jinja template's text

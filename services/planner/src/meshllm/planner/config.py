@@ -67,7 +67,7 @@ class PlannerConfig:
     max_link_rtt_ms: float          # never split a model over a slower link
     slots: int                      # sequences each engine decodes together, full context
                                     # each (fewer where the model would not fit: place.py)
-    speculative: dict[str, str]     # model -> none | ngram | draft:<model>; "*" for all
+    speculative: dict[str, str]     # model -> auto | none | ngram | draft:<model>; "*": all
     deterministic: dict[str, bool]  # model -> reproducible generation (batch-invariant
                                     # kernels); "*" for all
     chat_templates: dict[str, str]  # model -> name:NAME | text:SOURCE (ModelSpec.chat_template)
@@ -99,9 +99,10 @@ OPTIONS = (
     Option("--slots", "MESHLLM_SLOTS", positive_int, "8",
            "requests each engine decodes at once (continuous batching), one context of KV "
            "cache each; fewer (down to 1) where a model with that many fits no worker"),
-    Option("--speculative", "MESHLLM_SPECULATIVE", csv_list, "none",
-           "speculative decoding: none | ngram | draft:MODEL, for all models or as "
-           "MODEL=MODE entries"),
+    Option("--speculative", "MESHLLM_SPECULATIVE", csv_list, "auto",
+           "speculative decoding: auto (n-gram on the head of a split, where every step "
+           "waits on the stages; none on a model served whole) | none | ngram | "
+           "draft:MODEL, for all models or as MODEL=MODE entries"),
     Option("--deterministic", "MESHLLM_DETERMINISTIC", csv_list, "on",
            "reproducible generation (the same request gives the same tokens whatever shares "
            "its batch; README: 'Same request, same answer'): on | off, for all models or as "
@@ -164,10 +165,10 @@ def speculative_modes(entries: Sequence[str]) -> dict[str, str]:
     modes = {}
     for entry in entries:
         model, _, mode = entry.rpartition("=") if "=" in entry else ("*", "", entry)
-        if mode.partition(":")[0] not in ("none", "ngram", "draft") or (
-                mode.startswith("draft") and not mode.partition(":")[2]):
+        kind, colon, draft = mode.partition(":")
+        if not (mode in ("auto", "none", "ngram") or (kind == "draft" and colon and draft)):
             raise ConfigError("--speculative / MESHLLM_SPECULATIVE",
-                              f"{entry!r}: expected none, ngram or draft:MODEL")
+                              f"{entry!r}: expected auto, none, ngram or draft:MODEL")
         modes[model or "*"] = mode
     return modes
 

@@ -34,7 +34,7 @@ def describer(config: PlannerConfig) -> Describe:
     def describe(declaration: ModelDeclaration) -> ModelSpec:
         source = declaration.source
         spec = models.describe(source, config.context_length_tokens, source in config.split)
-        mode = config.speculative.get(source, config.speculative.get("*", "none"))
+        mode = config.speculative.get(source, config.speculative.get("*", "auto"))
         template = config.chat_templates.get(source, config.chat_templates.get("*", ""))
         exact = config.deterministic.get(source, config.deterministic.get("*", True))
         return dataclasses.replace(spec, model_id=declaration.model_id, slots=config.slots,

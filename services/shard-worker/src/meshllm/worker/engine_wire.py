@@ -42,7 +42,7 @@ from meshllm.worker.wire_fields import MalformedEngineMessage as MalformedEngine
 
 DEFAULT_SLOTS = 1                # requests decoded together
 DEFAULT_MAX_QUEUE = 16           # requests waiting for a free slot before the engine is busy
-DEFAULT_SPECULATIVE = "none"     # none | ngram | draft:<path of the draft model>
+DEFAULT_SPECULATIVE = "none"     # auto | none | ngram | draft:<path of the draft model>
 DEFAULT_RPC_LIBRARY = "meshllm"  # meshllm | stock: the ggml-rpc build heads and stages use
 DEFAULT_WEIGHT_REPACK = False    # llama.cpp's CPU weight repacking: see batch/load_options
 DEFAULT_LOG_LEVEL = "INFO"       # the engine child's log level

@@ -20,10 +20,19 @@ def load_options(load: Load, on_progress: Callable[[float], None] | None) -> Loa
                                   on_progress=on_progress)
 
 
+def speculative_mode(load: Load) -> str:
+    """`auto` is n-gram drafting on the head of a split, where every step waits a round
+    trip per stage and a verified run of drafts shares one (the draft tuner keeps it off
+    while it does not pay); nothing on a model served whole, whose rows it would cost."""
+    if load.speculative != "auto":
+        return load.speculative
+    return SpecMode.NGRAM.value if load.rpc_endpoints else SpecMode.NONE.value
+
+
 def batch_config(load: Load, on_progress: Callable[[float], None] | None = None
                  ) -> BatchConfig:
     """Each slot gets the model's whole context."""
-    mode, _, draft = load.speculative.partition(":")
+    mode, _, draft = speculative_mode(load).partition(":")
     return BatchConfig(
         model_path=str(load.model_path), n_ctx=load.context_length_tokens * load.slots,
         n_slots=load.slots, n_threads=load.threads, max_queue=load.max_queue,

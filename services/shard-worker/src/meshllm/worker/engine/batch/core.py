@@ -301,8 +301,8 @@ class BatchEngine:
                 if a is None]
         spot = place(free, sub.prompt, self.config.prefix_reuse)
         reuse = r.trim(spot.index, spot.reuse)
-        r.slots[spot.index] = Active(sub, reuse, r.next_admission(), self._backend.piece,
-                                     self._backend.is_eog)
+        r.seat(spot.index, Active(sub, reuse, r.next_admission(), self._backend.piece,
+                                  self._backend.is_eog))
         self._counters.prompt_cached += reuse
 
     def _dispatch(self, events: list[Event]) -> None:

@@ -4,6 +4,7 @@ acceptance rule (speculative.py) alone decides what the target emits."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -31,34 +32,39 @@ class ShadowDrafts:
     target's own picks match it)."""
 
     def __init__(self) -> None:
-        self._pending: dict[int, list[int]] = {}
+        self._pending: dict[int, _Shadow] = {}
 
     def idle(self, slot: int) -> bool:
         return slot not in self._pending
 
     def start(self, slot: int, draft: Sequence[int]) -> None:
         if draft:
-            self._pending[slot] = list(draft)
+            self._pending[slot] = _Shadow(list(draft))
 
     def drop(self, slot: int) -> None:
         self._pending.pop(slot, None)
 
     def emitted(self, slot: int, tokens: Sequence[int]) -> tuple[int, int]:
-        """(drafted tokens that matched, 1 if the draft was cut short else 0)."""
+        """Once the slot's shadow draft is over, (its tokens that matched, 1 if it was cut
+        short else 0), scored as one verification would be; (0, 0) while it goes on."""
         draft = self._pending.get(slot)
-        kept = 0
+        if draft is None:
+            return 0, 0
         for token in tokens:
-            if draft is None:
-                break
-            if draft[0] != token:
+            if draft.tokens[draft.kept] != token:
                 self.drop(slot)
-                return kept, 1
-            kept += 1
-            draft.pop(0)
-            if not draft:
+                return draft.kept, 1
+            draft.kept += 1
+            if draft.kept == len(draft.tokens):
                 self.drop(slot)
-                draft = None
-        return kept, 0
+                return draft.kept, 0
+        return 0, 0
+
+
+@dataclass
+class _Shadow:
+    tokens: list[int]
+    kept: int = 0
 
 
 class NgramDrafter:

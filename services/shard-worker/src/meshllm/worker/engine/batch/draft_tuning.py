@@ -24,7 +24,9 @@ ROW_SHARE = 1 / 6  # a row's share of a one-token step, until the steps seen tel
 FORGET = 0.05  # weight of the latest step in the fit of a step's compute
 NOMINAL_STEP_S = 0.02  # a one-token step assumed until one is timed (a small model on a CPU)
 PRIOR_ACCEPTANCE = 0.5  # before anything was drafted
-SMOOTHING = 0.2  # weight of the latest step in the running estimates
+PRIOR_WEIGHT = 2.0  # the prior weighs as much as two drafted tokens
+EVIDENCE_CAP = 16.0  # kept tokens and cuts a request remembers, the older scaled away
+SMOOTHING = 0.2  # weight of the latest step in the running estimate of a step's compute
 PROBE_EVERY = 8  # while drafting does not pay, every 8th step still drafts one token
 
 
@@ -87,16 +89,15 @@ class CostFit:
 
 @dataclass
 class DraftTuner:
-    """Running estimates of a step's compute and the acceptance, and the draft length they
-    call for, up to `k_max`. When that is 0 and `probing`, one step in PROBE_EVERY drafts
-    one token all the same, so that the acceptance keeps being measured (it changes with
-    the text); a drafter that costs nothing to ask is measured without drafting instead
-    (step.py's shadow drafts), so it does not probe."""
+    """Running estimates of what a step's pass and rows cost, and the draft length they
+    call for at a given acceptance, up to `k_max`. When that is 0 and `probing`, one ask
+    in PROBE_EVERY gets one token all the same, so that the acceptance keeps being
+    measured (it changes with the text); a drafter that costs nothing to ask is measured
+    without drafting instead (step.py's shadow drafts), so it does not probe."""
 
     rtt_s: float  # the round trips of one ubatch to the stages (0: the model is whole)
     k_max: int
     step_s: float = 0.0  # compute of a one-token, one-sequence step; 0: not measured yet
-    acceptance: float = PRIOR_ACCEPTANCE
     probing: bool = True
     fit: CostFit = field(default_factory=CostFit)
     _asked: int = field(default=0, init=False, repr=False)
@@ -112,11 +113,9 @@ class DraftTuner:
         split = self.fit.split()
         return split[0] if split else (1 - ROW_SHARE) * (self.step_s or NOMINAL_STEP_S)
 
-    def observe(self, wall_s: float, rows: int, accepted: int, rejected: int,
-                passes: int = 1) -> None:
+    def observe(self, wall_s: float, rows: int, passes: int = 1) -> None:
         """One decode step: its wall time, rows and ubatches (each a pass over the weights
-        and the round trips), the drafted tokens it kept and the drafts it cut short (each
-        ended at one rejected token)."""
+        and the round trips)."""
         passes, rows = max(passes, 1), max(rows, 1)
         compute = max(wall_s - passes * self.rtt_s, 1e-6)
         if wall_s > passes * self.rtt_s:  # else the link was faster than told: no measure
@@ -126,22 +125,53 @@ class DraftTuner:
         one = (sum(split) if split else
                compute / (passes * (1 - ROW_SHARE) + rows * ROW_SHARE))
         self.step_s = one if self.step_s == 0.0 or split else _blend(self.step_s, one)
-        self.observe_acceptance(accepted, rejected)
 
-    def observe_acceptance(self, accepted: int, rejected: int) -> None:
-        if accepted + rejected:
-            # Each kept token is a success, each cut a failure, of a draw with chance a.
-            self.acceptance = _blend(self.acceptance, accepted / (accepted + rejected))
-
-    def length(self, seqs: int) -> int:
+    def length(self, seqs: int, acceptance: float) -> int:
+        """The draft length for one of `seqs` sequences whose drafts are kept at
+        `acceptance`, as if the others drafted as much."""
         if self.step_s == 0.0:
             return self.k_max if self.rtt_s > 0 else min(self.k_max, 2)
-        best = draft_length(self.rtt_s, self.step_s, self.acceptance, seqs=seqs,
-                            k_max=self.k_max, row_share=self.row_s / self.step_s)
+        best = draft_length(self.rtt_s, self.step_s, acceptance, seqs=seqs,
+                            k_max=self.k_max, row_share=min(self.row_s / self.step_s, 1.0))
         self._asked += 1
         if best or not self.probing:
             return best
         return 0 if self._asked % PROBE_EVERY else min(1, self.k_max)
+
+
+@dataclass
+class Acceptance:
+    """One request's estimate of the chance that a drafted token is kept, given the ones
+    before it were: each kept token a success, each cut draft a failure, with the prior
+    counted as PRIOR_WEIGHT tokens' worth of evidence, and at most EVIDENCE_CAP of it
+    remembered (text that repeated may stop). One fully kept draft of 8 tokens says 0.9;
+    one cut at its first token 0.33."""
+
+    prior: float = PRIOR_ACCEPTANCE  # the engine's recent acceptance, at admission
+    kept: float = 0.0
+    cut: float = 0.0
+
+    @property
+    def value(self) -> float:
+        return ((self.kept + PRIOR_WEIGHT * self.prior)
+                / (self.kept + self.cut + PRIOR_WEIGHT))
+
+    def update(self, kept: int, cut: int | bool) -> None:
+        """A verification (or a shadow draft's score) that kept `kept` drafted tokens and
+        was cut short `cut` times (0 or 1); nothing drafted teaches nothing."""
+        self.kept += kept
+        self.cut += int(cut)
+        total = self.kept + self.cut
+        if total > EVIDENCE_CAP:
+            self.kept *= EVIDENCE_CAP / total
+            self.cut *= EVIDENCE_CAP / total
+
+
+def recent_acceptance(recent: float, kept: int, cut: int | bool) -> float:
+    """The engine-wide running acceptance, over every request's verifications: the prior
+    of the next request admitted (a mesh serving an agent's loop sees the same kind of
+    text again and again)."""
+    return _blend(recent, kept / (kept + cut)) if kept + cut else recent
 
 
 def _blend(old: float, new: float) -> float:

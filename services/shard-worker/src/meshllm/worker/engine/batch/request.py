@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from meshllm.common.types import TokenLogprob
+from meshllm.worker.engine.batch.draft_tuning import Acceptance
 from meshllm.worker.engine.batch.events import Delta, Event, Finished, OnEvent
 from meshllm.worker.engine.batch.grammar import GrammarState
 from meshllm.worker.engine.batch.logprobs import TextRelease
@@ -46,6 +47,9 @@ class Active:
         self.generated: list[int] = []
         self.picker = Picker(sub.spec, sub.grammar, sub.logprobs, piece)
         self.reason: str | None = None
+        # The chance that a drafted token of this request is kept (draft_tuning): its own,
+        # since one request may repeat its context while the next does not.
+        self.acceptance = Acceptance()
         self._piece, self._is_eog = piece, is_eog
         self._matcher = StopMatcher(sub.stops)
         self._stop_hit = False

@@ -10,7 +10,13 @@ from dataclasses import dataclass, field
 from meshllm.worker.engine.batch.backend import Backend
 from meshllm.worker.engine.batch.config import BatchConfig
 from meshllm.worker.engine.batch.draft import Drafter, ShadowDrafts
-from meshllm.worker.engine.batch.draft_tuning import DraftTuner, usable_rtt_s
+from meshllm.worker.engine.batch.draft_tuning import (
+    PRIOR_ACCEPTANCE,
+    Acceptance,
+    DraftTuner,
+    recent_acceptance,
+    usable_rtt_s,
+)
 from meshllm.worker.engine.batch.errors import engine_error
 from meshllm.worker.engine.batch.events import Event, Failed
 from meshllm.worker.engine.batch.request import Active
@@ -77,8 +83,7 @@ class StepRunner:
         self._tuner = DraftTuner(usable_rtt_s(config.link_rtt_s), config.draft_max,
                                  probing=not free)
         self._shadows = ShadowDrafts() if free else None
-        self._kept = 0  # drafted tokens kept, shadows' included, for the tuner
-        self._rejected = 0  # drafts cut short by a rejected token, for the tuner
+        self._recent = PRIOR_ACCEPTANCE  # every request's drafts, lately (recent_acceptance)
         self._padding: dict[int, int] = {}  # slot -> filler tokens at its draft's end
 
     @property
@@ -88,6 +93,12 @@ class StepRunner:
     @link_rtt_s.setter
     def link_rtt_s(self, rtt_s: float) -> None:
         self._tuner.rtt_s = rtt_s
+
+    def seat(self, slot: int, active: Active) -> None:
+        """Puts an admitted request in its slot. Its drafts start from the acceptance the
+        engine saw lately, which the request's own evidence soon outweighs."""
+        active.acceptance = Acceptance(prior=self._recent)
+        self.slots[slot] = active
 
     def next_admission(self) -> int:
         self._admissions += 1
@@ -114,7 +125,7 @@ class StepRunner:
             return False
         fillers = self._fillers(plan, drafts)
         batch = self._build(plan, drafts, fillers)
-        started, kept, rejected = self._clock(), self._kept, self._rejected
+        started = self._clock()
         try:
             rows = self._b.decode(batch.tokens, batch.positions, batch.seqs, batch.outputs)
         except Exception as exc:
@@ -128,8 +139,7 @@ class StepRunner:
         wall_s = self._clock() - started
         self._consume(plan, drafts, rows, out)
         if self._drafter is not None and not plan.prefill:
-            self._tuner.observe(wall_s, len(batch.tokens), self._kept - kept,
-                                self._rejected - rejected, self._passes(plan, drafts, fillers))
+            self._tuner.observe(wall_s, len(batch.tokens), self._passes(plan, drafts, fillers))
         return True
 
     def _drafts(self) -> dict[int, list[int]]:
@@ -137,36 +147,29 @@ class StepRunner:
         if self._drafter is None:
             return {}
         wants: dict[int, tuple[list[int], int]] = {}
+        shadows: dict[int, tuple[list[int], int]] = {}  # free guesses, scored, not verified
         caps: dict[int, int] = {}  # greedy slots: the most drafts they may verify
-        length = self._tuner.length(sum(a is not None for a in self.slots))
-        for i, a in enumerate(self.slots):
-            if a is None or a.prompt_left or not a.generated:
-                continue
+        seqs = sum(a is not None for a in self.slots)
+        for i in self._decoding():
+            a = self._active(i)
             room = self.config.n_ctx_slot - len(self.cached[i])
             if a.sub.spec.greedy:
                 caps[i] = draft_budget(self.config.draft_max, a.remaining, room)
-            # No draft changes any request's output (speculative.py): every one gets the
-            # tuned length. Padding stays greedy-only (caps), as it was proven with.
+            # No draft changes any request's output (speculative.py): each gets the length
+            # its own acceptance calls for. Padding stays greedy-only (caps), as proven.
+            length = self._tuner.length(seqs, a.acceptance.value)
             k = draft_budget(length, a.remaining, room)
             if k > 0:
                 wants[i] = (a.history(), k)
-        if not wants:
-            self._shadow(length)
-            return {}
-        proposed = self._drafter.propose(wants)
-        drafts = {i: d[: wants[i][1]] for i, d in proposed.items() if d}
+            elif not length and self._shadows is not None and self._shadows.idle(i):
+                shadows[i] = (a.history(), self.config.draft_max)
+        proposed = self._drafter.propose(wants | shadows) if wants or shadows else {}
+        if self._shadows is not None:
+            for i in shadows:
+                self._shadows.start(i, proposed.get(i, []))
+        drafts = {i: d[: wants[i][1]] for i, d in proposed.items() if d and i in wants}
         # Padded as far as the caps let, then cut to what one ubatch holds.
         return self._cut(self._pad(drafts, caps) if self.config.pad_drafts else drafts)
-
-    def _shadow(self, length: int) -> None:
-        """While drafting does not pay, a free drafter's guesses for the coming tokens are
-        kept aside and scored against them (ShadowDrafts), measuring its acceptance."""
-        if self._shadows is None or self._drafter is None or length:
-            return
-        wants = {i: (self._active(i).history(), self.config.draft_max)
-                 for i in self._decoding() if self._shadows.idle(i)}
-        for i, draft in (self._drafter.propose(wants) if wants else {}).items():
-            self._shadows.start(i, draft)
 
     def _decoding(self) -> list[int]:
         return [i for i, a in enumerate(self.slots)
@@ -179,7 +182,8 @@ class StepRunner:
         if len(decoding) < 2 or not drafts:
             return drafts
         lengths = {i: len(drafts.get(i, ())) for i in decoding}
-        cut = cut_drafts(lengths, t.acceptance, t.row_s, t.rtt_s + t.pass_s)
+        acceptance = {i: self._active(i).acceptance.value for i in decoding}
+        cut = cut_drafts(lengths, acceptance, t.row_s, t.rtt_s + t.pass_s)
         for i, pad in list(self._padding.items()):  # what is left of a padded draft's tail
             self._padding[i] = max(0, cut[i] - (lengths[i] - pad))
         return {i: drafts[i][:n] for i, n in cut.items() if n}
@@ -256,26 +260,28 @@ class StepRunner:
         self.cached[i] += [a.generated[-1], *draft]
         verdict = self._verify(a, draft, rows)
         real = len(draft) - self._padding.get(i, 0)  # drafted, not padding
+        kept = min(verdict.accepted, real)
         if verdict.accepted < len(draft):
             self.trim(i, base + 1 + verdict.accepted)
-            # A cut in the padding says nothing about the drafter: not a rejection.
-            self._rejected += verdict.accepted < real
+        if real:  # a cut in the padding says nothing about the drafter: not a rejection
+            self._learn(a, kept, verdict.accepted < real)
         self._c.seq_steps += 1
         self._c.drafted += real
-        self._c.accepted += min(verdict.accepted, real)
-        self._kept += min(verdict.accepted, real)
-        self._score_shadow(i, draft, verdict.tokens)
+        self._c.accepted += kept
+        self._score_shadow(a, i, draft, verdict.tokens)
         self._emit(i, verdict.tokens, out)
 
-    def _score_shadow(self, i: int, draft: list[int], tokens: Sequence[int]) -> None:
+    def _score_shadow(self, a: Active, i: int, draft: list[int], tokens: Sequence[int]) -> None:
         if self._shadows is None:
             return
         if draft:  # verified for real: the shadow's guess is stale
             self._shadows.drop(i)
             return
-        kept, cut = self._shadows.emitted(i, tokens)
-        self._kept += kept
-        self._rejected += cut
+        self._learn(a, *self._shadows.emitted(i, tokens))
+
+    def _learn(self, a: Active, kept: int, cut: int | bool) -> None:
+        a.acceptance.update(kept, cut)
+        self._recent = recent_acceptance(self._recent, kept, cut)
 
     @staticmethod
     def _history(a: Active) -> Sequence[int]:

@@ -75,7 +75,7 @@ def padded_drafts(lengths: Mapping[int, int], caps: Mapping[int, int], row_s: fl
     return padded if extra and extra * row_s < saved * ubatch_s else dict(lengths)
 
 
-def cut_drafts(lengths: Mapping[int, int], acceptance: float, row_s: float,
+def cut_drafts(lengths: Mapping[int, int], acceptance: Mapping[int, float], row_s: float,
                ubatch_s: float) -> dict[int, int]:
     """Draft lengths per decoding slot, each cut to at most a common length t, for the t
     that gives the most expected tokens per second; the counterpart of padding that cannot
@@ -83,23 +83,23 @@ def cut_drafts(lengths: Mapping[int, int], acceptance: float, row_s: float,
 
     Drafts of different lengths split a step into several ubatches (count_ubatches), and on
     a split model each is a round trip to every stage: two streams drafting 3 among six
-    drafting none make three passes where one would do. `acceptance`: the chance that a
-    drafted token is kept, given the ones before it were; `row_s`, `ubatch_s`: as in
-    padded_drafts."""
+    drafting none make three passes where one would do. `acceptance`: per slot, the chance
+    that a drafted token is kept, given the ones before it were; `row_s`, `ubatch_s`: as
+    in padded_drafts."""
     order = sorted(lengths)
-    a = min(max(acceptance, 0.0), 1.0)
     best, best_rate = dict(lengths), -1.0
     for t in sorted({0, *lengths.values()}):
         cut = {s: min(lengths[s], t) for s in order}
         rows = sum(1 + n for n in cut.values())
         cost = count_ubatches([1 + cut[s] for s in order]) * ubatch_s + rows * row_s
-        rate = sum(_expected_tokens(n, a) for n in cut.values()) / max(cost, 1e-9)
-        if rate > best_rate * (1 + 1e-9):  # ties: the shorter cut
-            best, best_rate = cut, rate
+        tokens = sum(_expected_tokens(n, acceptance.get(s, 0.0)) for s, n in cut.items())
+        if tokens / max(cost, 1e-9) > best_rate * (1 + 1e-9):  # ties: the shorter cut
+            best, best_rate = cut, tokens / max(cost, 1e-9)
     return best
 
 
-def _expected_tokens(drafted: int, a: float) -> float:
+def _expected_tokens(drafted: int, acceptance: float) -> float:
     """Tokens a sequence emits from one verification of `drafted` tokens: the target's own
     one, plus each drafted token kept while all before it were."""
+    a = min(max(acceptance, 0.0), 1.0)
     return float(drafted + 1) if a >= 1.0 else (1.0 - a ** (drafted + 1)) / (1.0 - a)
