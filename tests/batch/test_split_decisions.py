@@ -194,6 +194,35 @@ def test_cost_fit(shapes: list[tuple[int, int]],
         assert split is not None and split == pytest.approx(expected)
 
 
+def test_cost_fit_remembers_the_share_it_last_told_apart() -> None:
+    fit = CostFit()
+    assert fit.row_share == ROW_SHARE
+    for passes, rows in [(1, 1), (1, 9)]:
+        fit.add(passes, rows, 0.001 + rows * 0.019)
+    assert fit.row_share == pytest.approx(0.95)
+    for _ in range(200):  # one shape only, long after: the fit cannot tell, the share stays
+        fit.add(1, 1, 0.020)
+    assert fit.split() is None and fit.row_share == pytest.approx(0.95, abs=0.01)
+    tuner = DraftTuner(rtt_s=0.0, k_max=8, step_s=0.02, fit=fit)
+    assert tuner.row_s == pytest.approx(0.019, abs=0.0005)
+    assert tuner.length(1, 0.9) == 0  # so no draft is asked for that rows this dear ruin
+
+
+@pytest.mark.parametrize(("rtt_s", "acceptance", "drafts"), [
+    (0.0, 0.9, False),   # loopback: a draft leaves the one-row path for the dearer one
+    (0.0, 0.99, True),   # unless it is nearly always kept
+    (0.02, 0.9, True),   # a round trip to share makes it pay
+])
+def test_a_one_row_step_is_timed_apart(rtt_s: float, acceptance: float, drafts: bool) -> None:
+    tuner = DraftTuner(rtt_s=rtt_s, k_max=8)
+    # this CPU's batch-invariant kernels, one sequence: 1 row 18.8 ms, 2 rows 47, ...
+    for _ in range(3):
+        for rows, ms in [(1, 18.8), (2, 47.0), (3, 56.0), (5, 94.8), (9, 130.3)]:
+            tuner.observe(wall_s=rtt_s + ms / 1000, rows=rows)
+    assert tuner.single_s == pytest.approx(0.0188)
+    assert (tuner.length(1, acceptance) > 0) is drafts
+
+
 def test_cost_fit_never_goes_below_zero() -> None:
     fit = CostFit()
     fit.add(1, 1, 0.010)  # two rows cost three times one (seen on this CPU): the line

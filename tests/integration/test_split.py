@@ -84,6 +84,11 @@ def test_split_equals_solo_token_for_token(split_mesh: LocalMesh, solo: dict[str
         chunks = client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS,
                                            temperature=0, stream=True)
         assert "".join(c.choices[0].text for c in chunks if c.choices) == solo[prompt]
+    # ... with n-gram drafting on the split's head, speculation's default (`auto`) there
+    loads = [line for proc in split_mesh.procs.values() if proc.name.startswith("worker")
+             for line in proc.log_path.read_text(errors="replace").splitlines()
+             if "meshllm.worker.engine: loaded" in line]
+    assert loads and all(line.endswith("speculative decoding ngram") for line in loads), loads
 
 
 def test_killing_a_stage_moves_the_stream_to_the_replanned_split(

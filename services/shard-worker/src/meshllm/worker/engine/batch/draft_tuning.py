@@ -31,14 +31,19 @@ PROBE_EVERY = 8  # while drafting does not pay, every 8th step still drafts one 
 
 
 def draft_length(rtt_s: float, step_s: float, acceptance: float, *, seqs: int = 1,
-                 k_max: int = 8, row_share: float = ROW_SHARE) -> int:
-    """The draft length in 0..k_max with the most tokens per second (ties: the shorter)."""
+                 k_max: int = 8, row_share: float = ROW_SHARE,
+                 plain_s: float | None = None) -> int:
+    """The draft length in 0..k_max with the most tokens per second (ties: the shorter).
+    `plain_s`: the compute of the step without drafts, when it was timed apart (one row
+    alone takes a faster path than several on a CPU: 18.8 ms, where two take 47)."""
     a = min(max(acceptance, 0.0), 1.0)
     row = row_share * max(step_s, 1e-6)
     best, best_rate = 0, 0.0
     for k in range(k_max + 1):
         emitted = float(k + 1) if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
         cost = max(rtt_s, 0.0) + max(step_s, 1e-6) + (max(seqs, 1) * (1 + k) - 1) * row
+        if k == 0 and plain_s:
+            cost = max(rtt_s, 0.0) + plain_s
         rate = emitted / cost
         if rate > best_rate * (1 + 1e-9):
             best, best_rate = k, rate
@@ -62,6 +67,10 @@ class CostFit:
     rr: float = 0.0
     py: float = 0.0
     ry: float = 0.0
+    # A row's share of a one-row step, as last told apart (ROW_SHARE before): what the
+    # tuner assumes while the steps are all of one shape again (no drafts for a while),
+    # rather than fall back to a guess that may call for drafts that did not pay.
+    row_share: float = ROW_SHARE
 
     def add(self, passes: int, rows: int, compute_s: float) -> None:
         keep = 1.0 - FORGET
@@ -70,6 +79,9 @@ class CostFit:
         self.rr = keep * self.rr + rows * rows
         self.py = keep * self.py + passes * compute_s
         self.ry = keep * self.ry + rows * compute_s
+        split = self.split()
+        if split and sum(split) > 0:
+            self.row_share = split[1] / sum(split)
 
     def split(self) -> tuple[float, float] | None:
         """(pass_s, row_s) when the steps seen differ enough in shape to tell them apart.
@@ -98,6 +110,7 @@ class DraftTuner:
     rtt_s: float  # the round trips of one ubatch to the stages (0: the model is whole)
     k_max: int
     step_s: float = 0.0  # compute of a one-token, one-sequence step; 0: not measured yet
+    single_s: float = 0.0  # compute of a one-row step as timed (0: none yet)
     probing: bool = True
     fit: CostFit = field(default_factory=CostFit)
     _asked: int = field(default=0, init=False, repr=False)
@@ -105,25 +118,31 @@ class DraftTuner:
     @property
     def row_s(self) -> float:
         split = self.fit.split()
-        return split[1] if split else ROW_SHARE * (self.step_s or NOMINAL_STEP_S)
+        return split[1] if split else self.fit.row_share * (self.step_s or NOMINAL_STEP_S)
 
     @property
     def pass_s(self) -> float:
         """What a ubatch costs besides its rows and round trips."""
         split = self.fit.split()
-        return split[0] if split else (1 - ROW_SHARE) * (self.step_s or NOMINAL_STEP_S)
+        share = self.fit.row_share
+        return split[0] if split else (1 - share) * (self.step_s or NOMINAL_STEP_S)
 
     def observe(self, wall_s: float, rows: int, passes: int = 1) -> None:
         """One decode step: its wall time, rows and ubatches (each a pass over the weights
         and the round trips)."""
         passes, rows = max(passes, 1), max(rows, 1)
         compute = max(wall_s - passes * self.rtt_s, 1e-6)
-        if wall_s > passes * self.rtt_s:  # else the link was faster than told: no measure
+        if wall_s <= passes * self.rtt_s:  # the link was faster than told: no measure
+            return
+        if rows == 1:  # a path of its own on a CPU: timed apart, kept out of the fit
+            self.single_s = compute if not self.single_s else _blend(self.single_s, compute)
+            if self.step_s and self.fit.split():
+                return
+        else:
             self.fit.add(passes, rows, compute)
-        split = self.fit.split()
-        # Without a fit, compute = passes * p + rows * r with r = ROW_SHARE * (p + r).
-        one = (sum(split) if split else
-               compute / (passes * (1 - ROW_SHARE) + rows * ROW_SHARE))
+        split, share = self.fit.split(), self.fit.row_share
+        # Without a fit, compute = passes * p + rows * r with r = share * (p + r).
+        one = sum(split) if split else compute / (passes * (1 - share) + rows * share)
         self.step_s = one if self.step_s == 0.0 or split else _blend(self.step_s, one)
 
     def length(self, seqs: int, acceptance: float) -> int:
@@ -132,7 +151,8 @@ class DraftTuner:
         if self.step_s == 0.0:
             return self.k_max if self.rtt_s > 0 else min(self.k_max, 2)
         best = draft_length(self.rtt_s, self.step_s, acceptance, seqs=seqs,
-                            k_max=self.k_max, row_share=min(self.row_s / self.step_s, 1.0))
+                            k_max=self.k_max, row_share=min(self.row_s / self.step_s, 1.0),
+                            plain_s=self.single_s if seqs == 1 else None)
         self._asked += 1
         if best or not self.probing:
             return best
