@@ -21,6 +21,7 @@ from meshllm.common.types import (
     GenerateRequest,
     ModelId,
     Replica,
+    RequestId,
     Resume,
     TokenDelta,
     WorkerId,
@@ -48,6 +49,7 @@ class StreamRun:
     draws: int = 0
     started: bool = False        # an event reached the client: a failure now means a move
     migrations: int = 0
+    resumptions: int = 0  # resumed requests sent, each under its own id (next_request)
     failed_at_s: float | None = None  # monotonic time of the failure being recovered from
     cause: str = ""
     # Replicas that failed this request, as they were then: a worker that comes back with
@@ -61,11 +63,16 @@ class StreamRun:
             self.draws = event.draws
 
     def next_request(self) -> GenerateRequest:
-        """What the next replica is sent: the request itself, or its resumption."""
+        """What the next replica is sent: the request itself, or its resumption, each under
+        an id of its own: a replica asked again after the watchdog gave up on it may still
+        hold the abandoned attempt (its cancel lands at the engine's next step), and would
+        refuse the same id as already running."""
         if not self.started:
             return self.request
+        self.resumptions += 1
         resume = Resume(tuple(self.sent_ids), self.draws, self.migrations)
-        return dataclasses.replace(self.request, resume=resume)
+        attempt = RequestId(f"{self.request.request_id}-resume{self.resumptions}")
+        return dataclasses.replace(self.request, request_id=attempt, resume=resume)
 
     # Replicas that refused it for now (busy, loading, an engine restarting): they may try
     # again after REST_S (monotonic time they may).
