@@ -40,7 +40,7 @@ def draft_length(rtt_s: float, step_s: float, acceptance: float, *, seqs: int = 
     row = row_share * max(step_s, 1e-6)
     best, best_rate = 0, 0.0
     for k in range(k_max + 1):
-        emitted = float(k + 1) if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
+        emitted = expected_tokens(k, a)
         cost = max(rtt_s, 0.0) + max(step_s, 1e-6) + (max(seqs, 1) * (1 + k) - 1) * row
         if k == 0 and plain_s:
             cost = max(rtt_s, 0.0) + plain_s
@@ -48,6 +48,13 @@ def draft_length(rtt_s: float, step_s: float, acceptance: float, *, seqs: int = 
         if rate > best_rate * (1 + 1e-9):
             best, best_rate = k, rate
     return best
+
+
+def expected_tokens(drafted: int, acceptance: float) -> float:
+    """Tokens a sequence emits from one verification of `drafted` tokens, E(k) above: the
+    target's own one, plus each drafted token kept while all before it were."""
+    a = min(max(acceptance, 0.0), 1.0)
+    return float(drafted + 1) if a >= 1.0 else (1.0 - a ** (drafted + 1)) / (1.0 - a)
 
 
 def usable_rtt_s(rtt_s: float) -> float:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from meshllm.worker.engine.batch.draft_tuning import expected_tokens
+
 
 def gap_fillers(rows: Mapping[int, int], idle: Sequence[int], max_rows: int) -> dict[int, int]:
     """Placeholder rows per idle slot (slot -> rows) that make the decoding slots one run.
@@ -92,14 +94,8 @@ def cut_drafts(lengths: Mapping[int, int], acceptance: Mapping[int, float], row_
         cut = {s: min(lengths[s], t) for s in order}
         rows = sum(1 + n for n in cut.values())
         cost = count_ubatches([1 + cut[s] for s in order]) * ubatch_s + rows * row_s
-        tokens = sum(_expected_tokens(n, acceptance.get(s, 0.0)) for s, n in cut.items())
+        tokens = sum(expected_tokens(n, acceptance.get(s, 0.0)) for s, n in cut.items())
         if tokens / max(cost, 1e-9) > best_rate * (1 + 1e-9):  # ties: the shorter cut
             best, best_rate = cut, tokens / max(cost, 1e-9)
     return best
 
-
-def _expected_tokens(drafted: int, acceptance: float) -> float:
-    """Tokens a sequence emits from one verification of `drafted` tokens: the target's own
-    one, plus each drafted token kept while all before it were."""
-    a = min(max(acceptance, 0.0), 1.0)
-    return float(drafted + 1) if a >= 1.0 else (1.0 - a ** (drafted + 1)) / (1.0 - a)
