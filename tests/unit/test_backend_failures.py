@@ -71,6 +71,7 @@ class Script:
     hang: bool = False  # after its tokens: no more, while GetStats says it is decoding
     hang_once: bool = False  # hang on the first call only (slow steps after a re-plan)
     fail_once: bool = False  # the error on the first call only
+    holds_none: bool = False  # GetStats answers, counting no request (the call was lost)
 
 
 class ScriptedWorker(worker_pb2_grpc.ShardWorkerServicer):
@@ -100,6 +101,8 @@ class ScriptedWorker(worker_pb2_grpc.ShardWorkerServicer):
 
     async def GetStats(self, request: worker_pb2.GetStatsRequest,
                        context: grpc.aio.ServicerContext[Any, Any]) -> worker_pb2.WorkerStats:
+        if self.script.holds_none:
+            return worker_pb2.WorkerStats(running_requests=0, generated_tokens_total=7)
         if not self.script.hang:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "not scripted")
         return worker_pb2.WorkerStats(running_requests=1, generated_tokens_total=7)
@@ -161,9 +164,9 @@ async def test_a_wrong_request_is_passed_on_untried_elsewhere(
 @pytest.mark.parametrize(("first", "marked"), [
     (BUSY, set()),
     (CRASHED, {"w0"}),
-    (Script(error=EngineUnavailable("model m is loading on this worker")), {"w0"}),
+    (Script(error=EngineUnavailable("model m is loading on this worker")), set()),
     (Script(no_reason=True), {"w0"}),
-], ids=["busy: no mark", "crashed", "unavailable", "transport failure"])
+], ids=["busy: no mark", "crashed", "unavailable for now: no mark", "transport failure"])
 async def test_next_replica_answers_when_one_fails_before_its_first_token(
         first: Script, marked: set[str]) -> None:
     async with mesh(first, OK) as (backend, workers):
@@ -225,6 +228,23 @@ async def test_a_worker_that_answers_but_makes_no_tokens_loses_its_stream() -> N
     assert [type(e).__name__ for e in seen] == ["TokenDelta"] * 3 + ["Finished"]
     moved = backend.routing_metrics.migrations.labels("m", "silent")._value.get()
     assert moved == 1  # found silent by the watchdog (the token timeout would be 30 s)
+
+
+@pytest.mark.parametrize("tokens", [0, 1], ids=["before its first token", "mid-stream"])
+async def test_a_worker_that_answers_but_holds_no_request_loses_the_call(
+        tokens: int, caplog: pytest.LogCaptureFixture) -> None:
+    """A call lost inside a live worker (its engine was stopped under it): the worker
+    answers probes but counts no request, so the call is given up after a few probes,
+    not after the first-token timeout (a resumed stream waited 600 s for one)."""
+    async with mesh(Script(tokens=tokens, silent=True, holds_none=True), OK) as (
+            backend, workers):
+        backend.timing = replace(backend.timing, first_token_timeout_s=30,
+                                 token_timeout_s=30, stall_probe_s=0.05)
+        seen = await _events(backend)
+        assert [w.calls for w in workers] == [1, 1]
+    assert [type(e).__name__ for e in seen] == ["TokenDelta"] * (tokens + 2) + ["Finished"]
+    assert "worker w0 sent nothing for" in caplog.text
+    assert "(it answers, but holds no request)" in caplog.text
 
 
 async def test_a_lone_replica_that_answered_while_stuck_gets_its_stream_back() -> None:

@@ -17,8 +17,6 @@ from typing import Any
 import grpc
 from meshllm.common import grpc_errors, telemetry
 from meshllm.common.errors import (
-    EngineCrashed,
-    EngineUnavailable,
     InvalidGenerateRequest,
     MeshError,
     Overloaded,
@@ -52,6 +50,7 @@ from meshllm.gateway.failures import (
     StreamBroken,
     UnknownModel,
     WorkerSilent,
+    refusal,
 )
 from meshllm.gateway.metrics import RoutingMetrics
 from meshllm.gateway.migration import (
@@ -343,24 +342,16 @@ class MeshBackend:
             await self._next_change(min(left, REST_S))  # a resting replica may try again
 
     def _refused(self, worker: WorkerInfo, error: MeshError | None) -> str:
-        """"busy" or "not now" when the worker refused for the moment (a full queue; a
-        model still loading), "" when it failed; raises as `_failed` does."""
-        if self._failed(worker, error):
-            return "busy"
-        if isinstance(error, EngineUnavailable) and not isinstance(error, EngineCrashed):
-            return "not now"
-        return ""
-
-    def _failed(self, worker: WorkerInfo, error: MeshError | None) -> bool:
-        """Whether the worker refused as busy. Raises when no other replica may try: the
-        request itself is wrong (each would refuse it; a resume too: a replica of the same
-        model refusing the tokens another produced is a bug to see, not to route around)."""
+        """The error's `refusal` ("busy", "not now", or "" for a failure, which bans the
+        worker). Raises when no other replica may try: the request itself is wrong (each
+        would refuse it; a resume too: a replica of the same model refusing the tokens
+        another produced is a bug to see, not to route around)."""
         if isinstance(error, InvalidGenerateRequest):
             raise error
-        busy = isinstance(error, Overloaded)
-        if not busy:  # busy is not broken: no failure mark against the worker
+        kind = refusal(error)
+        if not kind:
             self.calls.broke(worker)
-        return busy
+        return kind
 
     async def embed(self, model: str, inputs: tuple[EmbedInput, ...]) -> Embeddings:
         """The inputs' vectors from one replica held whole (a split one serves none);
@@ -386,7 +377,7 @@ class MeshBackend:
                 return embeddings
             except grpc.aio.AioRpcError as exc:
                 failure = f"{worker.worker_id}: {exc.code().name} {exc.details()}"
-                busy += self._failed(worker, grpc_errors.error_from_rpc(exc))
+                busy += self._refused(worker, grpc_errors.error_from_rpc(exc)) == "busy"
                 failures.append(failure)
                 log.warning("worker %s failed embeddings for %s: %s", worker.worker_id,
                             model_id, failure)
@@ -398,3 +389,4 @@ class MeshBackend:
         if self._suspects is not None:
             await self._suspects.close()
         await self.calls.close()
+

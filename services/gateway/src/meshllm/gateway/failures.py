@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from meshllm.common.errors import MeshError, ModelNotFound, Overloaded
+from meshllm.common.errors import (
+    EngineCrashed,
+    EngineUnavailable,
+    MeshError,
+    ModelNotFound,
+    Overloaded,
+)
 
 
 class UnknownModel(ModelNotFound):
@@ -70,9 +76,22 @@ class WorkerSilent(MeshError):
 
     reason = "worker_timeout"
 
-    def __init__(self, worker_id: str, waited_s: float, answering: bool = False) -> None:
+    def __init__(self, worker_id: str, waited_s: float, answering: str = "") -> None:
+        """`answering`: what is wrong with it when it still answers the watchdog."""
         super().__init__(f"worker {worker_id} sent nothing for {waited_s:.1f} s"
-                         + (" (it answers, but makes no tokens)" if answering else ""))
+                         + (f" ({answering})" if answering else ""))
         self.worker_id = worker_id
         self.waited_s = waited_s
-        self.answering = answering  # alive by its probes: slow or stuck, not gone
+        self.answering = bool(answering)  # alive by its probes: slow or stuck, not gone
+
+
+def refusal(error: MeshError | None) -> str:
+    """How a worker turned a request down: "busy" (a full queue), "not now" (its engine is
+    not there for now: loading, or stopped for a re-plan), or "" when it failed. Only a
+    failure counts against the worker: banning one that refused for now would keep a lone
+    split's re-planned head from its stream for the ban."""
+    if isinstance(error, Overloaded):
+        return "busy"
+    if isinstance(error, EngineUnavailable) and not isinstance(error, EngineCrashed):
+        return "not now"
+    return ""

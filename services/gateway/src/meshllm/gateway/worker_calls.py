@@ -119,9 +119,11 @@ class WorkerCalls:
         """The call's next message. The progress watchdog: after stall_probe_s without one,
         the worker is asked (GetStats, on its own deadline) whether it is alive; a worker
         that does not answer (frozen, or the link cut without a reset) is silent at once.
-        One that answers may take until the timeout (a long prefill, a queue), unless,
-        once it is `decoding` this stream, it claims running requests while its count of
-        generated tokens stands still for STUCK_PROBES probes (an engine that hangs)."""
+        One that answers may take until the timeout (a long prefill, a queue), unless it
+        says for STUCK_PROBES probes in a row that it holds no request at all (the call
+        was lost there: an engine stopped under it), or, once it is `decoding` this stream,
+        claims running requests while its count of generated tokens stands still (an
+        engine that hangs)."""
         timeout_s = (self.timing.token_timeout_s if decoding
                      else self.timing.first_token_timeout_s)
         read = asyncio.ensure_future(call.read())
@@ -136,9 +138,9 @@ class WorkerCalls:
                 if left <= self.timing.stall_probe_s:
                     raise WorkerSilent(worker.worker_id, timeout_s)
                 stats = await self._probe(worker)
-                if stats is None or (decoding and watch.stuck(stats)):
-                    raise WorkerSilent(worker.worker_id, time.monotonic() - started,
-                                       answering=stats is not None)
+                wrong = "" if stats is None else watch.wrong(stats, decoding)
+                if stats is None or wrong:
+                    raise WorkerSilent(worker.worker_id, time.monotonic() - started, wrong)
         finally:
             if not read.done():
                 read.cancel()
@@ -158,18 +160,27 @@ class WorkerCalls:
         return stats
 
 
-STUCK_PROBES = 3  # answered probes in a row showing a decoding worker that makes no tokens
+STUCK_PROBES = 3  # answered probes in a row that show the call is not being served
 
 
 class _ProgressWatch:
-    """Whether a worker that answers probes still makes tokens (mutable: one per wait)."""
+    """Whether a worker that answers probes still serves the call (mutable: one per wait)."""
 
     def __init__(self) -> None:
         self._last = -1
         self._still = 0
+        self._empty = 0
 
-    def stuck(self, stats: worker_pb2.WorkerStats) -> bool:
-        same = stats.generated_tokens_total == self._last and stats.running_requests > 0
+    def wrong(self, stats: worker_pb2.WorkerStats, decoding: bool) -> str:
+        """What is wrong with a worker that answers, once STUCK_PROBES probes agree; ""
+        while the call may wait on."""
+        held = stats.running_requests + stats.queued_requests
+        self._empty = self._empty + 1 if held == 0 else 0
+        same = decoding and stats.generated_tokens_total == self._last and held > 0
         self._still = self._still + 1 if same else 0
         self._last = stats.generated_tokens_total
-        return self._still >= STUCK_PROBES
+        if self._empty >= STUCK_PROBES:
+            return "it answers, but holds no request"
+        if self._still >= STUCK_PROBES:
+            return "it answers, but makes no tokens"
+        return ""

@@ -107,6 +107,7 @@ class ProcessEngine:
         self._streams: dict[str, asyncio.Queue[StreamEvent]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._stats = wire.EngineStats()
+        self._stopping = False
 
     @property
     def stats(self) -> wire.EngineStats:
@@ -169,25 +170,35 @@ class ProcessEngine:
 
     async def _read_events(self) -> None:
         assert self._proc is not None
-        while line := await self._proc.read_line():
-            try:
-                event = wire.decode_event(line)
-            except wire.MalformedEngineMessage as exc:
-                # An engine that cannot be understood is as good as crashed: restart it.
-                log.error("stopping the engine of %s: %s",
-                          self._settings.load.model_path.name, exc)
-                self._proc.kill()
-                break
-            if isinstance(event, wire.Stats):
-                self._stats = event.stats
-            elif isinstance(event, wire.Delta | wire.Finished | wire.Embedded | wire.Error):
-                stream = self._streams.get(event.request_id)
-                if stream is not None:
-                    stream.put_nowait(event)
-            else:
-                log.warning("ignoring a %s event after loading", type(event).__name__)
-        for stream in self._streams.values():
-            stream.put_nowait(None)
+        try:
+            while line := await self._proc.read_line():
+                if not self._dispatch(line):
+                    self._proc.kill()
+                    break
+        finally:
+            # Also when stop() cancels this reader before the end of the output reached it
+            # (a killed engine's pipe may close later, or never while a descendant holds
+            # it): a stream nobody ends waits for ever.
+            for stream in self._streams.values():
+                stream.put_nowait(None)
+
+    def _dispatch(self, line: bytes) -> bool:
+        """Hands one event to its stream; False when the engine cannot be understood."""
+        try:
+            event = wire.decode_event(line)
+        except wire.MalformedEngineMessage as exc:
+            # An engine that cannot be understood is as good as crashed: restart it.
+            log.error("stopping the engine of %s: %s", self._settings.load.model_path.name, exc)
+            return False
+        if isinstance(event, wire.Stats):
+            self._stats = event.stats
+        elif isinstance(event, wire.Delta | wire.Finished | wire.Embedded | wire.Error):
+            stream = self._streams.get(event.request_id)
+            if stream is not None:
+                stream.put_nowait(event)
+        else:
+            log.warning("ignoring a %s event after loading", type(event).__name__)
+        return True
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]:
         stream: asyncio.Queue[StreamEvent] = asyncio.Queue()
@@ -201,8 +212,7 @@ class ProcessEngine:
             while not done:
                 event = await stream.get()
                 if event is None:
-                    code = await self.wait_exited()
-                    raise EngineCrashed(f"the engine process died (exit code {code})")
+                    raise await self._ended()
                 if isinstance(event, wire.Error):
                     raise event.error.rebuild()
                 if isinstance(event, wire.Delta):
@@ -232,8 +242,7 @@ class ProcessEngine:
         finally:
             del self._streams[request.request_id]
         if event is None:
-            code = await self.wait_exited()
-            raise EngineCrashed(f"the engine process died (exit code {code})")
+            raise await self._ended()
         if isinstance(event, wire.Error):
             raise event.error.rebuild()
         if not isinstance(event, wire.Embedded):
@@ -249,18 +258,28 @@ class ProcessEngine:
             "gen_ai.usage.input_tokens": finished.usage.prompt_tokens,
             "gen_ai.usage.output_tokens": finished.usage.completion_tokens})
 
+    async def _ended(self) -> EngineUnavailable:
+        """Why a request's events stopped short: a stop (the model was re-placed, or the
+        worker closes: its replica may take it again once reloaded) or a crash."""
+        code = await self.wait_exited()
+        if self._stopping:
+            return EngineUnavailable(f"the engine of {self._settings.load.model_path.name} "
+                                     "was stopped while it ran this request")
+        return EngineCrashed(f"the engine process died (exit code {code})")
+
     async def wait_exited(self) -> int:
         assert self._proc is not None
         return await self._proc.wait()
 
     async def stop(self) -> None:
-        if self._proc is None or self._proc.returncode is not None:
-            return
-        self._proc.close_stdin()  # the engine exits when its input ends
-        try:
-            await asyncio.wait_for(self._proc.wait(), stop_grace_s(self._settings.load))
-        except TimeoutError:
-            self._proc.kill()
-            await self._proc.wait()
+        """Ends the engine; the requests it still runs end with EngineUnavailable."""
+        self._stopping = True
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.close_stdin()  # the engine exits when its input ends
+            try:
+                await asyncio.wait_for(self._proc.wait(), stop_grace_s(self._settings.load))
+            except TimeoutError:
+                self._proc.kill()
+                await self._proc.wait()
         if self._reader is not None:
             self._reader.cancel()

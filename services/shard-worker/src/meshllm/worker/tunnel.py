@@ -70,6 +70,10 @@ class TunnelListener:
             # connection; it aborts and the worker restarts its engine.
             log.warning("tunnel to %s for %s broke: %s", self._stage_address, self._model_id,
                         exc.code().name)
+        except asyncio.CancelledError:
+            # close() ends the connection. This task is asyncio's own, awaited by nobody,
+            # and Python 3.11's stream callback logs one that ends cancelled as an error.
+            pass
         finally:
             call.cancel()
             await _close(writer)
