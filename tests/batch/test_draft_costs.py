@@ -61,3 +61,45 @@ def test_a_free_drafter_is_not_probed_and_drafts_once_its_shadows_are_kept() -> 
 def test_a_drafter_that_costs_something_is_probed_instead() -> None:
     wrong, _, _ = rows_by_phase(free=False)
     assert max(wrong) == 2  # one drafted token, one step in eight
+
+
+class RightForOnePrompt:
+    """Right for the prompt that starts with 1, wrong for any other."""
+
+    def __init__(self, free: bool) -> None:
+        self.free = free
+
+    def propose(self, wants: Mapping[int, tuple[Sequence[int], int]]) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for slot, (hist, k) in wants.items():
+            h = list(hist)
+            for _ in range(k):
+                t = target_rule(h)
+                h.append(t if hist[0] == 1 else (t + 1) % 31)
+            out[slot] = h[len(hist):]
+        return out
+
+
+def first_step_rows(free: bool) -> int:
+    """Rows of the first decode step of a request on text the drafter gets wrong, served
+    after one on which it was always right (the engine's recent acceptance: high)."""
+    backend = ChargedBackend(PASS_S, ROW_S, rtt_s=0.05)  # a slow link: drafts pay
+    eng = BatchEngine(BatchConfig(model_path="scripted", n_ctx=1024, n_slots=1, n_batch=64,
+                                  spec_mode=SpecMode.NGRAM, draft_max=8),
+                      backend, RightForOnePrompt(free), clock=backend.clock)
+    for name, prompt in (("right", PROMPT), ("wrong", [9, 2, 3])):
+        c = Collector()
+        eng.submit(name, prompt, SamplingParams(max_tokens=40, temperature=0.0), c)
+        before = len(backend.decodes)
+        drain(eng)
+        assert c.ids[name] == solo_greedy(prompt, 40)
+    assert eng.stats().accepted_tokens > 0  # the first request was drafted for
+    return backend.decodes[before + 1][1]  # after the prompt's decode
+
+
+def test_a_free_drafter_drafts_on_the_requests_own_text_not_the_engines_prior() -> None:
+    """Its first guesses for a new request are shadows, so text unlike the last requests'
+    costs no wasted rows; a drafter that costs something has no shadows and drafts on
+    the engine's recent acceptance from the first step."""
+    assert first_step_rows(free=True) == 1
+    assert first_step_rows(free=False) > 1

@@ -54,11 +54,11 @@ def test_greedy_speculation_through_a_split_equals_plain_decoding(stage: Parsing
     assert all(len(t) == TOKENS for t in plain["tokens"])  # type: ignore[attr-defined]
     assert spec["tokens"] == plain["tokens"]
     assert spec["accepted"] > 0  # type: ignore[operator]  # drafts were verified and kept
-    assert spec["steps"] < plain["steps"]  # type: ignore[operator]
 
 
 @pytest.mark.integration
 def test_a_verification_step_is_one_round_trip_to_the_stage(stage: ParsingProxy) -> None:
     result, computes = through_split(stage, "ngram", (REPEATING,))
     assert result["accepted"] > 0  # type: ignore[operator]
+    assert result["steps"] < TOKENS  # type: ignore[operator]  # kept drafts saved steps
     assert computes == result["steps"]

@@ -183,6 +183,11 @@ class Acceptance:
         return ((self.kept + PRIOR_WEIGHT * self.prior)
                 / (self.kept + self.cut + PRIOR_WEIGHT))
 
+    @property
+    def seen(self) -> bool:
+        """Whether this request's own drafts (or shadows) have told anything yet."""
+        return self.kept + self.cut > 0
+
     def update(self, kept: int, cut: int | bool) -> None:
         """A verification (or a shadow draft's score) that kept `kept` drafted tokens and
         was cut short `cut` times (0 or 1); nothing drafted teaches nothing."""

@@ -157,7 +157,10 @@ class StepRunner:
                 caps[i] = draft_budget(self.config.draft_max, a.remaining, room)
             # No draft changes any request's output (speculative.py): each gets the length
             # its own acceptance calls for. Padding stays greedy-only (caps), as proven.
-            length = self._tuner.length(seqs, a.acceptance.value)
+            # A free drafter's first guesses for a request are shadows: its own text, not
+            # the engine's prior (other requests' text), decides the first real draft.
+            length = (self._tuner.length(seqs, a.acceptance.value)
+                      if a.acceptance.seen or self._shadows is None else 0)
             k = draft_budget(length, a.remaining, room)
             if k > 0:
                 wants[i] = (a.history(), k)
