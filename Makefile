@@ -54,6 +54,7 @@ bench: install
 	$(BIN)/python bench/gateway_overhead.py
 	$(BIN)/python bench/pipeline_split.py
 	$(BIN)/python bench/split_latency.py
+	$(BIN)/python bench/draft_policy.py
 	$(BIN)/python bench/batching.py
 	$(BIN)/python bench/constrained_decoding.py
 	$(BIN)/python bench/blackboard_gossip.py
