@@ -216,6 +216,19 @@ async def test_a_replica_that_refuses_a_moving_stream_for_now_is_asked_again() -
     assert [type(e).__name__ for e in seen] == ["TokenDelta"] * 3 + ["Finished"]
 
 
+async def test_a_stream_its_worker_stopped_for_now_moves_without_a_mark() -> None:
+    """A lone split's head stops its engine for a re-plan while it streams: not the
+    worker's fault (no mark, asked again after a rest), but the stream has moved, so the
+    resumption counts one move (a worker refuses a resume that has not moved)."""
+    stopped = EngineUnavailable("the engine of m was stopped while it ran this request")
+    async with mesh(Script(tokens=1, error=stopped, fail_once=True)) as (backend, workers):
+        backend.timing = replace(backend.timing, migrate_wait_s=5)
+        seen = await _events(backend)
+        assert workers[0].calls == 2 and workers[0].requests[1].resume == Resume((100,), 1, 1)
+    assert [type(e).__name__ for e in seen] == ["TokenDelta"] * 2 + ["Finished"]
+    assert _marked_failed(backend) == set()
+
+
 async def test_a_worker_that_answers_but_makes_no_tokens_loses_its_stream() -> None:
     """An engine that hangs under a live worker: probes are answered, but the worker's
     token count stands still while it claims to decode; the stream moves long before the

@@ -96,11 +96,13 @@ class StreamRun:
         return (worker_id in self.answering
                 and self.resting.get(worker_id, 0.0) <= time.monotonic())
 
-    def refused_by(self, worker_id: WorkerId, cause: str) -> None:
+    def refused_by(self, worker_id: WorkerId, cause: str, moved: bool = False) -> None:
         """A replica would not take it for now (busy, loading, not placed there any more):
-        not a move, so not counted against max_migrations; migrate_wait_s bounds these."""
+        not a move, so not counted against max_migrations; migrate_wait_s bounds these.
+        One that had streamed it and stopped for now (an engine stopped for a re-plan) is
+        not to blame either, but the stream moves: its tokens are replayed elsewhere."""
         self.resting[worker_id] = time.monotonic() + REST_S
-        self._interrupted(cause, moved=False)
+        self._interrupted(cause, moved)
 
     def _interrupted(self, cause: str, moved: bool = True) -> None:
         if self.started:
