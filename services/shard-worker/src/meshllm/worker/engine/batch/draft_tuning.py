@@ -25,6 +25,7 @@ FORGET = 0.05  # weight of the latest step in the fit of a step's compute
 NOMINAL_STEP_S = 0.02  # a one-token step assumed until one is timed (a small model on a CPU)
 PRIOR_ACCEPTANCE = 0.5  # before anything was drafted
 PRIOR_WEIGHT = 2.0  # the prior weighs as much as two drafted tokens
+BLIND_ACCEPTANCE = 0.5  # at most, for a request whose own drafts told nothing yet
 EVIDENCE_CAP = 16.0  # kept tokens and cuts a request remembers, the older scaled away
 SMOOTHING = 0.2  # weight of the latest step in the running estimate of a step's compute
 PROBE_EVERY = 8  # while drafting does not pay, every 8th step still drafts one token

@@ -11,6 +11,7 @@ from meshllm.worker.engine.batch.backend import Backend
 from meshllm.worker.engine.batch.config import BatchConfig
 from meshllm.worker.engine.batch.draft import Drafter, ShadowDrafts
 from meshllm.worker.engine.batch.draft_tuning import (
+    BLIND_ACCEPTANCE,
     PRIOR_ACCEPTANCE,
     Acceptance,
     DraftTuner,
@@ -157,10 +158,14 @@ class StepRunner:
                 caps[i] = draft_budget(self.config.draft_max, a.remaining, room)
             # No draft changes any request's output (speculative.py): each gets the length
             # its own acceptance calls for. Padding stays greedy-only (caps), as proven.
-            # A free drafter's first guesses for a request are shadows: its own text, not
-            # the engine's prior (other requests' text), decides the first real draft.
-            length = (self._tuner.length(seqs, a.acceptance.value)
-                      if a.acceptance.seen or self._shadows is None else 0)
+            # Before a request's own text has told anything, the engine's prior (other
+            # requests' text) may be wrong: a free drafter's first real draft is at most
+            # what a coin-flip acceptance pays for (none where rows are dear against the
+            # round trip: its guesses are shadows until one is scored).
+            value = a.acceptance.value
+            if not a.acceptance.seen and self._shadows is not None:
+                value = min(value, BLIND_ACCEPTANCE)
+            length = self._tuner.length(seqs, value)
             k = draft_budget(length, a.remaining, room)
             if k > 0:
                 wants[i] = (a.history(), k)
