@@ -19,7 +19,12 @@ variant's tokens equal those of "one".
 
 `--two-threads` adds "one-2threads", one context with twice the threads: the two-context
 head computes on two threads at once, and this is the one-context head given the same
-cores. `--streams 16` compares one context of 16 with two of 8.
+cores. `--streams 16` compares one context of 16 with two of 8. `--stages 3` splits the
+model in three (the head 6 layers, each stage 6), each stage behind its own delay proxy;
+`--groups 2,4` measures, instead of the default variants, "one" against G contexts on the
+pipelined client for each G (docs/split-latency.md section 6: more groups than cores hide
+the round trips). Each variant is also given as a ratio to "one" at 0 ms in the same
+round: what a user on the slow link gets against the split on a fast one.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ def make_prompts(n: int) -> tuple[str, ...]:
 
 
 PROMPTS = make_prompts(8)
-STAGE_LAYERS = 9
+STAGE_LAYERS = {2: 9, 3: 6}  # per stage, by the split's number of stages (18 layers)
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,10 @@ class Variant:
 BASELINE = "one"
 
 
-def variants(threads: int, two_threads: bool) -> list[Variant]:
+def variants(threads: int, two_threads: bool, groups: Sequence[int] = ()) -> list[Variant]:
+    if groups:
+        return [Variant(BASELINE, 1, False, threads)] + [
+            Variant(f"{g}x-pipelined", g, True, threads) for g in groups if g > 1]
     found = [Variant(BASELINE, 1, False, threads), Variant("two", 2, False, threads),
              Variant("two-pipelined", 2, True, threads)]
     if two_threads:
@@ -75,12 +83,16 @@ def variants(threads: int, two_threads: bool) -> list[Variant]:
     return found
 
 
+def named(args: argparse.Namespace) -> list[Variant]:
+    return variants(args.threads, args.two_threads, args.groups)
+
+
 class PipelinedHead:
     """bench/split_pipelined_head.py in a child process; `endpoints` empty: model whole."""
 
     def __init__(self, endpoints: Sequence[str], *, contexts: int = 1, pipelined: bool = False,
                  threads: int = 1, slots: int = 8) -> None:
-        layers = ",".join(str(STAGE_LAYERS) for _ in endpoints)
+        layers = ",".join(str(STAGE_LAYERS[len(endpoints) + 1]) for _ in endpoints)
         self.proc = subprocess.Popen(
             [sys.executable, str(HEAD), ",".join(endpoints), layers, "--contexts",
              str(contexts), "--pipelined", "on" if pipelined else "off", "--threads",
@@ -126,7 +138,7 @@ def sample(result: dict[str, Any], sent: int, tokens: int, reference: list[list[
                   sent / (steps * groups), result["tokens"] == reference)
 
 
-def one_round(heads: dict[str, PipelinedHead], proxies: dict[str, DelayProxy],
+def one_round(heads: dict[str, PipelinedHead], proxies: dict[str, list[DelayProxy]],
               args: argparse.Namespace, samples: dict[tuple[str, int], list[Sample]],
               order: random.Random) -> None:
     """Every variant at every delay, in a new order each round, so that a burst of the other
@@ -137,9 +149,11 @@ def one_round(heads: dict[str, PipelinedHead], proxies: dict[str, DelayProxy],
         order.shuffle(names)
         results = {}
         for name in names:
-            proxies[name].delay_s = delay / 2000  # half the round trip each way
-            proxies[name].reset()
-            results[name] = (heads[name].run(prompts, tokens), proxies[name].counters.to_server)
+            for proxy in proxies[name]:
+                proxy.delay_s = delay / 2000  # half the round trip each way
+                proxy.reset()
+            result = heads[name].run(prompts, tokens)
+            results[name] = (result, sum(p.counters.to_server for p in proxies[name]))
         reference = results[BASELINE][0]["tokens"]
         for name, (result, sent) in results.items():
             samples.setdefault((name, delay), []).append(
@@ -147,13 +161,16 @@ def one_round(heads: dict[str, PipelinedHead], proxies: dict[str, DelayProxy],
 
 
 def measure(args: argparse.Namespace, root: Path) -> dict[tuple[str, int], list[Sample]]:
-    servers, proxies, heads = [], {}, {}
+    servers, heads = [], {}
+    proxies: dict[str, list[DelayProxy]] = {}
     try:
-        for v in variants(args.threads, args.two_threads):
-            proc, port = start_stage(root / v.name, args.threads)
-            servers.append(proc)
-            proxies[v.name] = DelayProxy(("127.0.0.1", port))
-            heads[v.name] = PipelinedHead([f"127.0.0.1:{proxies[v.name].port}"],
+        for v in named(args):
+            proxies[v.name] = []
+            for stage in range(args.stages - 1):
+                proc, port = start_stage(root / f"{v.name}-{stage}", args.threads)
+                servers.append(proc)
+                proxies[v.name].append(DelayProxy(("127.0.0.1", port)))
+            heads[v.name] = PipelinedHead([f"127.0.0.1:{p.port}" for p in proxies[v.name]],
                                           contexts=v.contexts, pipelined=v.pipelined,
                                           threads=v.threads, slots=args.streams)
             heads[v.name].run(make_prompts(args.streams), 4)  # warm: graphs, buffers
@@ -173,7 +190,8 @@ def measure(args: argparse.Namespace, root: Path) -> dict[tuple[str, int], list[
 
 
 def report(samples: dict[tuple[str, int], list[Sample]], args: argparse.Namespace) -> None:
-    names = [v.name for v in variants(args.threads, args.two_threads)]
+    names = [v.name for v in named(args)]
+    fast = samples[(BASELINE, min(args.delays))]
     print("\naggregate tok/s (median over rounds); in brackets the ratio to"
           f" {BASELINE} in the same round (median, min-max over rounds); decode-only tok/s;"
           " KB head->stage per context step")
@@ -183,11 +201,15 @@ def report(samples: dict[tuple[str, int], list[Sample]], args: argparse.Namespac
             runs = samples[(name, delay)]
             ratios = [s.tok_s / b.tok_s for s, b in zip(runs, base, strict=True)]
             same = all(s.same_tokens for s in runs)
+            of_fast = [s.tok_s / b.tok_s for s, b in zip(runs, fast, strict=True)]
             print(f"  +{delay:>3} ms {name:<14}{statistics.median(s.tok_s for s in runs):7.1f}"
                   f" ({statistics.median(ratios):4.2f}, {min(ratios):4.2f}-{max(ratios):4.2f})"
+                  f"  of {BASELINE} at +{min(args.delays)} ms {statistics.median(of_fast):4.2f}"
                   f"  decode {statistics.median(s.decode_tok_s for s in runs):6.1f}"
                   f"  {statistics.median(s.bytes_per_step for s in runs) / 1000:7.1f} KB/step"
                   f"  tokens {'equal' if same else 'DIFFER'}")
+        if ("two", delay) not in samples:
+            continue
         piped = [s.tok_s / b.tok_s for s, b in zip(samples[("two-pipelined", delay)],
                                                   samples[("two", delay)], strict=True)]
         print(f"  +{delay:>3} ms pipelined / today's client, same round:"
@@ -204,9 +226,13 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="of the order within a round")
     parser.add_argument("--two-threads", action="store_true",
                         help="add one context of 8 with twice the threads")
+    parser.add_argument("--stages", type=int, choices=sorted(STAGE_LAYERS), default=2)
+    parser.add_argument("--groups", default="", help="e.g. 2,4: one against G contexts")
     args = parser.parse_args()
     args.delays = [int(d) for d in args.delays.split(",")]
-    print(f"gemma3-270m, 2-stage split, {args.streams} greedy streams of {args.tokens} tokens,"
+    args.groups = [int(g) for g in args.groups.split(",") if g]
+    print(f"gemma3-270m, {args.stages}-stage split, {args.streams} greedy streams of"
+          f" {args.tokens} tokens,"
           " deterministic"
           f" kernels, {args.threads} thread(s) per context and stage", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
