@@ -269,9 +269,9 @@ class MeshBackend:
             failures.append(failure)
             log.warning("worker %s failed for %s: %s", worker.worker_id, request.model_id,
                         failure)
-            if transient and not fresh:  # refused after its first event: the stream moves
-                transient = "interrupted"
-            self._lost(run, worker, sent_to, (cause, failure), transient, answering)
+            # refused after this attempt's first event: not to blame, but the stream moves
+            self._lost(run, worker, sent_to, (cause, failure), bool(transient), answering,
+                       moved=not fresh)
         raise self._gave_up(run, failures, busy, silent)
 
     @staticmethod
@@ -301,12 +301,13 @@ class MeshBackend:
                                    run.cause, resumed_s, len(run.sent_ids))
 
     def _lost(self, run: StreamRun, worker: WorkerInfo, replica: Replica | None,
-              why: tuple[str, str], transient: str, answering: bool = False) -> None:
+              why: tuple[str, str], transient: bool, answering: bool = False,
+              moved: bool = False) -> None:
         """Marks `worker` (heading `replica` when the stream went to it) failed for `run`, or
         resting when it refused for now (busy, loading); raises when it may not move again."""
         cause, failure = why
         if transient:
-            run.refused_by(worker.worker_id, cause, moved=transient == "interrupted")
+            run.refused_by(worker.worker_id, cause, moved)
         else:
             run.failed_on(worker.worker_id, replica, cause, answering)
             if replica is not None and self._suspects is not None:
