@@ -8,7 +8,10 @@ time to first token and elapsed time of each, and the engine's step and draft co
 over the run. Used by bench/split_latency.py and tests/integration/test_split_speculative.py.
 
     split_head.py ENDPOINTS LAYERS [--speculative none|ngram] [--draft-max 4]
-        [--threads 2] [--slots 8] [--link-rtt-ms 0] [--pad-drafts off|on]
+        [--threads 2] [--slots 8] [--link-rtt-ms 0] [--pad-drafts off|on] [--groups 1]
+
+The engine runs on its own threads (one per group of slots, batch/groups.py), as in the
+engine process; with groups the RPC connections are pipelined, as the engine loads them.
 """
 
 from __future__ import annotations
@@ -17,13 +20,22 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 from typing import Any
 
 from meshllm.common.models import materialize
 from meshllm.common.types import SamplingParams
 from meshllm.native import rpc
-from meshllm.worker.engine.batch import BatchConfig, BatchEngine, Delta, Event, Failed, LoadOptions
+from meshllm.worker.engine.batch import (
+    BatchConfig,
+    BatchEngine,
+    Delta,
+    Event,
+    Failed,
+    Finished,
+    LoadOptions,
+)
 from meshllm.worker.engine.batch.config import SpecMode
 
 
@@ -33,13 +45,16 @@ def load(args: argparse.Namespace) -> BatchEngine:
     options = LoadOptions(repack=False)
     if endpoints:  # without stages: the same model whole, as the baseline
         rpc.add_rpc_servers(endpoints)
+        if args.groups > 1:  # as the engine process loads a head with groups (loading.py)
+            rpc.set_pipelined(endpoints)
         options = LoadOptions.split_head([int(x) for x in args.layers.split(",")],
                                          repack=False)
     return BatchEngine(BatchConfig(
         model_path=str(materialize("gemma3-270m")), n_ctx=args.slots * 512,
         n_slots=args.slots, n_threads=args.threads, prefix_reuse=False, load=options,
         spec_mode=SpecMode(args.speculative), draft_max=args.draft_max,
-        link_rtt_s=args.link_rtt_ms / 1000, pad_drafts=args.pad_drafts == "on"))
+        link_rtt_s=args.link_rtt_ms / 1000, pad_drafts=args.pad_drafts == "on",
+        groups=args.groups))
 
 
 def run(engine: BatchEngine, job: dict[str, Any], run_id: int) -> dict[str, Any]:
@@ -48,9 +63,11 @@ def run(engine: BatchEngine, job: dict[str, Any], run_id: int) -> dict[str, Any]
     first = [0.0] * len(prompts)
     last = [0.0] * len(prompts)
     failed: list[Failed] = []
+    ended, lock = threading.Event(), threading.Lock()
+    open_requests = [len(prompts)]
 
     def sink(i: int) -> Any:
-        def on_event(event: Event) -> None:
+        def on_event(event: Event) -> None:  # on the thread of the request's group
             if isinstance(event, Delta) and event.token_ids:
                 now = time.perf_counter()
                 first[i] = first[i] or now
@@ -58,17 +75,24 @@ def run(engine: BatchEngine, job: dict[str, Any], run_id: int) -> dict[str, Any]
                 tokens[i].extend(event.token_ids)
             elif isinstance(event, Failed):
                 failed.append(event)
+            if isinstance(event, Failed | Finished):
+                with lock:
+                    open_requests[0] -= 1
+                    if not open_requests[0]:
+                        ended.set()
         return on_event
 
     if "link_rtt_ms" in job:  # the link changed: what a worker sends its engine (SetLinkRtt)
         engine.set_link_rtt(job["link_rtt_ms"] / 1000)
     before = engine.stats()
     started = time.perf_counter()
-    for i, prompt in enumerate(prompts):
-        engine.submit(f"run{run_id}-{i}", engine.tokenize(prompt),
-                      SamplingParams(max_tokens=job["max_tokens"], temperature=0.0), sink(i))
-    while engine.step():
-        pass
+    tokenized = [engine.tokenize(prompt) for prompt in prompts]
+    with engine.burst():  # the streams start together, in one step
+        for i, prompt_tokens in enumerate(tokenized):
+            engine.submit(f"run{run_id}-{i}", prompt_tokens,
+                          SamplingParams(max_tokens=job["max_tokens"], temperature=0.0),
+                          sink(i))
+    ended.wait()
     if failed:
         raise failed[0].error
     after = engine.stats()
@@ -89,10 +113,13 @@ def main() -> int:
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--link-rtt-ms", type=float, default=0.0)
     parser.add_argument("--pad-drafts", choices=("on", "off"), default="off")
+    parser.add_argument("--groups", type=int, default=1)
     args = parser.parse_args()
     out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # as in the engine process: whatever llama.cpp prints stays off `out`
     engine = load(args)
+    engine.grammars.warm_up()  # now, not on start()'s thread during the first runs
+    engine.start()  # its threads, as in the engine process (one per group)
     print("loaded", file=out, flush=True)
     for run_id, line in enumerate(sys.stdin):
         print(json.dumps(run(engine, json.loads(line), run_id)), file=out, flush=True)

@@ -10,11 +10,13 @@ follow it, engine/batch/draft_tuning.py). Workloads: 1 and 8 greedy streams, on 
 that repeats its context (the n-gram drafter's case) and on one that does not.
 
     .venv/bin/python bench/split_latency.py [--stages 2|3|both] [--delays 0,5,20,50]
-        [--tokens 32] [--rounds 1] [--pad-drafts off|on|both]
+        [--tokens 32] [--rounds 1] [--pad-drafts off|on|both] [--groups auto|N]
 
 The n-gram head pads drafts as the engine does by default (off); `--pad-drafts both` adds
 a third split head, n-gram with padded drafts ("ngram-pad"), interleaved with the others,
-to measure what padding buys.
+to measure what padding buys. `--groups` (auto by default) adds an n-gram head whose slots
+run as groups in flight (engine/batch/groups.py), with as many groups as a worker loads on
+a link of +20 ms a hop; its loads on every delay of the run are the same.
 
 Targets (issue 20): at 20 ms per hop, 8 streams keep 0.8 of their 0 ms throughput and
 one stream on the repetitive prompt keeps 0.6.
@@ -31,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from meshllm.worker.engine.batch.groups import groups_for_link
+
 from bench.proxy import DelayProxy
 from bench.split_procs import HeadProcess, start_stage
 
@@ -56,12 +60,22 @@ class Cell:
 Key = tuple[str, int, int, str]  # (head: solo | a variant, delay ms, streams, prompt)
 
 
-def variants(pad_drafts: str) -> dict[str, tuple[str, bool]]:
-    """The split heads to run: name -> (speculative mode, drafts padded)."""
-    heads = {"none": ("none", False), "ngram": ("ngram", pad_drafts == "on")}
+def variants(pad_drafts: str, groups: int = 0) -> dict[str, tuple[str, bool, int]]:
+    """The split heads to run: name -> (speculative mode, drafts padded, groups of slots)."""
+    heads = {"none": ("none", False, 1), "ngram": ("ngram", pad_drafts == "on", 1)}
     if pad_drafts == "both":
-        heads["ngram-pad"] = ("ngram", True)
+        heads["ngram-pad"] = ("ngram", True, 1)
+    if groups > 1:
+        heads[f"ngram-g{groups}"] = ("ngram", pad_drafts == "on", groups)
     return heads
+
+
+def groups_for(stages: int, option: str) -> int:
+    """--groups: auto is what a worker loads on a link of +20 ms a hop (batch/groups.py)."""
+    if option != "auto":
+        return int(option)
+    hops = stages - 1
+    return groups_for_link(8, 0.020 * hops, hops)
 WORKLOADS = [(s, p) for s in (1, 8) for p in ("repeats", "fresh")]
 
 
@@ -82,7 +96,7 @@ def one_round(heads: dict[str, HeadProcess], proxies: dict[str, list[DelayProxy]
         runs.setdefault(("solo", 0, streams, prompt), []).append(
             heads["solo"].run(prompts, args.tokens))
         for delay in delays:
-            for spec in variants(args.pad_drafts):
+            for spec in variants(args.pad_drafts, args.groups_now):
                 for p in proxies[spec]:
                     p.delay_s = delay / 2000  # half the round trip each way
                 runs.setdefault((spec, delay, streams, prompt), []).append(
@@ -96,14 +110,14 @@ def measure(stages: int, delays: list[int], args: argparse.Namespace, root: Path
     try:
         heads["solo"] = HeadProcess([], [], speculative="none",
                                     draft_max=8, threads=args.threads)
-        for spec, (mode, pad) in variants(args.pad_drafts).items():
+        for spec, (mode, pad, groups) in variants(args.pad_drafts, args.groups_now).items():
             mine = [start_stage(root / f"{stages}-{spec}-{i}", args.threads)
                     for i in range(stages - 1)]
             servers += mine
             proxies[spec] = [DelayProxy(("127.0.0.1", port)) for _, port in mine]
             heads[spec] = HeadProcess([f"127.0.0.1:{p.port}" for p in proxies[spec]],
                                       LAYERS[stages], speculative=mode, draft_max=8,
-                                      threads=args.threads, pad_drafts=pad)
+                                      threads=args.threads, pad_drafts=pad, groups=groups)
         for head in heads.values():
             head.run(PROMPTS["fresh"][:8], 4)  # warm: graphs, caches
         runs: dict[Key, list[dict[str, Any]]] = {}
@@ -118,7 +132,8 @@ def measure(stages: int, delays: list[int], args: argparse.Namespace, root: Path
             proc.kill()
 
 
-def report(stages: int, cells: dict[Key, Cell], delays: list[int], pad_drafts: str) -> None:
+def report(stages: int, cells: dict[Key, Cell], delays: list[int], pad_drafts: str,
+           groups: int) -> None:
     print(f"\n{stages}-stage split: aggregate tok/s (ratio to the split at 0 ms without"
           " speculation, ratio to solo without speculation), median TTFT ms; per added round"
           " trip per hop")
@@ -127,7 +142,7 @@ def report(stages: int, cells: dict[Key, Cell], delays: list[int], pad_drafts: s
     for s, p in WORKLOADS:
         solo = cells[("solo", 0, s, p)]
         print(f"  {'solo':<12}{s:>8} {p:<8}{solo.tok_s:>9.1f}{'':>11}{solo.ttft_s * 1000:6.0f}")
-    for spec in variants(pad_drafts):
+    for spec in variants(pad_drafts, groups):
         for s, p in WORKLOADS:
             base = cells[("none", 0, s, p)].tok_s
             whole = cells[("solo", 0, s, p)].tok_s
@@ -148,6 +163,14 @@ def report(stages: int, cells: dict[Key, Cell], delays: list[int], pad_drafts: s
         print(f"RESULT {stages} stages at +20 ms: 8 streams keep {eight:.2f} of their 0 ms"
               f" (target 0.8), one stream on the repeating prompt {one:.2f} of 0 ms without"
               " speculation (target 0.6)")
+        if groups > 1:
+            g = f"ngram-g{groups}"
+            own = min(cells[(g, 20, 8, p)].tok_s / cells[(g, 0, 8, p)].tok_s for p in PROMPTS)
+            one_group = min(cells[(g, 20, 8, p)].tok_s / cells[("ngram", 0, 8, p)].tok_s
+                            for p in PROMPTS)
+            print(f"RESULT {stages} stages at +20 ms with {groups} groups (as a worker loads"
+                  f" on this link): 8 streams keep {own:.2f} of their own 0 ms, {one_group:.2f}"
+                  " of one group's 0 ms (target 0.8)")
 
 
 def main() -> int:
@@ -159,6 +182,9 @@ def main() -> int:
     parser.add_argument("--pad-drafts", choices=("off", "on", "both"), default="off",
                         help="pad the n-gram head's greedy drafts to fewer ubatches; both: "
                         "a third head with padding, to compare")
+    parser.add_argument("--groups", default="auto",
+                        help="a head with this many groups of slots beside the others (auto:"
+                        " as a worker loads on +20 ms a hop; 0 or 1: none)")
     parser.add_argument("--threads", type=int, default=1,
                         help="per process (head, each stage); 2 on a quiet 2-core machine")
     args = parser.parse_args()
@@ -171,7 +197,9 @@ def main() -> int:
           "deterministic kernels; stages on loopback behind a delay proxy", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for stages in stage_counts:
-            report(stages, measure(stages, delays, args, Path(tmp)), delays, args.pad_drafts)
+            args.groups_now = groups_for(stages, args.groups)
+            report(stages, measure(stages, delays, args, Path(tmp)), delays, args.pad_drafts,
+                   args.groups_now)
     return 0
 
 

@@ -63,12 +63,8 @@ def load_model(llama: Any, endpoints: list[str], layers: list[int], pipelined: b
     rpc.ensure_backends()
     if endpoints:
         rpc.add_rpc_servers(endpoints)
-        if pipelined:
-            # Our library's opt-in (rpc_patch.py); it applies to connections opened after
-            # this call, so before the model load opens the one that stays.
-            lib = rpc._rpc(rpc.RpcLibrary.MESHLLM)
-            for endpoint in endpoints:
-                lib.ggml_backend_rpc_meshllm_set_pipelined(endpoint.encode(), 1)
+        if pipelined:  # before the model load opens the connection that stays
+            rpc.set_pipelined(endpoints)
     options = (LoadOptions.split_head(layers, repack=False) if endpoints
                else LoadOptions(repack=False))
     params = model_params(options)

@@ -23,12 +23,12 @@ class HeadProcess:
     def __init__(self, endpoints: Sequence[str], layers: Sequence[int], *,
                  speculative: str = "none", draft_max: int = 4, threads: int = 2,
                  slots: int = 8, link_rtt_ms: float = 0.0, pad_drafts: bool = False,
-                 env: Mapping[str, str] | None = None) -> None:
+                 groups: int = 1, env: Mapping[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, str(HEAD), ",".join(endpoints), ",".join(map(str, layers)),
              "--speculative", speculative, "--draft-max", str(draft_max), "--threads",
              str(threads), "--slots", str(slots), "--link-rtt-ms", str(link_rtt_ms),
-             "--pad-drafts", "on" if pad_drafts else "off"],
+             "--pad-drafts", "on" if pad_drafts else "off", "--groups", str(groups)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             text=True, env=None if env is None else dict(env))
         assert self.proc.stdout is not None

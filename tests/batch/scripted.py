@@ -31,6 +31,7 @@ class ScriptedBackend:
         self.rule = rule
         self.kv: dict[int, dict[int, int]] = {}
         self.decoded = 0
+        self.siblings: list[ScriptedBackend] = []
 
     def decode(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int],
                outputs: Sequence[bool]) -> list[Logits]:
@@ -44,6 +45,13 @@ class ScriptedBackend:
                 rows.append(self.logits([cells[q] for q in range(p + 1)]))
         self.decoded += len(tokens)
         return rows
+
+    def sibling(self, context: object) -> ScriptedBackend:
+        """A second context on the same model (a group's, batch/groups.py): the same rule,
+        its own sequences. Kept in `siblings`, so tests see which context decoded what."""
+        other = ScriptedBackend(self.rule)
+        self.siblings.append(other)
+        return other
 
     def logits(self, prefix: Sequence[int]) -> Logits:
         """Peaked at the rule's choice with a spread, so that sampling has choices too."""

@@ -81,3 +81,18 @@ def test_options_become_model_params() -> None:
         assert params.progress_callback(fraction, None)
     assert seen == [0.0, 0.06, 0.5, 1.0]  # every 5% and the end
     assert len(made.buffers) == 3  # the overrides, the split and the callback stay alive
+
+
+@pytest.mark.parametrize(("endpoints", "rtt_s", "speculative", "groups"), [
+    ((), 0.0, "auto", 1),                          # whole
+    (("a:1", "b:2"), 0.0004, "auto", 1),           # a split on loopback
+    (("a:1", "b:2"), 0.040, "auto", 4),            # 3 stages at +20 ms a hop
+    (("a:1", "b:2"), 0.040, "none", 4),
+    (("a:1", "b:2"), 0.040, "draft:/d.gguf", 1),   # a draft model drafts for one context
+])
+def test_a_head_on_slow_links_runs_its_slots_in_groups(
+        endpoints: tuple[str, ...], rtt_s: float, speculative: str, groups: int) -> None:
+    load = Load(Path("/m.gguf"), 512, 1, rpc_endpoints=endpoints,
+                stage_layers=(6,) * len(endpoints), slots=8, speculative=speculative,
+                link_rtt_s=rtt_s)
+    assert batch_config(load).groups == groups

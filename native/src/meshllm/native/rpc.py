@@ -165,6 +165,20 @@ def add_rpc_servers(endpoints: list[str],
     return [n for n in device_names() if n not in before]
 
 
+def set_pipelined(endpoints: list[str]) -> None:
+    """Opts the connections to `endpoints` in to our client's pipelining (rpc_patch.py):
+    a request that waits for its reply no longer holds the socket, so several contexts
+    (the engine's groups) have requests in flight on one connection at once. Applies to
+    connections opened after the call: call it after add_rpc_servers, before the load.
+    Our library only (the stock one lacks the symbol)."""
+    rpc = _rpc(RpcLibrary.MESHLLM)
+    opt_in = rpc.ggml_backend_rpc_meshllm_set_pipelined
+    opt_in.restype = None
+    opt_in.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    for endpoint in endpoints:
+        opt_in(endpoint.encode(), 1)
+
+
 def serve_cpu(endpoint: str, cache_dir: Path | None, threads: int,
               library: RpcLibrary = RpcLibrary.MESHLLM) -> None:
     """Serve this process's CPU device over ggml RPC at `endpoint`. Blocks forever.

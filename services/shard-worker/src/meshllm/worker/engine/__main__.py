@@ -38,9 +38,9 @@ def _load(first_line: bytes, out: Channel) -> BatchEngine | None:
         log.exception("loading the model failed")
         out.send(wire.LoadFailed(wire.WireError.of(exc)))
         return None
-    log.info("loaded %s: %d slots of %d tokens, speculative decoding %s",
+    log.info("loaded %s: %d slots of %d tokens in %d group(s), speculative decoding %s",
              command.model_path.name, engine.config.n_slots, engine.config.n_ctx_slot,
-             engine.config.spec_mode.value)
+             engine.config.groups, engine.config.spec_mode.value)
     return engine
 
 

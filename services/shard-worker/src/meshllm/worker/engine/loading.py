@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from meshllm.common.errors import ConfigError
 from meshllm.worker.engine.batch import BatchConfig, BatchEngine, LoadOptions, SpecMode
+from meshllm.worker.engine.batch.groups import groups_for_link
 from meshllm.worker.engine_wire import Load
 
 
@@ -31,14 +32,17 @@ def speculative_mode(load: Load) -> str:
 
 def batch_config(load: Load, on_progress: Callable[[float], None] | None = None
                  ) -> BatchConfig:
-    """Each slot gets the model's whole context."""
+    """Each slot gets the model's whole context. A split's head over slow links runs its
+    slots in groups (batch/groups.py), unless a draft model drafts for them."""
     mode, _, draft = speculative_mode(load).partition(":")
+    groups = (1 if draft else
+              groups_for_link(load.slots, load.link_rtt_s, len(load.rpc_endpoints)))
     return BatchConfig(
         model_path=str(load.model_path), n_ctx=load.context_length_tokens * load.slots,
         n_slots=load.slots, n_threads=load.threads, max_queue=load.max_queue,
         spec_mode=SpecMode(mode), draft_model_path=draft or None,
         chat_template=load.chat_template, deterministic=load.deterministic,
-        link_rtt_s=load.link_rtt_s, load=load_options(load, on_progress),
+        link_rtt_s=load.link_rtt_s, load=load_options(load, on_progress), groups=groups,
     )
 
 
@@ -47,7 +51,13 @@ def load_engine(load: Load, on_progress: Callable[[float], None] | None = None
     """Registers the split's RPC stages, if any, and loads the model."""
     from meshllm.native import rpc  # imported here: only the engine process needs llama.cpp
 
+    config = batch_config(load, on_progress)
     rpc.ensure_backends()
     if load.rpc_endpoints:
-        rpc.add_rpc_servers(list(load.rpc_endpoints), rpc.RpcLibrary(load.rpc_library))
-    return BatchEngine(batch_config(load, on_progress))
+        library = rpc.RpcLibrary(load.rpc_library)
+        rpc.add_rpc_servers(list(load.rpc_endpoints), library)
+        if config.groups > 1 and library is rpc.RpcLibrary.MESHLLM:
+            # Groups share each stage's one connection: pipelined, a group's request goes
+            # out while another's reply is awaited (the stock library sends them in turn).
+            rpc.set_pipelined(list(load.rpc_endpoints))
+    return BatchEngine(config)

@@ -77,18 +77,37 @@ class LlamaBackend:
                                                            self._params.native)
         if not self._model:
             raise ModelLoadFailed(f"llama.cpp could not load {path}")
-        self._ctx = llama_cpp.llama_init_from_model(self._model, self._context_params(context))
-        if not self._ctx:
-            llama_cpp.llama_model_free(self._model)
-            raise ModelLoadFailed(f"llama.cpp could not create a context for {path}")
+        self._owns_model, self._path = True, str(path)
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
-        self._mem = llama_cpp.llama_get_memory(self._ctx)
         self.n_vocab: int = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
-        self.n_batch = context.n_batch
-        self._n_threads = context.n_threads
-        self._batch = llama_cpp.llama_batch_init(context.n_batch, 0, 1)
         self._pieces: dict[int, bytes] = {}
         self._embedder: LlamaEmbedder | None = None
+        try:
+            self._open_context(context)
+        except ModelLoadFailed:
+            llama_cpp.llama_model_free(self._model)
+            raise
+
+    def _open_context(self, context: ContextSettings) -> None:
+        self._ctx = self._l.llama_init_from_model(self._model, self._context_params(context))
+        if not self._ctx:
+            raise ModelLoadFailed(f"llama.cpp could not create a context for {self._path}")
+        self._mem = self._l.llama_get_memory(self._ctx)
+        self.n_batch = context.n_batch
+        self._n_threads = context.n_threads
+        self._batch = self._l.llama_batch_init(context.n_batch, 0, 1)
+
+    def sibling(self, context: ContextSettings) -> LlamaBackend:
+        """Another context on this model: its own KV cache and compute buffers (on a split,
+        on the stages too), the weights shared; for a group of slots (groups.py). Close it
+        before this one, which frees the model."""
+        other = LlamaBackend.__new__(LlamaBackend)
+        other._l, other._params, other._model = self._l, self._params, self._model
+        other._owns_model, other._path = False, self._path
+        other._vocab, other.n_vocab, other._pieces = self._vocab, self.n_vocab, self._pieces
+        other._embedder = None
+        other._open_context(context)
+        return other
 
     def _context_params(self, c: ContextSettings) -> Any:
         p = self._l.llama_context_default_params()
@@ -202,7 +221,8 @@ class LlamaBackend:
         if self._ctx:
             self._l.llama_batch_free(self._batch)
             self._l.llama_free(self._ctx)
-            self._l.llama_model_free(self._model)
+            if self._owns_model:
+                self._l.llama_model_free(self._model)
             self._ctx = None
 
 

@@ -53,6 +53,9 @@ class BatchConfig:
     # An embedding context unused this long is freed: with a large vocabulary it holds a
     # gigabyte (llama.cpp computes logits for every token it embeds); made again on use.
     embed_idle_s: float = 60.0
+    # Groups of slots in flight (groups.py): each its own context and thread over the one
+    # model, so that one group's round trips to a split's stages overlap the others' work.
+    groups: int = 1
 
     def __post_init__(self) -> None:
         if self.n_slots < 1:
@@ -69,6 +72,11 @@ class BatchConfig:
             raise ConfigError("draft_model_path", "speculative mode 'draft' needs a draft model")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ConfigError("ngram_min", "must be between 1 and ngram_max")
+        if not 1 <= self.groups <= self.n_slots:
+            raise ConfigError("groups", f"must be between 1 and n_slots ({self.n_slots})")
+        if self.groups > 1 and self.spec_mode is SpecMode.DRAFT:
+            raise ConfigError("groups", "a draft model drafts for one context: speculative "
+                              "mode 'draft' needs groups 1 (n-gram drafting works with any)")
         if self.deterministic and self.kv_unified:
             # A unified cache interleaves the sequences' cells, so attention sums a
             # sequence's cells in an order that depends on the others.
@@ -85,6 +93,11 @@ class BatchConfig:
         """The llama.cpp context of the target (and of a draft model) for this config."""
         return ContextSettings(self.n_ctx, self.n_slots, self.n_threads, n_batch,
                                self.kv_unified, numerics_for(self.deterministic))
+
+    def group_config(self, n_slots: int) -> BatchConfig:
+        """The config of one group of `n_slots` slots: each slot keeps its context."""
+        return dataclasses.replace(self, n_slots=n_slots, n_ctx=n_slots * self.n_ctx_slot,
+                                   groups=1)
 
     @property
     def n_ctx_slot(self) -> int:

@@ -1,24 +1,28 @@
-"""BatchEngine: continuous batching over one llama.cpp context with n_slots sequences.
+"""BatchEngine: continuous batching over a llama.cpp model with n_slots sequences.
 
 Each step feeds llama_decode one token (plus drafts) of every generating slot and bounded
-chunks of new prompts; requests join between steps and leave when done. `submit` and
-`cancel` are thread-safe; `step` and `run_forever` belong to one engine thread.
+chunks of new prompts; requests join between steps and leave when done. The slots form
+`groups` groups (groups.py), one llama.cpp context each: one by default; a split's head
+over slow links runs several, each stepping on its own thread under `run_forever`.
+`submit` and `cancel` are thread-safe; `step` (every group in turn) and `run_forever`
+belong to the engine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from meshllm.common.errors import InvalidGenerateRequest, MeshError, PromptTooLong
 from meshllm.common.types import ChatMessage, Grammar, Resume, SamplingParams
 from meshllm.worker.engine.batch.backend import Backend, LlamaBackend
-from meshllm.worker.engine.batch.config import BatchConfig, SpecMode
-from meshllm.worker.engine.batch.draft import Drafter, ModelDrafter, NgramDrafter
+from meshllm.worker.engine.batch.config import BatchConfig
+from meshllm.worker.engine.batch.draft import Drafter, make_drafter
 from meshllm.worker.engine.batch.draft_tuning import usable_rtt_s
 from meshllm.worker.engine.batch.embed import (
     Embedder,
@@ -35,29 +39,19 @@ from meshllm.worker.engine.batch.errors import (
 )
 from meshllm.worker.engine.batch.events import EngineStats, Event, Failed, Finished, OnEvent
 from meshllm.worker.engine.batch.grammar import GrammarCompiler, replay_grammar
-from meshllm.worker.engine.batch.load_options import LoadOptions
+from meshllm.worker.engine.batch.groups import (
+    Group,
+    assignment,
+    claimable,
+    make_groups,
+    total,
+)
 from meshllm.worker.engine.batch.logprobs import MAX_TOP_LOGPROBS
-from meshllm.worker.engine.batch.prefix import FreeSlot, place
 from meshllm.worker.engine.batch.prompt import PromptBuilder
-from meshllm.worker.engine.batch.request import Active, Submission
+from meshllm.worker.engine.batch.request import Submission
 from meshllm.worker.engine.batch.sampling import SamplerSpec
-from meshllm.worker.engine.batch.step import Counters, StepRunner
 
 log = logging.getLogger(__name__)
-
-
-def make_drafter(config: BatchConfig, n_batch: int) -> Drafter | None:
-    if config.spec_mode is SpecMode.NGRAM:
-        return NgramDrafter(config.ngram_max, config.ngram_min)
-    if config.spec_mode is SpecMode.DRAFT:
-        assert config.draft_model_path is not None  # BatchConfig checks it
-        # Small by design: held whole in this process even when the target is split (a
-        # draft offloaded to the stages would add their round trips to every proposal),
-        # with the target's repacking so that both run the same kernels.
-        draft = LlamaBackend(config.draft_model_path, config.context(n_batch),
-                             LoadOptions(repack=config.model_load.repack))
-        return ModelDrafter(draft, config.n_slots, n_batch)
-    return None
 
 
 class BatchEngine:
@@ -70,16 +64,14 @@ class BatchEngine:
             config.model_path, config.context(config.n_batch), config.model_load)
         if drafter is None and backend is None and config.speculative:
             drafter = make_drafter(config, config.n_batch)
-        self._counters = Counters()
-        self._runner = StepRunner(config, self._backend, drafter, self._counters, clock)
+        self._groups = make_groups(config, self._backend, drafter, clock)
         self._cond = threading.Condition()
         self._queue: deque[Submission] = deque()
         self._sinks: dict[str, OnEvent] = {}  # every queued or running request
-        self._cancelled: set[str] = set()
+        self._where: dict[str, int] = {}  # running request -> its group
         self._dropped: list[Event] = []  # events for requests that never reached a slot
-        self._link_rtt_s: float | None = None  # a new round trip, for the next step
-        self._running = 0
         self._stopping = False
+        self._reuse = config.prefix_reuse
         self._embeds: deque[EmbedJob] = deque()
         self._embedder: Embedder | None = None
         # A split head would need its stages to run a second context too: refused for now.
@@ -136,11 +128,20 @@ class BatchEngine:
             if request_id in self._sinks:
                 raise DuplicateRequest(request_id)
             waiting = len(self._queue)
-            if self._running + waiting >= self.config.n_slots + self.config.max_queue:
-                raise QueueFull(self._running, waiting, self.config.max_queue)
+            running = self._running
+            if running + waiting >= self.config.n_slots + self.config.max_queue:
+                raise QueueFull(running, waiting, self.config.max_queue)
             self._queue.append(sub)
             self._sinks[request_id] = on_event
             self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def burst(self) -> Iterator[None]:
+        """Requests submitted inside join together, at the same step boundary, as if they
+        had come at once (the benchmarks' concurrent streams): the engine's threads wait to
+        take any until the block ends."""
+        with self._cond:  # reentrant: submit takes it again
+            yield
 
     def _submission(self, request_id: str, prompt: Sequence[int], sampling: SamplingParams,
                     on_event: OnEvent, stops: Sequence[str],
@@ -204,7 +205,9 @@ class BatchEngine:
                                                   len(sub.prompt) - sub.resumed, 0, 0))
                     break
             else:
-                self._cancelled.add(request_id)
+                g = self._where.get(request_id)
+                if g is not None:  # else its final event is on its way
+                    self._groups[g].cancelled.add(request_id)
             self._cond.notify_all()
             return True
 
@@ -212,17 +215,24 @@ class BatchEngine:
         """The split's links changed: the draft tuner takes `rtt_s` (a step's round trips
         to the stages) from the next step on; any thread."""
         with self._cond:
-            self._link_rtt_s = usable_rtt_s(rtt_s)
+            for group in self._groups:
+                group.pending_rtt_s = usable_rtt_s(rtt_s)
 
     @property
     def link_rtt_s(self) -> float:
         """The round trip the draft tuner uses (or will from the next step)."""
+        first = self._groups[0]
         with self._cond:
-            pending = self._link_rtt_s
-        return self._runner.link_rtt_s if pending is None else pending
+            pending = first.pending_rtt_s
+        return first.runner.link_rtt_s if pending is None else pending
+
+    @property
+    def _running(self) -> int:
+        """Requests in a slot (under the lock)."""
+        return sum(g.load for g in self._groups)
 
     def stats(self) -> EngineStats:
-        c = self._counters
+        c = total([g.counters for g in self._groups])
         with self._cond:
             running, queued = self._running, len(self._queue)
         return EngineStats(running, queued, self.config.max_queue, self.config.n_slots,
@@ -233,20 +243,29 @@ class BatchEngine:
     # --- engine thread -------------------------------------------------------------
 
     def step(self) -> bool:
-        """One engine step; returns False when there was nothing to do."""
+        """One step of every group in turn, then of embeddings; returns False when there was
+        nothing to do. (run_forever steps each group on its own thread instead.)"""
+        did = False
+        for g in range(len(self._groups)):
+            did = self._group_step(g) or did
+        return self._embed_step() or did
+
+    def _group_step(self, g: int) -> bool:
+        group = self._groups[g]
         with self._cond:
-            subs = self._take_admissible()
-            cancelled, self._cancelled = self._cancelled, set()
-            events, self._dropped = self._dropped, []
-            rtt_s, self._link_rtt_s = self._link_rtt_s, None
-        if rtt_s is not None:  # the runner and its tuner belong to this thread
-            self._runner.link_rtt_s = rtt_s
+            subs = self._take_admissible(g)
+            cancelled, group.cancelled = group.cancelled, set()
+            events: list[Event] = []
+            if g == 0:
+                events, self._dropped = self._dropped, []
+            rtt_s, group.pending_rtt_s = group.pending_rtt_s, None
+        if rtt_s is not None:  # the runner and its tuner belong to the group's thread
+            group.runner.link_rtt_s = rtt_s
         for sub in subs:
-            self._admit(sub)
-        did = self._runner.run(cancelled, events) or bool(subs)
-        self._dispatch(events)
-        embedded = self._embed_step()  # after the streams' step: they never wait on two
-        return did or embedded or bool(events)
+            group.counters.prompt_cached += group.seat(sub, self._reuse)
+        did = group.runner.run(cancelled, events) or bool(subs)
+        self._dispatch(group, events)
+        return did or bool(events)
 
     def _embed_step(self) -> bool:
         """One chunk of the oldest embedding request: at most one bounded decode."""
@@ -289,29 +308,33 @@ class BatchEngine:
         except Exception:  # a broken consumer must not stop the engine
             log.exception("result handler of embedding request %s failed", job.request_id)
 
-    def _take_admissible(self) -> list[Submission]:
-        free = self.config.n_slots - self._running
-        subs = [self._queue.popleft() for _ in range(min(free, len(self._queue)))]
-        self._running += len(subs)
-        return subs
+    def _take_admissible(self, g: int) -> list[Submission]:
+        """The queued requests that join group g now (under the lock); one meant for
+        another group waits in the queue for that group's next step."""
+        taken = [sub for sub, pick in assignment(self._groups, self._queue, self._reuse)
+                 if pick == g]
+        for sub in taken:
+            self._queue.remove(sub)
+            self._where[sub.request_id] = g
+        self._groups[g].load += len(taken)
+        if taken and len(self._groups) > 1:
+            self._cond.notify_all()  # the loads changed: so may the others' picks
+        return taken
 
-    def _admit(self, sub: Submission) -> None:
-        r = self._runner
-        free = [FreeSlot(i, r.cached[i], r.freed_at[i]) for i, a in enumerate(r.slots)
-                if a is None]
-        spot = place(free, sub.prompt, self.config.prefix_reuse)
-        reuse = r.trim(spot.index, spot.reuse)
-        r.seat(spot.index, Active(sub, reuse, r.next_admission(), self._backend.piece,
-                                  self._backend.is_eog))
-        self._counters.prompt_cached += reuse
-
-    def _dispatch(self, events: list[Event]) -> None:
+    def _dispatch(self, group: Group, events: list[Event]) -> None:
+        if len(self._groups) > 1:
+            group.publish_free()
+        with self._cond:
+            group.load = sum(a is not None for a in group.runner.slots)
+            for ev in events:
+                if isinstance(ev, Finished | Failed):
+                    self._where.pop(ev.request_id, None)
+            self._cond.notify_all()
         for ev in events:
             final = isinstance(ev, Finished | Failed)
             with self._cond:
                 sink = (self._sinks.pop(ev.request_id, None) if final
                         else self._sinks.get(ev.request_id))
-                self._running = sum(a is not None for a in self._runner.slots)
             if sink is None:
                 continue
             try:
@@ -320,24 +343,44 @@ class BatchEngine:
                 log.exception("event handler of request %s failed", ev.request_id)
 
     def run_forever(self) -> None:
-        """The engine loop; returns after stop()."""
+        """The engine loop, one thread per group (the first is this one); returns after
+        stop()."""
+        others = [threading.Thread(target=self._group_loop, args=(g,), daemon=True,
+                                   name=f"batch-engine-group-{g}")
+                  for g in range(1, len(self._groups))]
+        for thread in others:
+            thread.start()
+        self._group_loop(0)
+        for thread in others:
+            thread.join()
+        self._shutdown()
+
+    def _has_work(self, g: int) -> bool:
+        group = self._groups[g]
+        if group.load or group.cancelled or claimable(self._groups, self._queue, g,
+                                                      self._reuse):
+            return True
+        return g == 0 and bool(self._dropped or self._embeds)
+
+    def _group_loop(self, g: int) -> None:
+        group = self._groups[g]
         while True:
             with self._cond:
-                while not (self._stopping or self._queue or self._dropped or self._running
-                           or self._embeds):
-                    idle_s = self.config.embed_idle_s if self._embedder else None
+                while not (self._stopping or self._has_work(g)):
+                    idle_s = self.config.embed_idle_s if g == 0 and self._embedder else None
                     if not self._cond.wait(idle_s):  # nothing for idle_s: free the context
                         self.release_embedder()
                 if self._stopping:
                     break
             try:
-                self.step()
-            except Exception as exc:  # fail the running requests, keep serving new ones
+                self._group_step(g)
+                if g == 0:  # after the streams' step: they never wait on two
+                    self._embed_step()
+            except Exception as exc:  # fail the group's requests, keep serving new ones
                 log.exception("engine step failed")
                 events: list[Event] = []
-                self._runner.fail_all(exc, events)
-                self._dispatch(events)
-        self._shutdown()
+                group.runner.fail_all(exc, events)
+                self._dispatch(group, events)
 
     def start(self) -> threading.Thread:
         self._thread = threading.Thread(target=self.run_forever, name="batch-engine",
@@ -366,5 +409,8 @@ class BatchEngine:
         self.release_embedder()
         for sub in subs:
             events.append(Failed(sub.request_id, EngineStopped("the engine shut down")))
-        self._runner.fail_all(EngineStopped("the engine shut down"), events)
-        self._dispatch(events)
+        self._dispatch(self._groups[0], events)
+        for group in self._groups:
+            failed: list[Event] = []
+            group.runner.fail_all(EngineStopped("the engine shut down"), failed)
+            self._dispatch(group, failed)

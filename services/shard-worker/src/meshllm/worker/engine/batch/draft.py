@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-from meshllm.worker.engine.batch.backend import Backend
+from meshllm.worker.engine.batch.backend import Backend, LlamaBackend
+from meshllm.worker.engine.batch.config import BatchConfig, SpecMode
+from meshllm.worker.engine.batch.load_options import LoadOptions
 from meshllm.worker.engine.batch.ngram import propose_ngram
 from meshllm.worker.engine.batch.prefix import common_prefix
 
@@ -121,3 +123,17 @@ class ModelDrafter:
             for (slot, *_), row in zip([t for t in part if t[3]], rows, strict=True):
                 firsts[slot] = int(np.argmax(row))
         return firsts
+
+
+def make_drafter(config: BatchConfig, n_batch: int) -> Drafter | None:
+    if config.spec_mode is SpecMode.NGRAM:
+        return NgramDrafter(config.ngram_max, config.ngram_min)
+    if config.spec_mode is SpecMode.DRAFT:
+        assert config.draft_model_path is not None  # BatchConfig checks it
+        # Small by design: held whole in this process even when the target is split (a
+        # draft offloaded to the stages would add their round trips to every proposal),
+        # with the target's repacking so that both run the same kernels.
+        draft = LlamaBackend(config.draft_model_path, config.context(n_batch),
+                             LoadOptions(repack=config.model_load.repack))
+        return ModelDrafter(draft, config.n_slots, n_batch)
+    return None
