@@ -322,14 +322,16 @@ class BatchEngine:
         return taken
 
     def _dispatch(self, group: Group, events: list[Event]) -> None:
-        if len(self._groups) > 1:
+        load = sum(a is not None for a in group.runner.slots)
+        if load != group.load and len(self._groups) > 1:  # a slot was freed
             group.publish_free()
         with self._cond:
-            group.load = sum(a is not None for a in group.runner.slots)
             for ev in events:
                 if isinstance(ev, Finished | Failed):
                     self._where.pop(ev.request_id, None)
-            self._cond.notify_all()
+            if load != group.load:  # room for a queued request: wake whoever takes it
+                group.load = load
+                self._cond.notify_all()
         for ev in events:
             final = isinstance(ev, Finished | Failed)
             with self._cond:
