@@ -22,6 +22,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from meshllm.common.models import materialize
@@ -57,31 +58,36 @@ def load(args: argparse.Namespace) -> BatchEngine:
         groups=args.groups))
 
 
-def run(engine: BatchEngine, job: dict[str, Any], run_id: int) -> dict[str, Any]:
-    prompts: list[str] = job["prompts"]
-    tokens: list[list[int]] = [[] for _ in prompts]
-    first = [0.0] * len(prompts)
-    last = [0.0] * len(prompts)
-    failed: list[Failed] = []
-    ended, lock = threading.Event(), threading.Lock()
-    open_requests = [len(prompts)]
+class Streams:
+    """One run's requests as their events arrive, on the threads of their groups."""
 
-    def sink(i: int) -> Any:
-        def on_event(event: Event) -> None:  # on the thread of the request's group
+    def __init__(self, n: int) -> None:
+        self.tokens: list[list[int]] = [[] for _ in range(n)]
+        self.first, self.last = [0.0] * n, [0.0] * n
+        self.failed: list[Failed] = []
+        self.ended = threading.Event()
+        self._open, self._lock = n, threading.Lock()
+
+    def sink(self, i: int) -> Callable[[Event], None]:
+        def on_event(event: Event) -> None:
             if isinstance(event, Delta) and event.token_ids:
                 now = time.perf_counter()
-                first[i] = first[i] or now
-                last[i] = now
-                tokens[i].extend(event.token_ids)
+                self.first[i] = self.first[i] or now
+                self.last[i] = now
+                self.tokens[i].extend(event.token_ids)
             elif isinstance(event, Failed):
-                failed.append(event)
+                self.failed.append(event)
             if isinstance(event, Failed | Finished):
-                with lock:
-                    open_requests[0] -= 1
-                    if not open_requests[0]:
-                        ended.set()
+                with self._lock:
+                    self._open -= 1
+                    if not self._open:
+                        self.ended.set()
         return on_event
 
+
+def run(engine: BatchEngine, job: dict[str, Any], run_id: int) -> dict[str, Any]:
+    prompts: list[str] = job["prompts"]
+    streams = Streams(len(prompts))
     if "link_rtt_ms" in job:  # the link changed: what a worker sends its engine (SetLinkRtt)
         engine.set_link_rtt(job["link_rtt_ms"] / 1000)
     before = engine.stats()
@@ -91,13 +97,13 @@ def run(engine: BatchEngine, job: dict[str, Any], run_id: int) -> dict[str, Any]
         for i, prompt_tokens in enumerate(tokenized):
             engine.submit(f"run{run_id}-{i}", prompt_tokens,
                           SamplingParams(max_tokens=job["max_tokens"], temperature=0.0),
-                          sink(i))
-    ended.wait()
-    if failed:
-        raise failed[0].error
+                          streams.sink(i))
+    streams.ended.wait()
+    if streams.failed:
+        raise streams.failed[0].error
     after = engine.stats()
-    return {"tokens": tokens, "ttft_s": [f - started for f in first],
-            "elapsed_s": max(last) - started,
+    return {"tokens": streams.tokens, "ttft_s": [f - started for f in streams.first],
+            "elapsed_s": max(streams.last) - started,
             "steps": after.steps - before.steps,
             "drafted": after.drafted_tokens - before.drafted_tokens,
             "accepted": after.accepted_tokens - before.accepted_tokens}

@@ -13,7 +13,7 @@ from meshllm.common.errors import ConfigError
 from meshllm.common.types import SamplingParams
 from meshllm.worker.engine.batch import BatchConfig, BatchEngine, Event, Failed, Finished
 from meshllm.worker.engine.batch.config import SpecMode
-from meshllm.worker.engine.batch.draft import ModelDrafter
+from meshllm.worker.engine.batch.draft import ModelDrafter, NgramDrafter
 from meshllm.worker.engine.batch.groups import (
     assign,
     choose_group,
@@ -23,7 +23,7 @@ from meshllm.worker.engine.batch.groups import (
 )
 
 from .collect import Collector, drain
-from .scripted import ScriptedBackend, solo_greedy
+from .scripted import ChargedBackend, ScriptedBackend, solo_greedy
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8], [9], [3, 1, 4, 1, 5, 9, 2, 6], [2, 7], [8, 8],
@@ -241,3 +241,24 @@ def test_groups_are_checked_at_load() -> None:
 
     with pytest.raises(ConfigError, match="second context"):
         BatchEngine(config, OneContext())
+
+
+def test_a_group_tunes_its_drafts_apart_while_the_others_are_busy() -> None:
+    """Step times while other groups hold requests include their queued work: fitted into
+    a quiet step's costs they would make one stream's drafts short."""
+    backend = ChargedBackend(rtt_s=0.04)
+    eng = BatchEngine(BatchConfig(model_path="scripted", n_ctx=512, n_slots=2, groups=2,
+                                  spec_mode=SpecMode.NGRAM, link_rtt_s=0.04),
+                      backend, NgramDrafter(3, 1), clock=backend.clock)
+    quiet, busy = eng._groups[0].runner.tuners  # what the test is about: not public
+    long = SamplingParams(max_tokens=40, temperature=0.0)
+    eng.submit("a", [1, 2, 3, 1, 2, 3], long, Collector())  # group 0
+    eng.submit("b", [4, 5], long, Collector())              # group 1: busy
+    for _ in range(10):
+        eng.step()
+    assert busy.step_s > 0 and quiet.step_s == 0
+    drain(eng)
+    learnt = busy.step_s
+    eng.submit("c", [3, 2, 1, 3, 2, 1], long, Collector())  # alone
+    drain(eng)
+    assert quiet.step_s > 0 and busy.step_s == learnt

@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 
-from meshllm.common.errors import InvalidGenerateRequest, MeshError, PromptTooLong
+from meshllm.common.errors import InvalidGenerateRequest, MeshError
 from meshllm.common.types import ChatMessage, Grammar, Resume, SamplingParams
 from meshllm.worker.engine.batch.backend import Backend, LlamaBackend
 from meshllm.worker.engine.batch.config import BatchConfig
@@ -48,8 +48,7 @@ from meshllm.worker.engine.batch.groups import (
 )
 from meshllm.worker.engine.batch.logprobs import MAX_TOP_LOGPROBS
 from meshllm.worker.engine.batch.prompt import PromptBuilder
-from meshllm.worker.engine.batch.request import Submission
-from meshllm.worker.engine.batch.sampling import SamplerSpec
+from meshllm.worker.engine.batch.request import RequestLimits, Submission, checked_submission
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +112,10 @@ class BatchEngine:
         InvalidGenerateRequest (also for a grammar that is invalid or unsupported: it is
         compiled here, on the caller's thread, not on the engine's). `resume`: carry on
         where another replica stopped. Events arrive on the engine thread."""
-        sub = self._submission(request_id, prompt_tokens, sampling, on_event, stops, resume)
+        limits = RequestLimits(self.config.n_ctx_slot, getattr(self._backend, "n_vocab", 0),
+                               self.config.seed)
+        sub = checked_submission(limits, request_id, prompt_tokens, sampling, on_event, stops,
+                                 resume)
         if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidGenerateRequest(
                 f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}", "logprobs")
@@ -142,34 +144,6 @@ class BatchEngine:
         take any until the block ends."""
         with self._cond:  # reentrant: submit takes it again
             yield
-
-    def _submission(self, request_id: str, prompt: Sequence[int], sampling: SamplingParams,
-                    on_event: OnEvent, stops: Sequence[str],
-                    resume: Resume | None = None) -> Submission:
-        n_ctx = self.config.n_ctx_slot
-        resumed = resume.token_ids if resume is not None else ()
-        prompt = (*prompt, *resumed)
-        if not prompt:
-            raise InvalidGenerateRequest("the prompt has no tokens")
-        if len(prompt) >= n_ctx:
-            raise PromptTooLong(len(prompt), n_ctx)
-        vocab = getattr(self._backend, "n_vocab", 0)
-        if any(not 0 <= t < vocab for t in prompt):
-            raise InvalidGenerateRequest("a token id is outside the model's vocabulary")
-        if any(not 0 <= t < vocab for t, _ in sampling.logit_bias):
-            raise InvalidGenerateRequest(
-                f"logit_bias names a token id outside the vocabulary (0..{vocab - 1})",
-                "logit_bias")
-        budget = n_ctx - len(prompt)  # max_tokens counts the resumed tokens too
-        limit = min(max(0, sampling.max_tokens - len(resumed)) if sampling.max_tokens
-                    else budget, budget)
-        if resume is not None and limit == 0:
-            raise InvalidGenerateRequest("the resumed tokens already reach max_tokens",
-                                         "resume")
-        spec = SamplerSpec.from_params(sampling, default_seed=self.config.seed)
-        return Submission(request_id, tuple(prompt), spec, (*sampling.stop, *stops), limit,
-                          on_event, resumed=len(resumed),
-                          draws=resume.draws if resume is not None else 0)
 
     def submit_embed(self, request_id: str, inputs: Sequence[str | Sequence[int]],
                      on_done: OnEmbedded) -> None:

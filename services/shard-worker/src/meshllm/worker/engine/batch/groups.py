@@ -9,6 +9,7 @@ joins. The engine (core.py) holds the groups and their threads.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -133,14 +134,20 @@ def make_groups(config: BatchConfig, backend: Backend, drafter: Drafter | None,
     state, so threads may share it (BatchConfig refuses a draft model with groups)."""
     if config.groups > 1 and drafter is not None and not drafter.free:
         raise ConfigError("groups", "a drafter with state serves one group")
-    groups = []
+    groups: list[Group] = []
     for g, size in enumerate(group_sizes(config.n_slots, config.groups)):
         gc = config if config.groups == 1 else config.group_config(size)
         own = backend if g == 0 else _sibling(backend, gc)
         counters = Counters()
-        groups.append(Group(own, StepRunner(gc, own, drafter, counters, clock), counters,
-                            size))
+        runner = StepRunner(gc, own, drafter, counters, clock,
+                            busy_elsewhere=functools.partial(_busy_besides, groups, g))
+        groups.append(Group(own, runner, counters, size))
     return groups
+
+
+def _busy_besides(groups: Sequence[Group], g: int) -> bool:
+    """Whether another group holds requests (read without the lock: a hint for tuning)."""
+    return any(other.load for i, other in enumerate(groups) if i != g)
 
 
 def _sibling(backend: Backend, config: BatchConfig) -> Backend:

@@ -6,7 +6,8 @@ import codecs
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from meshllm.common.types import TokenLogprob
+from meshllm.common.errors import InvalidGenerateRequest, PromptTooLong
+from meshllm.common.types import Resume, SamplingParams, TokenLogprob
 from meshllm.worker.engine.batch.draft_tuning import Acceptance
 from meshllm.worker.engine.batch.events import Delta, Event, Finished, OnEvent
 from meshllm.worker.engine.batch.grammar import GrammarState
@@ -150,3 +151,42 @@ class Active:
         prompt = len(self.sub.prompt) - resumed
         out.append(Finished(self.sub.request_id, reason, prompt, min(self.reused, prompt),
                             resumed + len(self.generated)))
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What a request is checked against: the engine's slots and model."""
+
+    n_ctx_slot: int      # tokens of one slot's context
+    n_vocab: int
+    default_seed: int | None  # of requests without a seed (None: random)
+
+
+def checked_submission(limits: RequestLimits, request_id: str, prompt: Sequence[int],
+                       sampling: SamplingParams, on_event: OnEvent, stops: Sequence[str],
+                       resume: Resume | None = None) -> Submission:
+    """A request as the engine queues it; raises PromptTooLong or InvalidGenerateRequest
+    (naming the field) when it cannot run. `resume`: carry on where another replica
+    stopped (its tokens join the prompt and count against max_tokens)."""
+    n_ctx, vocab = limits.n_ctx_slot, limits.n_vocab
+    resumed = resume.token_ids if resume is not None else ()
+    prompt = (*prompt, *resumed)
+    if not prompt:
+        raise InvalidGenerateRequest("the prompt has no tokens")
+    if len(prompt) >= n_ctx:
+        raise PromptTooLong(len(prompt), n_ctx)
+    if any(not 0 <= t < vocab for t in prompt):
+        raise InvalidGenerateRequest("a token id is outside the model's vocabulary")
+    if any(not 0 <= t < vocab for t, _ in sampling.logit_bias):
+        raise InvalidGenerateRequest(
+            f"logit_bias names a token id outside the vocabulary (0..{vocab - 1})",
+            "logit_bias")
+    budget = n_ctx - len(prompt)  # max_tokens counts the resumed tokens too
+    limit = min(max(0, sampling.max_tokens - len(resumed)) if sampling.max_tokens
+                else budget, budget)
+    if resume is not None and limit == 0:
+        raise InvalidGenerateRequest("the resumed tokens already reach max_tokens", "resume")
+    spec = SamplerSpec.from_params(sampling, default_seed=limits.default_seed)
+    return Submission(request_id, tuple(prompt), spec, (*sampling.stop, *stops), limit,
+                      on_event, resumed=len(resumed),
+                      draws=resume.draws if resume is not None else 0)

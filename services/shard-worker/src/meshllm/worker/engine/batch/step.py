@@ -72,7 +72,8 @@ class Batch:
 
 class StepRunner:
     def __init__(self, config: BatchConfig, backend: Backend, drafter: Drafter | None,
-                 counters: Counters, clock: Callable[[], float] = time.perf_counter) -> None:
+                 counters: Counters, clock: Callable[[], float] = time.perf_counter,
+                 busy_elsewhere: Callable[[], bool] | None = None) -> None:
         self.config = config
         self._clock = clock  # what the draft tuner times steps with
         self.slots: list[Active | None] = [None] * config.n_slots
@@ -81,8 +82,13 @@ class StepRunner:
         self._b, self._drafter, self._c = backend, drafter, counters
         self._admissions = 0
         free = drafter is not None and drafter.free
-        self._tuner = DraftTuner(usable_rtt_s(config.link_rtt_s), config.draft_max,
-                                 probing=not free)
+        # Two tuners: while other groups of the engine (groups.py) are busy, a step's wall
+        # time holds their work too, queued on the same stages and cores; fitted into the
+        # costs of a quiet step, it would make rows look dear when this group runs alone.
+        self.tuners = tuple(DraftTuner(usable_rtt_s(config.link_rtt_s), config.draft_max,
+                                       probing=not free) for _ in range(2))
+        self._tuner = self.tuners[0]
+        self._busy_elsewhere = busy_elsewhere or (lambda: False)
         self._shadows = ShadowDrafts() if free else None
         self._recent = PRIOR_ACCEPTANCE  # every request's drafts, lately (recent_acceptance)
         self._padding: dict[int, int] = {}  # slot -> filler tokens at its draft's end
@@ -93,7 +99,8 @@ class StepRunner:
 
     @link_rtt_s.setter
     def link_rtt_s(self, rtt_s: float) -> None:
-        self._tuner.rtt_s = rtt_s
+        for tuner in self.tuners:
+            tuner.rtt_s = rtt_s
 
     def seat(self, slot: int, active: Active) -> None:
         """Puts an admitted request in its slot. Its drafts start from the acceptance the
@@ -118,6 +125,7 @@ class StepRunner:
             if a is not None and a.sub.request_id in cancelled:
                 a.finish("cancelled", out)
                 self._free(i)
+        self._tuner = self.tuners[1 if self._busy_elsewhere() else 0]
         drafts = self._drafts()
         plan = plan_step([SlotState(i, a.prompt_left, len(drafts.get(i, ())), a.admitted)
                           for i, a in enumerate(self.slots) if a is not None],
