@@ -70,7 +70,6 @@ class BatchEngine:
         self._where: dict[str, int] = {}  # running request -> its group
         self._dropped: list[Event] = []  # events for requests that never reached a slot
         self._stopping = False
-        self._reuse = config.prefix_reuse
         self._embeds: deque[EmbedJob] = deque()
         self._embedder: Embedder | None = None
         # A split head would need its stages to run a second context too: refused for now.
@@ -236,7 +235,7 @@ class BatchEngine:
         if rtt_s is not None:  # the runner and its tuner belong to the group's thread
             group.runner.link_rtt_s = rtt_s
         for sub in subs:
-            group.counters.prompt_cached += group.seat(sub, self._reuse)
+            group.counters.prompt_cached += group.seat(sub, self.config.prefix_reuse)
         did = group.runner.run(cancelled, events) or bool(subs)
         self._dispatch(group, events)
         return did or bool(events)
@@ -285,8 +284,8 @@ class BatchEngine:
     def _take_admissible(self, g: int) -> list[Submission]:
         """The queued requests that join group g now (under the lock); one meant for
         another group waits in the queue for that group's next step."""
-        taken = [sub for sub, pick in assignment(self._groups, self._queue, self._reuse)
-                 if pick == g]
+        picks = assignment(self._groups, self._queue, self.config.prefix_reuse)
+        taken = [sub for sub, pick in picks if pick == g]
         for sub in taken:
             self._queue.remove(sub)
             self._where[sub.request_id] = g
@@ -333,8 +332,8 @@ class BatchEngine:
 
     def _has_work(self, g: int) -> bool:
         group = self._groups[g]
-        if group.load or group.cancelled or claimable(self._groups, self._queue, g,
-                                                      self._reuse):
+        reuse = self.config.prefix_reuse
+        if group.load or group.cancelled or claimable(self._groups, self._queue, g, reuse):
             return True
         return g == 0 and bool(self._dropped or self._embeds)
 

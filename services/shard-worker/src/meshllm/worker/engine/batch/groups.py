@@ -18,7 +18,8 @@ from meshllm.common.errors import ConfigError
 from meshllm.worker.engine.batch.backend import Backend
 from meshllm.worker.engine.batch.config import BatchConfig
 from meshllm.worker.engine.batch.draft import Drafter
-from meshllm.worker.engine.batch.prefix import MIN_SHARED, FreeSlot, common_prefix, place
+from meshllm.worker.engine.batch.prefix import FreeSlot, place
+from meshllm.worker.engine.batch.prefix import reusable as prefix_reusable
 from meshllm.worker.engine.batch.request import Active, Submission
 from meshllm.worker.engine.batch.step import Counters, StepRunner
 
@@ -48,9 +49,7 @@ def group_sizes(n_slots: int, groups: int) -> tuple[int, ...]:
 def reusable(free_cached: Sequence[Sequence[int]], prompt: Sequence[int]) -> int:
     """The prompt tokens a group's free slots could skip (prefix.place's rule: a slot counts
     only when it shares at least MIN_SHARED of the prompt)."""
-    best = max((min(common_prefix(c, prompt), len(prompt) - 1) for c in free_cached),
-               default=0)
-    return best if best >= MIN_SHARED * len(prompt) else 0
+    return max((prefix_reusable(c, prompt) for c in free_cached), default=0)
 
 
 def choose_group(room: Sequence[int], loads: Sequence[int], reuse: Sequence[int]

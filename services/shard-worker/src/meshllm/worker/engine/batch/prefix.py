@@ -35,6 +35,13 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 MIN_SHARED = 0.5
 
 
+def reusable(cached: Sequence[int], prompt: Sequence[int]) -> int:
+    """The prompt tokens a slot holding `cached` counts as sharing: at least MIN_SHARED of
+    the prompt, and never its last token (see place)."""
+    shared = min(common_prefix(cached, prompt), len(prompt) - 1)
+    return shared if shared >= MIN_SHARED * len(prompt) else 0
+
+
 def place(free: Sequence[FreeSlot], prompt: Sequence[int], enabled: bool = True) -> Placement:
     """The free slot sharing the longest prefix (at least MIN_SHARED of the prompt), else
     the least recently used slot; ties go to the least recently used.
@@ -44,11 +51,7 @@ def place(free: Sequence[FreeSlot], prompt: Sequence[int], enabled: bool = True)
     """
     if not free:
         raise ValueError("place() needs at least one free slot")
-
-    def reuse(slot: FreeSlot) -> int:
-        shared = min(common_prefix(slot.cached, prompt), len(prompt) - 1) if enabled else 0
-        return shared if shared >= MIN_SHARED * len(prompt) else 0
-
-    best = min(free, key=lambda s: (-reuse(s), s.last_used, s.index))
+    best = min(free, key=lambda s: (-(reusable(s.cached, prompt) if enabled else 0),
+                                    s.last_used, s.index))
     reused = min(common_prefix(best.cached, prompt), len(prompt) - 1) if enabled else 0
     return Placement(best.index, max(0, reused))
